@@ -1,0 +1,205 @@
+"""Per-token log-probabilities, entropy and exact KL, computed from hidden states × LM head in chunks.
+
+A causal LM's logits for a batch of B sequences of length T over a vocabulary V take B·T·V floats — 200 MB in fp32
+for 8 × 128 tokens at SmolLM2's V = 49,152, and several copies of that live through the backward pass. tether never
+materialises them: ``token_stats`` selects the positions that carry a label (response tokens only — the prompt
+never needs its LM head), and walks over them ``chunk_size`` rows at a time. Each chunk runs under activation
+checkpointing, so the backward pass recomputes one chunk of logits at a time; peak extra memory is
+O(chunk_size · V), independent of batch and length. ``token_stats_plain`` is the naive twin over full logits; the
+two agree forward and backward to fp32 1e-5 (``tests/test_logprobs.py``).
+
+Label alignment (shared with ``tether.data``): ``labels[:, t]`` is the token predicted from position t, i.e.
+``input_ids[:, t + 1]``; positions with ``ignore_index`` (prompt, padding, last position) are skipped and report 0.
+
+Statistics (each a (B, T) tensor, zero where masked):
+
+* ``logps``: log π(y_t | s_t) of the label token.
+* ``entropy``: H(π(·|s_t)).
+* ``kl``: KL(π(·|s_t) ‖ π_ref(·|s_t)) — exact, full vocabulary (reverse KL; needs the reference).
+* ``forward_kl``: KL(π_ref(·|s_t) ‖ π(·|s_t)) — TDPO's sequential KL term.
+* ``ref_logps``: log π_ref(y_t | s_t) (no gradient).
+* ``risk``: Ra-DPO's CVaR-style truncated KL, Σ_v π_ref,v·d_v·1[d_v > Q_{1−c}(d)], d = log π_ref − log π
+  (the indicator is not differentiated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from tether import kl as _kl
+
+IGNORE_INDEX = -100
+STATS = ("logps", "entropy", "kl", "forward_kl", "ref_logps", "risk")
+_NEEDS_REF = {"kl", "forward_kl", "ref_logps", "risk"}
+
+__all__ = ["token_stats", "token_stats_plain", "lm_head", "hidden_states", "sequence_sums", "STATS", "IGNORE_INDEX"]
+
+
+def _check_stats(stats: Sequence[str], has_ref: bool) -> tuple[str, ...]:
+    stats = tuple(stats)
+    unknown = [s for s in stats if s not in STATS]
+    if unknown:
+        raise ValueError(f"unknown token statistic(s) {unknown}; choose from {STATS}")
+    if not has_ref and _NEEDS_REF.intersection(stats):
+        raise ValueError(f"statistics {sorted(_NEEDS_REF.intersection(stats))} need the reference's hidden states "
+                         "(pass ref_hidden=..., ref_weight=...)")
+    return stats
+
+
+def _risk(logp: Tensor, ref_logp: Tensor, confidence: float) -> Tensor:
+    """Ra-DPO per-position risk with a linearly interpolated (1 − c)-quantile over the vocabulary."""
+    d = ref_logp - logp  # (N, V)
+    with torch.no_grad():
+        V = d.shape[-1]
+        pos = (1.0 - confidence) * (V - 1)
+        lo, hi = int(pos), min(int(pos) + 1, V - 1)
+        d_lo = torch.kthvalue(d, lo + 1, dim=-1).values
+        d_hi = torch.kthvalue(d, hi + 1, dim=-1).values
+        threshold = d_lo + (pos - lo) * (d_hi - d_lo)
+        mask = d > threshold.unsqueeze(-1)
+    return (ref_logp.exp() * torch.where(mask, d, torch.zeros_like(d))).sum(-1)
+
+
+def _stats_from_logits(logits: Tensor, labels: Tensor, ref_logits: Tensor | None, stats: tuple[str, ...],
+                       risk_confidence: float) -> list[Tensor]:
+    """Statistics for N positions from (N, V) logits and (N,) labels. Shared by both paths."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    ref_logp = F.log_softmax(ref_logits.float(), dim=-1) if ref_logits is not None else None
+    out = []
+    for name in stats:
+        if name == "logps":
+            out.append(logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
+        elif name == "entropy":
+            out.append(_kl.entropy(logp))
+        elif name == "kl":
+            out.append(_kl.reverse_kl(logp, ref_logp))
+        elif name == "forward_kl":
+            out.append(_kl.forward_kl(logp, ref_logp))
+        elif name == "ref_logps":
+            out.append(ref_logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
+        elif name == "risk":
+            out.append(_risk(logp, ref_logp, risk_confidence))
+    return out
+
+
+def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    logits = F.linear(hidden, weight, bias)
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+    stats: Sequence[str] = ("logps",),
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+    risk_confidence: float = 0.95,
+) -> dict[str, Tensor]:
+    """Per-token statistics without materialising (B, T, V) logits.
+
+    Args:
+        hidden: (B, T, H) final hidden states of the policy (after the final norm).
+        weight: (V, H) LM-head weight; ``bias``: (V,) or None.
+        labels: (B, T) next-token labels, ``IGNORE_INDEX`` where no statistic is wanted.
+        ref_hidden, ref_weight, ref_bias: the reference model's counterparts (needed by kl / forward_kl /
+            ref_logps / risk); treated as constants (no gradient flows to them).
+        stats: names from ``STATS``.
+        chunk_size: label positions per chunk; peak extra memory is about 4·chunk_size·V floats.
+        temperature: logits are divided by it (both models) before the softmax.
+        risk_confidence: Ra-DPO confidence level c.
+
+    Returns:
+        dict name → (B, T) float32 tensor, zero at ignored positions. Gradients flow to ``hidden``, ``weight`` and
+        ``bias`` exactly as through the plain computation.
+    """
+    stats = _check_stats(stats, ref_hidden is not None)
+    mask = labels != IGNORE_INDEX
+    flat = mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
+    H = hidden.shape[-1]
+    h = hidden.reshape(-1, H).index_select(0, flat)
+    y = labels.reshape(-1).index_select(0, flat)
+    rh = None
+    if ref_hidden is not None:
+        rh = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]).index_select(0, flat)
+        ref_weight, ref_bias = ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
+
+    def chunk_fn(h_c: Tensor, y_c: Tensor, rh_c: Tensor | None) -> tuple[Tensor, ...]:
+        logits = _project(h_c, weight, bias, temperature)
+        ref_logits = None if rh_c is None else _project(rh_c, ref_weight, ref_bias, temperature)
+        return tuple(_stats_from_logits(logits, y_c, ref_logits, stats, risk_confidence))
+
+    pieces: list[tuple[Tensor, ...]] = []
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    for start in range(0, h.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (h[sl], y[sl], None if rh is None else rh[sl])
+        pieces.append(checkpoint(chunk_fn, *args, use_reentrant=False) if needs_grad else chunk_fn(*args))
+
+    out = {}
+    for k, name in enumerate(stats):
+        values = torch.cat([p[k] for p in pieces]) if pieces else h.new_zeros(0, dtype=torch.float32)
+        full = values.new_zeros(labels.numel()).index_put((flat,), values)
+        out[name] = full.view(labels.shape)
+    return out
+
+
+def token_stats_plain(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ref_logits: Tensor | None = None,
+    stats: Sequence[str] = ("logps",),
+    temperature: float = 1.0,
+    risk_confidence: float = 0.95,
+) -> dict[str, Tensor]:
+    """The naive twin of ``token_stats``: statistics from full (B, T, V) logits, then masked. For tests and
+    for callers that already hold logits."""
+    stats = _check_stats(stats, ref_logits is not None)
+    B, T, V = logits.shape
+    mask = labels != IGNORE_INDEX
+    safe_labels = labels.masked_fill(~mask, 0).reshape(-1)
+    logits = logits / temperature if temperature != 1.0 else logits
+    if ref_logits is not None:
+        ref_logits = ref_logits.detach().reshape(B * T, V)
+        ref_logits = ref_logits / temperature if temperature != 1.0 else ref_logits
+    values = _stats_from_logits(logits.reshape(B * T, V), safe_labels, ref_logits, stats, risk_confidence)
+    return {name: v.view(B, T) * mask for name, v in zip(stats, values)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Glue to Hugging Face causal LMs (plain, or wrapped by peft).
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lm_head(model) -> tuple[Tensor, Tensor | None]:
+    """(weight (V, H), bias (V,) or None) of a causal LM's output projection."""
+    head = _unwrap(model).get_output_embeddings()
+    if getattr(_unwrap(model).config, "final_logit_softcapping", None):
+        raise NotImplementedError("tether's chunked log-probs do not implement final-logit soft-capping (Gemma-2)")
+    return head.weight, getattr(head, "bias", None)
+
+
+def hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, T, H) final hidden states (after the final norm) from the model's backbone, without the LM head."""
+    backbone = _unwrap(model).get_decoder()
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def sequence_sums(per_token: Tensor, labels: Tensor) -> Tensor:
+    """Σ_t over label positions of a (B, T) statistic (already zero where masked) → (B,)."""
+    return (per_token * (labels != IGNORE_INDEX)).sum(-1)

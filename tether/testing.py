@@ -1,0 +1,74 @@
+"""Tiny, randomly initialised models and tokenizers built in code, for tests and smoke runs.
+
+Nothing here touches the network or the embedded model: a byte-level tokenizer (256 byte tokens plus three
+ChatML special tokens) and a two-layer Llama with a vocabulary of that size. `make_tiny_model_dir` writes both
+as an ordinary Hugging Face model directory, so every code path that loads "any local HF model directory"
+(the CLI, the recipes, example configs) can be exercised in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer with 259 tokens and a ChatML chat template (eos = ``<|im_end|>``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_model(vocab_size: int = 259, seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
+    """A randomly initialised Llama-architecture causal LM (tied embeddings, fp32, eval mode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=2 + 256,  # <|im_end|> in tiny_tokenizer()
+        pad_token_id=256,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def make_tiny_model_dir(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny model and its tokenizer to ``path`` as a plain HF directory (safetensors); return the path."""
+    path = Path(path)
+    tok = tiny_tokenizer()
+    model = tiny_model(vocab_size=len(tok), seed=seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
