@@ -1,0 +1,27 @@
+"""Datasets for tether's recipes: TRL-format preference data, validated, tokenized and collated."""
+
+from tether.data.preference import (
+    DataError,
+    DataReport,
+    PreferenceExample,
+    UnreadableRow,
+    collate_preference,
+    curriculum_order,
+    curriculum_stages,
+    load_preference_dataset,
+    load_rows,
+    tokenize_preference_rows,
+)
+
+__all__ = [
+    "DataError",
+    "DataReport",
+    "PreferenceExample",
+    "UnreadableRow",
+    "collate_preference",
+    "curriculum_order",
+    "curriculum_stages",
+    "load_preference_dataset",
+    "load_rows",
+    "tokenize_preference_rows",
+]

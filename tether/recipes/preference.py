@@ -1,0 +1,469 @@
+"""Offline preference optimization (DPO and its family), readable top to bottom.
+
+    tether dpo --config configs/dpo_smollm2.yaml [--lr 1e-5 --loss ipo ...]
+
+What happens, in order:
+
+1. load the policy (embedded SmolLM2 by default, or any local HF directory), optionally wrap it with LoRA;
+2. load, validate and tokenize the preference data (``tether.data``) and print the data report;
+3. reference log-probs: for sequence-level objectives they are computed once, in one no-grad pass, by the
+   reference (a separate model, or the starting policy — the LoRA base with adapters disabled when training with
+   LoRA), cached on disk, and the reference model is freed; objectives that need the reference's full
+   distribution at every token (TDPO, Ra-DPO) keep it online;
+4. the loop: AdamW, linear warm-up + schedule, gradient accumulation, gradient clipping; each micro-batch stacks
+   chosen and rejected into one forward pass and computes per-token log-probs in chunks (``tether.logprobs``),
+   never holding (batch, length, vocab) logits;
+5. metrics to a progress bar, ``metrics.jsonl`` and TensorBoard; atomic checkpoints; ``resume=True`` continues
+   from the newest checkpoint with exactly the trajectory of an uninterrupted run;
+6. the final model (HF format) in ``<output_dir>/final``, and — when ``eval_prompts_file`` is set — the exact KL
+   to the reference measured on held-out prompts (``tether.eval.kl``).
+
+Departures from the reference implementations: the batch loss is the mean of per-pair losses over the pairs of an
+optimizer step (the Ra-DPO code sums); the last micro-batch of an epoch may be smaller (nothing is dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from tether.data import collate_preference, curriculum_order, load_preference_dataset
+from tether.logprobs import hidden_states, lm_head, sequence_sums, token_stats
+from tether.losses import PREFERENCE_LOSSES
+from tether.models import apply_lora, frozen_copy, load_model, load_tokenizer, reference_context
+from tether.training import (
+    MetricsLogger,
+    latest_checkpoint,
+    load_trainer_state,
+    make_optimizer,
+    make_scheduler,
+    save_checkpoint,
+    set_seed,
+)
+
+log = logging.getLogger(__name__)
+_INPUT_KWARGS = {"chosen_lengths", "rejected_lengths", "chosen_seq_kl", "rejected_seq_kl", "chosen_seq_risk",
+                 "rejected_seq_risk", "kl_reference", "chosen_nll"}
+
+
+@dataclass
+class PreferenceConfig:
+    """Offline preference optimization: `tether dpo --config x.yaml [--field value ...]`."""
+
+    train_file: str = ""
+    """Preference data with prompt/chosen/rejected (strings or chat messages): JSONL, Parquet, or a directory
+    written by `datasets.Dataset.save_to_disk`."""
+    output_dir: str = "runs/dpo"
+    """Where checkpoints, metrics.jsonl, TensorBoard logs, the final model and reports go."""
+    model: str = "smollm2-135m-instruct"
+    """Policy to train: 'smollm2-135m-instruct' (embedded) or a local Hugging Face model directory."""
+    ref_model: str | None = None
+    """Reference model (a local directory); None = the starting policy. May differ from the policy."""
+    loss: str = "dpo"
+    """Objective, by name: one of tether.losses.PREFERENCE_LOSSES (dpo, ipo, hinge_dpo, robust_dpo, f_dpo, tdpo,
+    tdpo1, tdpo2, hdpo, ra_dpo, longpo, simpo, orpo, kto)."""
+    beta: float | None = None
+    """β, the KL coefficient (for SimPO its reward scale, for ORPO its λ); None = the objective's own default
+    (0.1 for DPO, 2.0 for SimPO, 0.01 for LongPO — see each function's docstring)."""
+    loss_args: dict[str, float | int | str | bool] = field(default_factory=dict)
+    """Other hyperparameters of the objective, by keyword (e.g. {label_smoothing: 0.1}, {divergence: js},
+    {alpha: 0.5}); checked against the objective's signature."""
+    max_length: int = 512
+    """Most tokens of prompt + one completion; longer completions are truncated (and counted)."""
+    max_prompt_length: int = 256
+    """Most prompt tokens after the chat template; a longer prompt is a bad row."""
+    use_chat_template: bool = True
+    """Wrap string rows in the tokenizer's chat template as one user and one assistant turn."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad rows: stop with the list of problems ('raise'), or drop them, counted and reported ('skip')."""
+    truncation: Literal["truncate", "drop", "error"] = "truncate"
+    """Completions longer than max_length: truncate (counted), drop the row (counted), or stop."""
+    curriculum_key: str | None = None
+    """Order training pairs by this numeric row field, ascending (e.g. n_constraints), instead of shuffling."""
+    epochs: int = 1
+    """Passes over the data."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (the schedule is planned for it); None = epochs × steps/epoch."""
+    batch_size: int = 4
+    """Pairs per micro-batch (each pair = chosen + rejected in one forward pass)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 5e-6
+    """Peak learning rate."""
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate decay after warm-up."""
+    warmup_ratio: float = 0.1
+    """Fraction of optimizer steps of linear warm-up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases/norms)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping threshold (0 disables)."""
+    lora: bool = False
+    """Train LoRA adapters (peft) instead of all weights; the reference is then the base with adapters off."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling α."""
+    risk_confidence: float = 0.95
+    """Ra-DPO's confidence level c: the per-token risk keeps log-ratios above the (1−c) vocabulary quantile."""
+    chunk_size: int = 512
+    """Response tokens per chunk of the LM head (memory ∝ chunk_size × vocab)."""
+    seed: int = 0
+    """Seeds data order and everything random."""
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0 = only at the end)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir."""
+    stop_after: int | None = None
+    """Stop (as if interrupted) after this optimizer step, after checkpointing; the schedule is unchanged."""
+    tensorboard: bool = True
+    """Also log metrics to TensorBoard (output_dir/tensorboard)."""
+    progress: bool = True
+    """Show a progress bar."""
+    eval_prompts_file: str | None = None
+    """Held-out prompts (JSONL/Parquet with a 'prompt' field) for the KL measurement after training."""
+    kl_samples_per_prompt: int = 4
+    """Completions sampled per held-out prompt for the KL measurement."""
+    kl_max_new_tokens: int = 64
+    """Length limit of those completions."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in PREFERENCE_LOSSES:
+            raise ValueError(f"loss: unknown objective {self.loss!r}; choose one of {sorted(PREFERENCE_LOSSES)}")
+        params = inspect.signature(PREFERENCE_LOSSES[self.loss].fn).parameters
+        allowed = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - _INPUT_KWARGS - {"beta"}
+        unknown = set(self.loss_args) - allowed
+        if unknown:
+            raise ValueError(f"loss_args: {sorted(unknown)} are not hyperparameters of {self.loss!r}; "
+                             f"it accepts {sorted(allowed)} (and beta as its own field)")
+        for name, value, ok in (("batch_size", self.batch_size, self.batch_size >= 1),
+                                ("grad_accum", self.grad_accum, self.grad_accum >= 1),
+                                ("epochs", self.epochs, self.epochs >= 1),
+                                ("lr", self.lr, self.lr > 0),
+                                ("beta", self.beta, self.beta is None or self.beta > 0),
+                                ("warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio < 1),
+                                ("chunk_size", self.chunk_size, self.chunk_size >= 1),
+                                ("max_prompt_length", self.max_prompt_length,
+                                 0 < self.max_prompt_length < self.max_length)):
+            if not ok:
+                raise ValueError(f"{name}={value!r} is out of range; see `tether dpo --help` for its meaning")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    metrics: list[dict]
+    kl_report: dict | None = None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reference log-probs: one no-grad pass, cached on disk.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _examples_fingerprint(examples, ref_name: str) -> str:
+    h = hashlib.sha256(ref_name.encode())
+    for ex in examples:
+        h.update(json.dumps([ex.prompt_ids, ex.chosen_ids, ex.rejected_ids]).encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def reference_logps(model, examples, *, pad_token_id: int, batch_size: int, chunk_size: int,
+                    progress: bool = False) -> torch.Tensor:
+    """Summed reference log-probs of every pair: (N, 2) = [chosen, rejected]. One forward pass per batch."""
+    weight, bias = lm_head(model)
+    out = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", disable=not progress,
+                      leave=False):
+        batch = collate_preference(examples[start:start + batch_size], pad_token_id)
+        hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        lp = sequence_sums(token_stats(hidden, weight, batch["labels"], bias=bias, chunk_size=chunk_size)["logps"],
+                           batch["labels"])
+        out.append(lp.view(2, -1).T)
+    return torch.cat(out)
+
+
+def _kl_pairs(examples):
+    """KTO's mismatched pairs: prompt i with the rejected completion of pair i+1 (fixed, so the reference side
+    can be cached). Returned as PreferenceExamples whose chosen and rejected are both that completion."""
+    n = len(examples)
+    return [dataclasses.replace(ex, chosen_ids=examples[(i + 1) % n].rejected_ids,
+                                rejected_ids=examples[(i + 1) % n].rejected_ids) for i, ex in enumerate(examples)]
+
+
+def _cached_reference(cfg: PreferenceConfig, examples, ref, tokenizer, out_dir: Path, need_kl_pairs: bool):
+    path = out_dir / "reference_logps.safetensors"
+    fingerprint = _examples_fingerprint(examples, str(cfg.ref_model or cfg.model))
+    if path.exists():
+        cached = load_file(path)
+        if cached["fingerprint"].tolist() == list(bytes.fromhex(fingerprint)):
+            return cached["logps"], cached.get("kl_logps")
+        log.warning("tether: %s was computed for other data or another reference; recomputing", path)
+    kwargs = dict(pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size,
+                  progress=cfg.progress)
+    with reference_context(ref):
+        logps = reference_logps(ref, examples, **kwargs)
+        kl_logps = reference_logps(ref, _kl_pairs(examples), **kwargs)[:, 0].contiguous() if need_kl_pairs else None
+    tensors = {"logps": logps, "fingerprint": torch.tensor(list(bytes.fromhex(fingerprint)), dtype=torch.uint8)}
+    if kl_logps is not None:
+        tensors["kl_logps"] = kl_logps
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp)
+    tmp.replace(path)
+    return logps, kl_logps
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One micro-batch: forward, objective, metrics.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def preference_step(policy, batch, *, cfg: PreferenceConfig, ref_logps=None, ref_model=None, kl_batch=None,
+                    kl_ref_logps=None):
+    """Loss and metrics of one micro-batch of B pairs stacked as (2B, T): rows [0, B) chosen, [B, 2B) rejected.
+
+    ``ref_logps`` (B, 2) are cached summed reference log-probs; for full-vocabulary objectives pass ``ref_model``
+    instead, and the reference's hidden states are computed here (no grad).
+    """
+    spec = PREFERENCE_LOSSES[cfg.loss]
+    ids, mask, labels, lengths = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["lengths"]
+    B = ids.shape[0] // 2
+    weight, bias = lm_head(policy)
+    stats = ["logps"]
+    ref_kw = {}
+    if spec.full_vocab:
+        with reference_context(ref_model):
+            ref_hidden = hidden_states(ref_model, ids, mask)
+        ref_weight, ref_bias = lm_head(ref_model)
+        ref_kw = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+        stats += ["ref_logps", "kl"]
+        stats += ["forward_kl"] if "seq_kl" in spec.needs else []
+        stats += ["risk"] if "seq_risk" in spec.needs else []
+    per_token = token_stats(hidden_states(policy, ids, mask), weight, labels, bias=bias, stats=stats,
+                            chunk_size=cfg.chunk_size, risk_confidence=cfg.risk_confidence, **ref_kw)
+    seq = {name: sequence_sums(value, labels) for name, value in per_token.items()}
+
+    policy_logps = seq["logps"]
+    if spec.full_vocab:
+        ref_seq = seq["ref_logps"]
+    elif spec.uses_reference:
+        ref_seq = torch.cat([ref_logps[:, 0], ref_logps[:, 1]])
+    else:
+        ref_seq = None
+    extras = {}
+    if "lengths" in spec.needs:
+        extras.update(chosen_lengths=lengths[:B].float(), rejected_lengths=lengths[B:].float())
+    if "seq_kl" in spec.needs:
+        extras.update(chosen_seq_kl=seq["forward_kl"][:B], rejected_seq_kl=seq["forward_kl"][B:])
+    if "seq_risk" in spec.needs:
+        extras.update(chosen_seq_risk=seq["risk"][:B], rejected_seq_risk=seq["risk"][B:])
+    if "chosen_nll" in spec.needs:
+        extras["chosen_nll"] = -policy_logps[:B] / lengths[:B].clamp(min=1)
+    if "kl_reference" in spec.needs:
+        with torch.no_grad():
+            kl_hidden = hidden_states(policy, kl_batch["input_ids"], kl_batch["attention_mask"])
+            kl_policy = sequence_sums(token_stats(kl_hidden, weight, kl_batch["labels"], bias=bias,
+                                                  chunk_size=cfg.chunk_size)["logps"], kl_batch["labels"])
+            kl_policy = kl_policy[: kl_policy.shape[0] // 2]
+        extras["kl_reference"] = (kl_policy - kl_ref_logps).mean().clamp(min=0)
+    out = spec.fn(policy_logps[:B], policy_logps[B:],
+                  None if ref_seq is None else ref_seq[:B], None if ref_seq is None else ref_seq[B:],
+                  **({} if cfg.beta is None else {"beta": cfg.beta}), **extras, **cfg.loss_args)
+    n_tokens = lengths.sum().clamp(min=1)
+    metrics = {
+        "loss": out.loss.mean().item(),
+        "margin": (out.chosen_rewards - out.rejected_rewards).mean().item(),
+        "accuracy": (out.chosen_rewards > out.rejected_rewards).float().mean().item(),
+        "chosen_logps": (policy_logps[:B] / lengths[:B].clamp(min=1)).mean().item(),
+    }
+    if ref_seq is not None:
+        # Mean per-token log-ratio log π/π_ref on the data's responses: how far the policy moved on the data (not a
+        # KL — the responses are not samples of the policy).
+        metrics["logratio"] = ((policy_logps - ref_seq).sum() / n_tokens).item()
+    if "kl" in seq:  # exact full-vocabulary KL(π‖π_ref) per response token, available when the reference is online
+        metrics["token_kl"] = (seq["kl"].sum() / n_tokens).item()
+    return out.loss, metrics
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The recipe.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _micro_batches(n_examples: int, cfg: PreferenceConfig, order: list[int] | None) -> list[list[int]]:
+    """The whole run's micro-batches as lists of example indices: each epoch a seeded permutation (or the fixed
+    curriculum order), cut into batch_size pieces. Deterministic, so resuming can skip exactly what was done."""
+    batches = []
+    for epoch in range(cfg.epochs):
+        if order is None:
+            g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            perm = torch.randperm(n_examples, generator=g).tolist()
+        else:
+            perm = order
+        batches += [perm[i:i + cfg.batch_size] for i in range(0, n_examples, cfg.batch_size)]
+    return batches
+
+
+def train(cfg: PreferenceConfig) -> TrainResult:
+    if not cfg.train_file:
+        raise ValueError("train_file is required: a JSONL/Parquet file or datasets directory of preference pairs")
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    set_seed(cfg.seed)
+    spec = PREFERENCE_LOSSES[cfg.loss]
+
+    # 1. Models.
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_model(cfg.model)
+    separate_ref = cfg.ref_model is not None
+    ref = load_model(cfg.ref_model) if separate_ref else None
+    if cfg.lora:
+        policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    if ref is None and spec.uses_reference:
+        ref = policy if cfg.lora else frozen_copy(policy)
+    policy.train()
+
+    # 2. Data.
+    examples, report = load_preference_dataset(
+        cfg.train_file, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        use_chat_template=cfg.use_chat_template, on_error=cfg.on_error, truncation=cfg.truncation)
+    print(report.summary())
+    if not examples:
+        raise ValueError(f"{cfg.train_file}: no usable preference pairs (see the report above)")
+    order = curriculum_order(examples, key=cfg.curriculum_key, seed=cfg.seed) if cfg.curriculum_key else None
+
+    # 3. Reference log-probs (cached), or an online reference for full-vocabulary objectives.
+    ref_logps = kl_ref_logps = None
+    if spec.uses_reference and not spec.full_vocab:
+        ref_logps, kl_ref_logps = _cached_reference(cfg, examples, ref, tokenizer, out_dir,
+                                                    need_kl_pairs="kl_reference" in spec.needs)
+        if ref is not policy:
+            ref = None  # free the reference: training does not need it any more
+    kl_examples = _kl_pairs(examples) if "kl_reference" in spec.needs else None
+
+    # 4. Optimizer, schedule, resume.
+    batches = _micro_batches(len(examples), cfg, order)
+    steps_available = -(-len(batches) // cfg.grad_accum)
+    total_steps = min(steps_available, cfg.max_steps) if cfg.max_steps else steps_available
+    optimizer = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=int(cfg.warmup_ratio * total_steps),
+                               total_steps=total_steps)
+    step = 0
+    if cfg.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
+        _load_weights(policy, ckpt, lora=cfg.lora)
+        step = load_trainer_state(ckpt, optimizer=optimizer, scheduler=scheduler)["step"]
+        print(f"resumed from {ckpt} at step {step}/{total_steps}")
+    logger = MetricsLogger(out_dir, resume_step=step, tensorboard=cfg.tensorboard)
+
+    # 5. The loop.
+    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.loss}", disable=not cfg.progress, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    while step < total_steps:
+        micro = batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
+        n_pairs = sum(len(m) for m in micro)
+        sums: dict[str, float] = {}
+        n_tokens = 0
+        for idx in micro:
+            batch = collate_preference([examples[i] for i in idx], tokenizer.pad_token_id)
+            kl_batch = (collate_preference([kl_examples[i] for i in idx], tokenizer.pad_token_id)
+                        if kl_examples is not None else None)
+            loss, metrics = preference_step(
+                policy, batch, cfg=cfg, ref_model=ref,
+                ref_logps=None if ref_logps is None else ref_logps[idx],
+                kl_batch=kl_batch, kl_ref_logps=None if kl_ref_logps is None else kl_ref_logps[idx])
+            (loss.sum() / n_pairs).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+            n_tokens += int(batch["attention_mask"].sum())
+        grad_norm = (torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                     if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        row = {k: v / n_pairs for k, v in sums.items()}
+        row.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0], tokens=n_tokens)
+        logger.log(step, row)
+        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "margin", "accuracy", "logratio", "token_kl")
+                         if k in row})
+        bar.update(1)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or step == cfg.stop_after:
+            save_checkpoint(out_dir, step, model=policy, tokenizer=tokenizer, optimizer=optimizer,
+                            scheduler=scheduler, extra={"total_steps": total_steps})
+        if cfg.stop_after is not None and step >= cfg.stop_after and step < total_steps:
+            print(f"stopped after step {step} (stop_after); continue with resume=True")
+            break
+    bar.close()
+    logger.close()
+    elapsed = time.perf_counter() - t_start
+    metrics = _read_metrics(out_dir)
+
+    result = TrainResult(out_dir, step, metrics)
+    if step < total_steps:
+        return result
+
+    # 6. Final model and KL measurement.
+    final = out_dir / "final"
+    to_save = policy.merge_and_unload() if cfg.lora else policy
+    _atomic_save_pretrained(to_save, tokenizer, final)
+    print(f"trained {step} steps in {elapsed:.0f}s; final model in {final}")
+    if cfg.eval_prompts_file:
+        from tether.eval.kl import measure_kl_from_files
+
+        result.kl_report = measure_kl_from_files(
+            policy=str(final), reference=cfg.ref_model or cfg.model, prompts_file=cfg.eval_prompts_file,
+            samples_per_prompt=cfg.kl_samples_per_prompt, max_new_tokens=cfg.kl_max_new_tokens, seed=cfg.seed,
+            output=out_dir / "kl_report.json", chunk_size=cfg.chunk_size, progress=cfg.progress)
+    return result
+
+
+def _read_metrics(out_dir: Path) -> list[dict]:
+    from tether.training import read_metrics
+
+    return read_metrics(out_dir)
+
+
+def _load_weights(policy, ckpt: Path, *, lora: bool) -> None:
+    """Load checkpointed weights into the live model (keeps parameter identity for the optimizer)."""
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, load_file(ckpt / "adapter_model.safetensors"))
+        return
+    state = {}
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = policy.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(policy.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {sorted(set(missing) - tied)}, "
+                           f"unexpected {sorted(unexpected)}")
+
+
+def _atomic_save_pretrained(model, tokenizer, target: Path) -> None:
+    import os
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=target.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)

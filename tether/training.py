@@ -1,0 +1,165 @@
+"""Plumbing shared by the training recipes: seeding, optimizer and schedule, atomic checkpoints, metric logging.
+
+Small functions, no base class: a recipe calls what it needs.
+
+Checkpoints are directories ``<output_dir>/checkpoints/step-<k>/`` holding the model in Hugging Face format
+(``save_pretrained``, safetensors; only the adapter when training with LoRA), the tokenizer, and
+``trainer_state.pt`` (optimizer, scheduler and RNG states — tensors and plain Python values only, read back with
+``torch.load(weights_only=True)``). Each is written to a temporary directory and renamed into place, so a
+checkpoint directory either exists complete or not at all; a run killed mid-write leaves only a temporary
+directory, which is ignored and cleaned up on the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["set_seed", "make_optimizer", "make_scheduler", "save_checkpoint", "latest_checkpoint",
+           "load_trainer_state", "MetricsLogger"]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                   eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+
+
+def make_scheduler(optimizer, *, schedule: str, warmup_steps: int, total_steps: int):
+    """Linear warm-up from 0 over ``warmup_steps``, then ``constant``, ``linear`` decay to 0, or ``cosine`` to 0."""
+    if schedule not in ("constant", "linear", "cosine"):
+        raise ValueError(f"schedule must be 'constant', 'linear' or 'cosine', got {schedule!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": json.dumps(random.getstate()),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].copy()), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+
+
+def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenizer, optimizer, scheduler,
+                    extra: dict | None = None, keep: int = 2) -> Path:
+    """Write ``checkpoints/step-<step>`` atomically and keep only the newest ``keep`` checkpoints."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": _rng_state(), "extra": extra or {}}
+    torch.save(state, tmp / "trainer_state.pt")
+    final = root / f"step-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(_complete(root), key=_step_of)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-", 1)[1])
+
+
+def _complete(root: Path) -> list[Path]:
+    return [p for p in root.glob("step-*") if (p / "trainer_state.pt").is_file()]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    root = Path(output_dir) / "checkpoints"
+    found = _complete(root) if root.is_dir() else []
+    return max(found, key=_step_of) if found else None
+
+
+def load_trainer_state(checkpoint: Path, *, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG states; return the saved dict (``step``, ``extra``)."""
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+
+    On resume, lines after the resumed step are removed first, so the file always reads as one uninterrupted run.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, resume_step: int = 0, tensorboard: bool = True):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step > 0 and self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+        elif resume_step == 0 and self.path.exists():
+            self.path.unlink()
+        if kept:
+            self.path.write_text("\n".join(kept) + "\n")
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resume_step + 1)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
