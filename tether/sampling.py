@@ -1,17 +1,26 @@
-"""Sampling completions from a causal LM (Hugging Face ``generate`` with KV cache), seeded and batched.
+"""Sampling completions from a causal LM with a KV cache, seeded and batched, with the sampler's log-probs.
 
-Used by the quickstart (building preference pairs), by evaluation (held-out reward, KL measurement) and by
-best-of-N style decoding. Prompts are token-id lists (``render_prompts`` applies the chat template); each
-prompt gets ``n`` completions. A completion ends at the tokenizer's end-of-sequence token (kept in its ids) or at
-``max_new_tokens`` (``finished=False``, counted by callers, never hidden).
+Used by the quickstart (building preference pairs), by evaluation (held-out reward, KL measurement) and by the
+online recipes (rollouts need the sampler's per-token log-probs for importance ratios).
+
+The loop is tether's own rather than ``model.generate``, for three reasons: each prompt is prefilled once and its
+cache copied for its ``n`` completions (``generate`` prefills every copy); finished rows leave the batch, so long
+tails do not pay for short answers; and the log-prob of every sampled token comes back at no extra cost. Its
+greedy output equals ``model.generate``'s and its log-probs equal a teacher-forced recomputation
+(``tests/test_sampling.py``).
+
+A completion ends at the tokenizer's end-of-sequence token (kept in its ids), at a stop string (the token that
+completes it is kept), or at ``max_new_tokens`` (``finished=False``; callers count these, nothing is hidden).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 __all__ = ["Completions", "render_prompts", "sample"]
@@ -19,17 +28,20 @@ __all__ = ["Completions", "render_prompts", "sample"]
 
 @dataclass
 class Completions:
-    """``len(prompt_index)`` completions; field ``k`` of each list describes completion k."""
+    """``len(prompt_index)`` completions; entry k of each list describes completion k (grouped by prompt)."""
 
-    prompt_index: list[int]
+    prompt_index: list[int] = field(default_factory=list)
     """Which prompt (position in the input list) each completion answers."""
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    """Generated ids up to and including the end-of-sequence token, no padding."""
-    texts: list[str]
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    completion_ids: list[list[int]] = field(default_factory=list)
+    """Generated ids up to and including the end-of-sequence token / stop token, no padding."""
+    logprobs: list[list[float]] = field(default_factory=list)
+    """log π(y_t | s_t) of each generated token under the sampling distribution softmax(logits / temperature)
+    before top-k/top-p truncation (temperature 0 → temperature 1)."""
+    texts: list[str] = field(default_factory=list)
     """Decoded completions without special tokens."""
-    finished: list[bool]
-    """True when the completion ended with the end-of-sequence token, False when cut at max_new_tokens."""
+    finished: list[bool] = field(default_factory=list)
+    """False when the completion was cut at max_new_tokens."""
 
 
 def render_prompts(tokenizer, prompts: Sequence[str | list[dict]], *, use_chat_template: bool = True) -> list[list[int]]:
@@ -48,45 +60,111 @@ def render_prompts(tokenizer, prompts: Sequence[str | list[dict]], *, use_chat_t
     return out
 
 
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int = 64,
-           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, batch_size: int = 16,
-           progress: bool = False, desc: str = "sampling") -> Completions:
-    """``n`` completions for each prompt. ``temperature=0`` is greedy. Deterministic for a given seed and batch
-    size: each batch reseeds a private RNG stream from (seed, batch number)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if pad is None:
-        pad = eos
-    jobs = [(i, list(p)) for i, p in enumerate(prompt_ids) for _ in range(n)]
-    result = Completions([], [], [], [], [])
+           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings: Sequence[str] = (),
+           seed: int = 0, batch_size: int = 32, progress: bool = False, desc: str = "sampling") -> Completions:
+    """``n`` completions for each prompt (``batch_size`` completions generated together; ``temperature=0`` is
+    greedy). Deterministic for a given (seed, batch_size): batch b draws from its own generator seeded by
+    (seed, b)."""
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or n < 1 or max_new_tokens < 1:
+        raise ValueError(f"sample: need temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0, n ≥ 1, max_new_tokens ≥ 1; got "
+                         f"temperature={temperature}, top_p={top_p}, top_k={top_k}, n={n}, "
+                         f"max_new_tokens={max_new_tokens}")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    prompts_per_batch = max(1, batch_size // n)
+    out = Completions()
     was_training = model.training
     model.eval()
-    for b, start in enumerate(tqdm(range(0, len(jobs), batch_size), desc=desc, disable=not progress, leave=False)):
-        chunk = jobs[start:start + batch_size]
-        width = max(len(p) for _, p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (_, p) in enumerate(chunk):  # left padding, so every prompt ends where generation starts
-            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[r, width - len(p):] = 1
-        kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-        if temperature > 0:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1_000_003 + b)
-            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        for r, (i, p) in enumerate(chunk):
-            gen = out[r, width:].tolist()
-            finished = eos in gen
-            gen = gen[: gen.index(eos) + 1] if finished else gen
-            result.prompt_index.append(i)
-            result.prompt_ids.append(p)
-            result.completion_ids.append(gen)
-            result.texts.append(tokenizer.decode(gen, skip_special_tokens=True))
-            result.finished.append(finished)
+    starts = range(0, len(prompt_ids), prompts_per_batch)
+    for b, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
+        batch_prompts = [list(p) for p in prompt_ids[start:start + prompts_per_batch]]
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        for k, (tokens, logps, finished) in enumerate(_sample_batch(
+                model, batch_prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                top_k=top_k, eos=eos, pad=pad, stop_strings=tuple(stop_strings), tokenizer=tokenizer, gen=gen)):
+            i = start + k // n
+            out.prompt_index.append(i)
+            out.prompt_ids.append(list(prompt_ids[i]))
+            out.completion_ids.append(tokens)
+            out.logprobs.append(logps)
+            out.texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
+            out.finished.append(finished)
     model.train(was_training)
-    return result
+    return out
+
+
+def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, top_p, top_k, eos, pad, stop_strings,
+                  tokenizer, gen):
+    from transformers import DynamicCache
+
+    P, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((P, width), pad, dtype=torch.long)
+    mask = torch.zeros((P, width), dtype=torch.long)
+    for r, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    # transformers ≥ 5.24 calls the cache argument `cache`; earlier versions `past_key_values`.
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                   **{cache_kw: cache}).logits[:, -1]
+    # One prefill per prompt, then n copies of its cache.
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits, mask, positions = (t.repeat_interleave(n, dim=0) for t in (logits, mask, positions))
+    rows = P * n
+    alive = torch.arange(rows)  # which original row each live batch row is
+    next_pos = positions[:, -1] + 1
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    logps: list[list[float]] = [[] for _ in range(rows)]
+    finished = [False] * rows
+    stop_window = max((len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings), default=0) + 2
+    for _ in range(max_new_tokens):
+        logits = logits.float()
+        scaled = logits / temperature if temperature > 0 else logits
+        logp_all = F.log_softmax(scaled, dim=-1)
+        if temperature > 0:
+            probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        else:
+            nxt = logits.argmax(-1)
+        chosen_logp = logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+        keep = []
+        for j, row in enumerate(alive.tolist()):
+            tok = int(nxt[j])
+            tokens[row].append(tok)
+            logps[row].append(float(chosen_logp[j]))
+            done = tok == eos
+            if not done and stop_strings:
+                tail = tokenizer.decode(tokens[row][-stop_window:], skip_special_tokens=True)
+                done = any(s in tail for s in stop_strings)
+            if done:
+                finished[row] = True
+            else:
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(alive):
+            idx = torch.tensor(keep)
+            cache.batch_select_indices(idx)
+            alive, nxt, mask, next_pos = alive[idx], nxt[idx], mask[idx], next_pos[idx]
+        mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=torch.long)], dim=1)
+        logits = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos.unsqueeze(-1),
+                       use_cache=True, **{cache_kw: cache}).logits[:, -1]
+        next_pos = next_pos + 1
+    return [(tokens[r], logps[r], finished[r]) for r in range(rows)]

@@ -1,0 +1,514 @@
+"""Benchmark: one DPO optimizer step of tether vs TRL's DPOTrainer, embedded SmolLM2-135M-Instruct, CPU, fp32.
+
+    python bench/dpo_vs_trl.py                      # full run (< 6 min on 2 CPU cores), writes bench/results/
+    python bench/dpo_vs_trl.py --steps 1 --rss-steps 1 --no-write   # smoke run
+
+What is compared (identical for every implementation): the same 32 preference pairs (conversational rows, both
+sides apply the tokenizer's chat template), 4 pairs per optimizer step, sequences cut to 128 tokens (prompt +
+one completion), the same sequence of batches, AdamW at lr 5e-6 with linear decay, β = 0.1, gradient clipping at
+1.0, fp32, the same number of torch threads.
+
+* ``tether``: exactly what ``tether.recipes.preference.train`` does per optimizer step (grad_accum = 1):
+  ``collate_preference`` → ``preference_step`` with the cached reference log-probs (computed once before timing,
+  as the recipe does) → backward of the pair-mean loss → ``clip_grad_norm_`` → AdamW step → scheduler step →
+  ``zero_grad``.
+* ``trl_default``: ``DPOTrainer`` with its defaults as users run it (online reference model run every step,
+  gradient checkpointing on — a TRL default), except ``bf16=False`` (fp32 for everyone).
+* ``trl_precompute``: the same plus ``precompute_ref_log_probs=True`` (reference log-probs computed once).
+* ``trl_precompute_nogc``: the same plus ``gradient_checkpointing=False`` — the TRL setting closest to what tether
+  does (reference precomputed, no activation checkpointing of the backbone), i.e. TRL's fastest fp32 setting.
+
+TRL steps are driven manually with exactly what ``Trainer._run_epoch`` does for one optimizer step: collate with
+the trainer's own data collator, ``trainer.training_step`` (forward + backward), ``trainer._clip_grad_norm``,
+``optimizer.step()``, ``lr_scheduler.step()``, ``model.zero_grad()``. Optimizer and scheduler come from
+``trainer.create_optimizer()`` / ``create_scheduler()`` (TRL's default ``adamw_torch_fused``) after
+``accelerator.prepare``, as ``Trainer.train`` sets them up.
+
+Timing: all implementations live in ONE process; after one warm-up step each they run INTERLEAVED
+(round r runs one step of every implementation, the starting implementation rotating each round), every step on
+the same batch for every implementation; the throughput ratio is computed from the MEDIAN per-step times.
+Tokens per step = non-pad tokens of the (chosen + rejected) batch, counted the same way for both (and checked to
+be equal).
+
+Peak RSS: each implementation runs alone in a child process (``--only NAME``: set-up, one warm-up step and
+``--rss-steps`` steps), reporting ``getrusage(RUSAGE_SELF).ru_maxrss`` at the end — the process's whole peak,
+model loading and reference pass included.
+
+Log-prob memory: ``tether.logprobs.token_stats`` (chunked) vs the plain full-logits path
+(``F.linear`` + ``token_stats_plain``) on random hidden states (8 × 128 × 576) and a random (49152, 576) head,
+forward + backward of the summed log-probs, each in its own child process; reported as the peak-RSS increase
+over the RSS just before the computation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_FILE = ROOT / "data" / "ifeval_pairs_smollm2.jsonl"
+OUT_FILE = ROOT / "bench" / "results" / "dpo_vs_trl.json"
+TRL_VARIANTS = {
+    # name: DPOConfig overrides on top of the shared settings
+    "trl_default": {},
+    "trl_precompute": {"precompute_ref_log_probs": True},
+    "trl_precompute_nogc": {"precompute_ref_log_probs": True, "gradient_checkpointing": False},
+}
+IMPLS = ("tether", *TRL_VARIANTS)
+
+N_PAIRS = 32
+BATCH_SIZE = 4
+MAX_LENGTH = 128
+MAX_PROMPT_LENGTH = 96  # tether rejects (never cuts) longer prompts; the generated prompts are ~45-75 tokens
+LR = 5e-6
+BETA = 0.1
+MAX_GRAD_NORM = 1.0
+SEED = 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------------------
+
+_SENTENCES = [
+    "Start by writing down exactly what you want to get done today, in small steps you can finish.",
+    "Keep your phone in another room so that notifications do not pull your attention away.",
+    "Work in blocks of twenty-five minutes and take a short break after each block.",
+    "Drink a glass of water and stretch for a minute before you begin.",
+    "If you feel stuck, explain the problem out loud as if you were teaching a friend.",
+    "A short walk outside often helps more than another cup of coffee.",
+    "Review what you did at the end of the day and note one thing to improve tomorrow.",
+    "Prepare everything you need the night before so the morning starts calmly.",
+    "Ask for feedback early instead of waiting until the work is finished.",
+    "Practice in front of a mirror or record yourself to hear how you sound.",
+    "Breathe slowly through your nose for a few seconds when you feel nervous.",
+    "Choose one main idea and support it with two or three clear examples.",
+    "Sleep matters: most people think and learn better after a full night of rest.",
+    "Cook simple meals in larger batches and keep leftovers for busy days.",
+    "Set a budget for the week and write down every purchase, even small ones.",
+    "Be kind to yourself when a plan fails; adjust it and try again the next day.",
+    "Read the question twice before answering so that you do not miss any detail.",
+    "Celebrate small wins, because progress is easier to keep when you can see it.",
+    "Turn off the television while you eat and pay attention to your food.",
+    "Write a short list of questions before the meeting so you do not forget them.",
+]
+_OFF_TOPIC = [
+    "I am not sure what you mean, but here is something else.",
+    "Honestly, it depends, and there is no single answer to that.",
+    "Many people have different opinions about this topic, so you should decide for yourself.",
+    "The weather was nice yesterday and the park was full of people walking their dogs.",
+    "There are many things to consider, such as time, money, energy, and mood, among others.",
+    "As an AI, I can tell you that this is a common question that many people ask.",
+]
+
+
+def make_rows(n: int = N_PAIRS, seed: int = SEED) -> list[dict]:
+    """Conversational preference rows. Uses data/ifeval_pairs_smollm2.jsonl when it exists, else generates ``n``
+    pairs: IFEval-style prompts from ``tether.tasks``; chosen = on-topic advice that follows the stated rules,
+    rejected = a vaguer answer that ignores them. Completion lengths vary from ~20 to ~130 tokens, so some
+    sequences exceed 128 tokens and are truncated (the same way by both libraries)."""
+    if DATA_FILE.exists():
+        rows = [json.loads(line) for line in DATA_FILE.read_text().splitlines() if line.strip()][:n]
+        return [_as_conversational(r) for r in rows]
+    from tether.tasks import make_instruction_prompts
+
+    rng = random.Random(seed)
+    rows = []
+    for p in make_instruction_prompts(n, seed, split="train"):
+        k_good, k_bad = rng.randint(2, 7), rng.randint(1, 6)
+        good = " ".join(rng.sample(_SENTENCES, k_good))
+        bad = " ".join(rng.sample(_OFF_TOPIC, min(k_bad, len(_OFF_TOPIC))) + rng.sample(_SENTENCES, max(0, k_bad - 4)))
+        for c in p["constraints"]:
+            if c["type"] == "lowercase":
+                good = good.lower()
+            elif c["type"] == "include_keyword":
+                good = f"{good} Remember, a {c['word']} can help too."
+            elif c["type"] == "end_with":
+                good = f"{good} {c['phrase']}"
+            elif c["type"] == "start_with":
+                good = f"{c['phrase']} {good}"
+            elif c["type"] == "no_commas":
+                good = good.replace(",", "")
+            elif c["type"] == "max_words":
+                good = " ".join(good.split()[: max(5, int(c.get("limit", c.get("n", 40))) - 1)])
+        rows.append({"prompt": [{"role": "user", "content": p["prompt"]}],
+                     "chosen": [{"role": "assistant", "content": good}],
+                     "rejected": [{"role": "assistant", "content": bad}]})
+    return rows
+
+
+def _as_conversational(row: dict) -> dict:
+    if isinstance(row["prompt"], list):
+        return {k: row[k] for k in ("prompt", "chosen", "rejected")}
+    return {"prompt": [{"role": "user", "content": row["prompt"]}],
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}]}
+
+
+def batch_indices(n_steps: int, n_examples: int) -> list[list[int]]:
+    """The batches of the run (same for every implementation): seeded permutations cut into BATCH_SIZE pieces."""
+    out = []
+    epoch = 0
+    while len(out) < n_steps:
+        perm = list(range(n_examples))
+        random.Random(SEED * 1000 + epoch).shuffle(perm)
+        out += [perm[i:i + BATCH_SIZE] for i in range(0, n_examples - BATCH_SIZE + 1, BATCH_SIZE)]
+        epoch += 1
+    return out[:n_steps]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Implementations: setup() then step(indices) -> dict(seconds, tokens, loss, opt_seconds)
+# ------------------------------------------------------------------------------------------------------------
+
+
+class TetherImpl:
+    name = "tether"
+
+    def __init__(self, rows: list[dict], workdir: Path, total_steps: int):
+        import torch
+
+        from tether.data import collate_preference, load_preference_dataset
+        from tether.models import frozen_copy, load_model, load_tokenizer
+        from tether.recipes.preference import PreferenceConfig, preference_step, reference_logps
+        from tether.training import make_optimizer, make_scheduler, set_seed
+
+        self.torch, self.collate, self.preference_step = torch, collate_preference, preference_step
+        path = workdir / "pairs.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.cfg = PreferenceConfig(train_file=str(path), output_dir=str(workdir / "tether_run"), loss="dpo",
+                                    beta=BETA, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
+                                    batch_size=BATCH_SIZE, lr=LR, schedule="linear", warmup_ratio=0.0,
+                                    max_grad_norm=MAX_GRAD_NORM, progress=False, tensorboard=False, seed=SEED)
+        set_seed(SEED)
+        self.tokenizer = load_tokenizer(self.cfg.model)
+        self.policy = load_model(self.cfg.model)
+        ref = frozen_copy(self.policy)
+        self.policy.train()
+        self.examples, self.report = load_preference_dataset(
+            path, self.tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
+            use_chat_template=True, on_error="raise", truncation="truncate")
+        assert [ex.index for ex in self.examples] == list(range(len(rows))), self.report.summary()
+        t0 = time.perf_counter()
+        self.ref_logps = reference_logps(ref, self.examples, pad_token_id=self.tokenizer.pad_token_id,
+                                         batch_size=BATCH_SIZE, chunk_size=self.cfg.chunk_size)
+        self.ref_seconds = time.perf_counter() - t0
+        del ref  # the recipe frees the reference once its log-probs are cached
+        self.optimizer = make_optimizer(self.policy, lr=LR, weight_decay=0.0)
+        self.scheduler = make_scheduler(self.optimizer, schedule="linear", warmup_steps=0, total_steps=total_steps)
+
+    def step(self, idx: list[int]) -> dict:
+        torch = self.torch
+        t0 = time.perf_counter()
+        batch = self.collate([self.examples[i] for i in idx], self.tokenizer.pad_token_id)
+        loss, metrics = self.preference_step(self.policy, batch, cfg=self.cfg, ref_logps=self.ref_logps[idx])
+        (loss.sum() / len(idx)).backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), MAX_GRAD_NORM)
+        t1 = time.perf_counter()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        return {"seconds": t2 - t0, "opt_seconds": t2 - t1, "tokens": int(batch["attention_mask"].sum()),
+                "loss": metrics["loss"]}
+
+
+class TRLImpl:
+    def __init__(self, name: str, rows: list[dict], workdir: Path, total_steps: int):
+        import datasets
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import DPOConfig, DPOTrainer
+
+        from tether.models import embedded_model_dir
+
+        self.name, self.torch = name, torch
+        model_dir = embedded_model_dir()  # the same fp32 safetensors directory tether loads
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        args = DPOConfig(
+            output_dir=str(workdir / name), per_device_train_batch_size=BATCH_SIZE, max_length=MAX_LENGTH,
+            learning_rate=LR, beta=BETA, max_grad_norm=MAX_GRAD_NORM, lr_scheduler_type="linear", warmup_steps=0,
+            weight_decay=0.0, max_steps=total_steps, report_to=[], logging_steps=10**6, save_strategy="no",
+            use_cpu=True, bf16=False, fp16=False, disable_tqdm=True, seed=SEED, dataloader_num_workers=0,
+            **TRL_VARIANTS[name])
+        dataset = datasets.Dataset.from_list(rows)
+        t0 = time.perf_counter()  # includes tokenization and (precompute variants) the reference pass
+        self.trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        self.init_seconds = time.perf_counter() - t0
+        assert len(self.trainer.train_dataset) == len(rows), "TRL dropped rows"
+        tr = self.trainer
+        # What Trainer.train() sets up before its loop (Trainer._prepare_for_training, single CPU process):
+        dl = tr.get_train_dataloader()
+        self.dataset, self.collate = dl.dataset, dl.collate_fn
+        tr.create_optimizer()
+        self.model, tr.optimizer = tr.accelerator.prepare(tr.model, tr.optimizer)
+        tr.model_wrapped = self.model
+        tr.create_scheduler(num_training_steps=total_steps)
+        tr.current_gradient_accumulation_steps = 1
+        self.model.zero_grad()
+        self.gradient_checkpointing = bool(getattr(tr.model, "is_gradient_checkpointing", False))
+        self.optim = str(tr.args.optim)
+
+    def step(self, idx: list[int]) -> dict:
+        tr = self.trainer
+        t0 = time.perf_counter()
+        inputs = self.collate([self.dataset[i] for i in idx])
+        tokens = int(inputs["attention_mask"].sum())
+        loss = tr.training_step(self.model, inputs)  # forward (+ reference forward) + backward
+        tr._clip_grad_norm(self.model)
+        t1 = time.perf_counter()
+        tr.optimizer.step()
+        tr.lr_scheduler.step()
+        self.model.zero_grad()
+        t2 = time.perf_counter()
+        return {"seconds": t2 - t0, "opt_seconds": t2 - t1, "tokens": tokens, "loss": float(loss)}
+
+
+def make_impl(name: str, rows, workdir: Path, total_steps: int):
+    return TetherImpl(rows, workdir, total_steps) if name == "tether" else TRLImpl(name, rows, workdir, total_steps)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Modes
+# ------------------------------------------------------------------------------------------------------------
+
+
+def run_interleaved(names: list[str], steps: int) -> dict:
+    """All implementations in this process; warm-up step each, then `steps` interleaved rounds."""
+    rows = make_rows()
+    batches = batch_indices(steps + 1, len(rows))
+    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
+        impls = {}
+        setup = {}
+        for name in names:
+            t0 = time.perf_counter()
+            impls[name] = make_impl(name, rows, Path(tmp), total_steps=steps + 1)
+            setup[name] = {"setup_seconds": round(time.perf_counter() - t0, 2)}
+            if name == "tether":
+                setup[name]["reference_pass_seconds"] = round(impls[name].ref_seconds, 2)
+                setup[name]["data_report"] = impls[name].report.summary()
+            else:
+                setup[name].update(trainer_init_seconds=round(impls[name].init_seconds, 2),
+                                   gradient_checkpointing=impls[name].gradient_checkpointing,
+                                   optim=impls[name].optim)
+            print(f"[setup] {name}: {setup[name]}", flush=True)
+        records = {name: [] for name in names}
+        for r, idx in enumerate(batches):  # round 0 = warm-up
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                rec = impls[name].step(idx)
+                rec["round"] = r
+                records[name].append(rec)
+                print(f"[round {r}{' warm-up' if r == 0 else ''}] {name}: {rec['seconds']:.2f}s "
+                      f"{rec['tokens']} tok loss {rec['loss']:.4f}", flush=True)
+    return {"setup": setup, "records": records}
+
+
+def run_only(name: str, steps: int) -> dict:
+    """One implementation alone (for its peak RSS): set-up, warm-up step, `steps` steps."""
+    rows = make_rows()
+    batches = batch_indices(steps + 1, len(rows))
+    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
+        impl = make_impl(name, rows, Path(tmp), total_steps=steps + 1)
+        rss_after_setup = _rss_bytes()
+        times = [impl.step(idx)["seconds"] for idx in batches]
+    return {"name": name, "steps": steps + 1, "peak_rss_bytes": _maxrss_bytes(),
+            "rss_after_setup_bytes": rss_after_setup, "step_seconds": times}
+
+
+def run_logprob_mem(path: str, batch: int = 8, length: int = 128, hidden: int = 576, vocab: int = 49152) -> dict:
+    """Peak memory of summed log-probs, forward + backward, chunked (tether) vs plain full logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from tether.logprobs import token_stats, token_stats_plain
+
+    def compute(h, w, y):
+        if path == "chunked":
+            lp = token_stats(h, w, y, chunk_size=512)["logps"]
+        else:
+            lp = token_stats_plain(F.linear(h, w), y)["logps"]
+        lp.sum().backward()
+
+    torch.manual_seed(SEED)
+    # warm up kernels on a small problem (its memory is negligible next to the real one)
+    hs = torch.empty(1, 8, hidden).normal_().requires_grad_()
+    ws = torch.empty(64, hidden).normal_(0, 0.02).requires_grad_()
+    compute(hs, ws, torch.randint(0, 64, (1, 8)))
+    # tensors created in place, so no temporary raises the high-water mark before the measurement
+    h = torch.empty(batch, length, hidden).normal_().requires_grad_()
+    w = torch.empty(vocab, hidden).normal_(0, 0.02).requires_grad_()
+    y = torch.randint(0, vocab, (batch, length))  # every position is a label (worst case for the chunked path)
+    before, maxrss_before = _rss_bytes(), _maxrss_bytes()
+    compute(h, w, y)
+    peak = _maxrss_bytes()
+    return {"path": path, "rss_before_bytes": before, "maxrss_before_bytes": maxrss_before, "peak_rss_bytes": peak,
+            "peak_increase_bytes": peak - before,
+            "high_water_mark_already_above_baseline_bytes": max(0, maxrss_before - before),
+            "shape": {"batch": batch, "length": length, "hidden": hidden, "vocab": vocab},
+            "note": "increase includes the gradient buffers of hidden (2.4 MB) and weight (113 MB), same in both"}
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _maxrss_bytes() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024
+
+
+def _child(args: list[str], threads: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _median(xs):
+    return statistics.median(xs)
+
+
+def summarize(inter: dict, rss: dict, logprob: dict, meta: dict) -> dict:
+    recs = inter["records"]
+    per_impl = {}
+    for name, rs in recs.items():
+        timed = [r for r in rs if r["round"] > 0]
+        med_s = _median([r["seconds"] for r in timed])
+        med_tok = _median([r["tokens"] for r in timed])
+        per_impl[name] = {
+            "median_step_seconds": round(med_s, 4),
+            "median_optimizer_seconds": round(_median([r["opt_seconds"] for r in timed]), 4),
+            "tokens_per_step_median": med_tok,
+            "tokens_per_second": round(sum(r["tokens"] for r in timed) / len(timed) / med_s, 2),
+            "step_seconds": [round(r["seconds"], 4) for r in timed],
+            "warmup_step_seconds": round(rs[0]["seconds"], 4),
+            "losses": [round(r["loss"], 6) for r in rs],
+            "peak_rss_mb": round(rss[name]["peak_rss_bytes"] / 2**20, 1),
+            "rss_after_setup_mb": round(rss[name]["rss_after_setup_bytes"] / 2**20, 1),
+            **inter["setup"][name],
+        }
+    tokens_equal = all([r["tokens"] for r in recs[n]] == [r["tokens"] for r in recs["tether"]] for n in recs)
+    loss_diff = {n: max(abs(a["loss"] - b["loss"]) for a, b in zip(recs[n], recs["tether"])) for n in recs}
+    ratios = {}
+    for name in TRL_VARIANTS:
+        if name not in per_impl:
+            continue
+        # same tokens per step for both, so the tokens/s ratio is the inverse ratio of the median step times
+        ratios[name] = {
+            "tokens_per_second_ratio": round(per_impl["tether"]["tokens_per_second"]
+                                             / per_impl[name]["tokens_per_second"], 3),
+            "median_step_time_ratio_trl_over_tether": round(per_impl[name]["median_step_seconds"]
+                                                            / per_impl["tether"]["median_step_seconds"], 3),
+            "peak_rss_ratio": round(rss["tether"]["peak_rss_bytes"] / rss[name]["peak_rss_bytes"], 3),
+            "meets_speed_target_ge_1.5x": per_impl["tether"]["tokens_per_second"]
+            >= 1.5 * per_impl[name]["tokens_per_second"],
+            "meets_memory_target_le_0.7x": rss["tether"]["peak_rss_bytes"] <= 0.7 * rss[name]["peak_rss_bytes"],
+        }
+    lp = {k: {"peak_increase_mb": round(v["peak_increase_bytes"] / 2**20, 1),
+              "high_water_mark_already_above_baseline_mb":
+                  round(v["high_water_mark_already_above_baseline_bytes"] / 2**20, 1)} for k, v in logprob.items()}
+    lp["ratio_chunked_over_plain"] = round(logprob["chunked"]["peak_increase_bytes"]
+                                           / logprob["plain"]["peak_increase_bytes"], 3)
+    lp["shape"] = logprob["chunked"]["shape"]
+    lp["note"] = logprob["chunked"]["note"]
+    return {"meta": meta, "ratios_tether_over_trl": ratios, "targets": {
+                "tokens_per_second_ratio": ">= 1.5 (vs TRL defaults)", "peak_rss_ratio": "<= 0.7 (vs TRL defaults)"},
+            "checks": {"tokens_per_step_identical": tokens_equal, "max_abs_loss_diff_vs_tether": loss_diff},
+            "implementations": per_impl, "logprob_memory": lp}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6, help="timed interleaved rounds (after one warm-up round)")
+    ap.add_argument("--rss-steps", type=int, default=2, help="steps after the warm-up in each peak-RSS child")
+    ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    ap.add_argument("--out", default=str(OUT_FILE))
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--only", choices=IMPLS, help=argparse.SUPPRESS)
+    ap.add_argument("--logprob-mem", choices=("chunked", "plain"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    if args.only or args.logprob_mem:
+        import logging
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        logging.disable(logging.WARNING)
+        out = run_only(args.only, args.rss_steps) if args.only else run_logprob_mem(args.logprob_mem)
+        print(json.dumps(out))
+        return
+
+    names = [n.strip() for n in args.impls.split(",") if n.strip()]
+    assert names[0] == "tether" and set(names) <= set(IMPLS), f"--impls must start with tether, from {IMPLS}"
+    t_start = time.perf_counter()
+    import transformers
+    import trl
+
+    meta = {
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": threads,
+                    "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "trl": trl.__version__},
+        "setting": {"model": "SmolLM2-135M-Instruct (embedded, fp32)", "device": "cpu", "dtype": "float32",
+                    "pairs": N_PAIRS, "batch_pairs": BATCH_SIZE, "max_length": MAX_LENGTH, "lr": LR, "beta": BETA,
+                    "max_grad_norm": MAX_GRAD_NORM, "timed_steps": args.steps, "warmup_steps": 1,
+                    "data": str(DATA_FILE.relative_to(ROOT)) if DATA_FILE.exists()
+                    else "generated (tether.tasks prompts + templated completions; data/ifeval_pairs_smollm2.jsonl absent)"},
+    }
+    print(f"[meta] {json.dumps(meta)}", flush=True)
+    inter = run_interleaved(names, args.steps)
+    t_inter = time.perf_counter() - t_start
+    rss = {}
+    for name in names:
+        rss[name] = _child(["--only", name, "--rss-steps", str(args.rss_steps)], threads)
+        print(f"[peak RSS] {name}: {rss[name]['peak_rss_bytes'] / 2**20:.0f} MB", flush=True)
+    logprob = {p: _child(["--logprob-mem", p], threads) for p in ("chunked", "plain")}
+    print(f"[log-prob memory] chunked +{logprob['chunked']['peak_increase_bytes'] / 2**20:.0f} MB, "
+          f"plain +{logprob['plain']['peak_increase_bytes'] / 2**20:.0f} MB", flush=True)
+    meta["wall_seconds"] = {"interleaved_timing": round(t_inter, 1), "total": round(time.perf_counter() - t_start, 1)}
+    result = summarize(inter, rss, logprob, meta)
+    text = json.dumps(result, indent=2)
+    if not args.no_write:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(json.dumps({"ratios_tether_over_trl": result["ratios_tether_over_trl"], "checks": result["checks"],
+                      "logprob_memory": result["logprob_memory"],
+                      "tokens_per_second": {n: v["tokens_per_second"] for n, v in result["implementations"].items()},
+                      "peak_rss_mb": {n: v["peak_rss_mb"] for n, v in result["implementations"].items()},
+                      "wall_seconds": meta["wall_seconds"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The README's two set-up commands are real: the test command is what CI runs, and the main job runs (at tiny
+scale, through the installed `tether` entry point)."""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    commands = _setup_commands()
+    assert len(commands) == 2, commands
+    main_job, tests = commands
+    assert main_job.startswith("pip install torch==2.13.0 && ")
+    assert tests.startswith("pip install torch==2.13.0 && ")
+    assert main_job.split("&&")[-1].strip().startswith("tether quickstart")
+    assert tests.split("&&")[-1].strip() == "python -m pytest"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests in ci, ".ci/run must call the README's test command verbatim"
+
+
+def test_readme_main_job_runs_at_tiny_scale(tmp_path):
+    from tether.testing import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "tiny")
+    job = _setup_commands()[0].split("&&")[-1].strip()
+    argv = shlex.split(job)
+    assert argv[:2] == ["tether", "quickstart"]
+    out = tmp_path / "qs"
+    tiny = ["--model", str(model_dir), "--output_dir", str(out), "--train_prompts", "6", "--heldout_prompts", "2",
+            "--samples_per_prompt", "4", "--max_new_tokens", "6", "--kl_samples_per_prompt", "1", "--no_progress"]
+    proc = subprocess.run([sys.executable, "-m", "tether", *argv[1:], *tiny], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "quickstart_report.json").read_text())
+    assert report["pairs"] >= 1
+    assert (out / "quickstart.png").stat().st_size > 1000
+    assert "held-out rule reward" in proc.stdout
