@@ -11,13 +11,12 @@ import torch
 
 from tether import kl
 
-torch.set_default_dtype(torch.float64)
 V = 5
 
 
 def _logits(seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(V, generator=g)
+    return torch.randn(V, generator=g, dtype=torch.float64)
 
 
 def _expected_grad(theta, sampler_probs, per_action_value):
@@ -54,7 +53,7 @@ def test_estimator_gradients_in_the_loss(dists):
     p = logp.exp()
     (g_rev,) = torch.autograd.grad(kl.reverse_kl(theta, ref), theta)
     (g_fwd,) = torch.autograd.grad(kl.forward_kl(theta, ref), theta)
-    assert torch.allclose(_expected_grad(theta, p, kl.k1(logp, logq)), torch.zeros(V), atol=1e-12)
+    assert torch.allclose(_expected_grad(theta, p, kl.k1(logp, logq)), torch.zeros(V, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(_expected_grad(theta, p, kl.k2(logp, logq)), g_rev, atol=1e-12)
     assert torch.allclose(_expected_grad(theta, p, kl.k3(logp, logq)), g_fwd, atol=1e-12)
     assert not torch.allclose(g_rev, g_fwd, atol=1e-3)  # the two KLs really differ here
@@ -119,8 +118,8 @@ def test_alpha_divergence_limits():
 
 def test_generalized_jsd_golden_and_endpoints():
     """Spec §18 (c): p = [0.5, 0.5] (teacher), q = [0.9, 0.1] (student), β = 0.5 ⇒ 0.101749."""
-    q_logits = torch.tensor([0.9, 0.1]).log()
-    p_logits = torch.tensor([0.5, 0.5]).log()
+    q_logits = torch.tensor([0.9, 0.1], dtype=torch.float64).log()
+    p_logits = torch.tensor([0.5, 0.5], dtype=torch.float64).log()
     assert kl.generalized_jsd(q_logits, p_logits, 0.5).item() == pytest.approx(0.101749, abs=1e-6)
     assert kl.generalized_jsd(q_logits, p_logits, 0.5) <= math.log(2)
     assert torch.equal(kl.generalized_jsd(q_logits, p_logits, 0.0), kl.forward_kl(q_logits, p_logits))
@@ -130,8 +129,8 @@ def test_generalized_jsd_golden_and_endpoints():
 
 def test_zero_probability_entries_are_exact_and_have_finite_gradients():
     """A padded vocabulary slot (logit −inf in both) contributes nothing and yields no NaN gradient."""
-    p_logits = torch.tensor([0.2, -1.0, float("-inf"), 0.5], requires_grad=True)
-    q_logits = torch.tensor([0.0, 0.3, float("-inf"), -0.4])
+    p_logits = torch.tensor([0.2, -1.0, float("-inf"), 0.5], dtype=torch.float64, requires_grad=True)
+    q_logits = torch.tensor([0.0, 0.3, float("-inf"), -0.4], dtype=torch.float64)
     finite = kl.reverse_kl(p_logits[[0, 1, 3]], q_logits[[0, 1, 3]])
     for fn in (kl.reverse_kl, kl.forward_kl, kl.js_divergence, kl.total_variation):
         value = fn(p_logits, q_logits)
@@ -142,8 +141,8 @@ def test_zero_probability_entries_are_exact_and_have_finite_gradients():
 
 
 def test_batched_shapes_reduce_the_last_dim():
-    a, b = torch.randn(3, 4, 7), torch.randn(3, 4, 7)
+    a, b = torch.randn(3, 4, 7, dtype=torch.float64), torch.randn(3, 4, 7, dtype=torch.float64)
     for fn in (kl.reverse_kl, kl.forward_kl, kl.js_divergence, kl.total_variation, kl.entropy):
         out = fn(a, b) if fn is not kl.entropy else fn(a)
         assert out.shape == (3, 4)
-    assert torch.allclose(kl.reverse_kl(a, a), torch.zeros(3, 4), atol=1e-12)
+    assert torch.allclose(kl.reverse_kl(a, a), torch.zeros(3, 4, dtype=torch.float64), atol=1e-12)

@@ -30,15 +30,6 @@ from tether.testing import tiny_model, tiny_tokenizer
 PROMPTS = ["Say hi.", "Name a colour, please."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on 2 shared cores spend their time in OpenMP barriers: one thread is ~100× faster here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()

@@ -2,6 +2,7 @@
 scale, through the installed `tether` entry point)."""
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -38,10 +39,11 @@ def test_readme_main_job_runs_at_tiny_scale(tmp_path):
     argv = shlex.split(job)
     assert argv[:2] == ["tether", "quickstart"]
     out = tmp_path / "qs"
-    tiny = ["--model", str(model_dir), "--output_dir", str(out), "--train_prompts", "6", "--heldout_prompts", "2",
-            "--samples_per_prompt", "4", "--max_new_tokens", "6", "--kl_samples_per_prompt", "1", "--no_progress"]
+    tiny = ["--model", str(model_dir), "--output_dir", str(out), "--train_prompts", "8", "--heldout_prompts", "2",
+            "--samples_per_prompt", "8", "--max_new_tokens", "16", "--kl_samples_per_prompt", "1", "--no_progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model: one thread is much faster on shared cores
     proc = subprocess.run([sys.executable, "-m", "tether", *argv[1:], *tiny], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "quickstart_report.json").read_text())
     assert report["pairs"] >= 1

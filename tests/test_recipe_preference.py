@@ -4,8 +4,8 @@ Models are ``tether.testing`` tiny Llamas (vocab 259, hidden 32) written to disk
 it loads any local model directory. Oracles are computed independently of tether's chunked path: one unpadded
 forward pass per sequence through ``model(input_ids).logits``, ``log_softmax`` in float64, gather at the labels.
 
-Tolerances: sequence sums are fp32 sums of ~25 token log-probs of about −5.5 each (|sum| ≈ 140), so fp32 rounding
-alone is ~1e-5 absolute; sums are compared at rtol 1e-6 + atol 1e-5, per-pair losses at atol 1e-5.
+Tolerances: sequence sums are fp32 sums of 20–40 token log-probs of about −5.5 each (|sum| up to ≈ 220), so fp32
+rounding alone is ~1e-5 absolute; sums are compared at rtol 1e-6 + atol 1e-5, per-pair losses at atol 1e-5.
 """
 
 from __future__ import annotations
@@ -36,15 +36,6 @@ QUIET = dict(tensorboard=False, progress=False, max_length=MAX_LEN, max_prompt_l
 def _write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on 2 shared cores spend their time in OpenMP barriers: one thread is ~100× faster here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +112,8 @@ def test_resume_reproduces_the_uninterrupted_trajectory(assets, tmp_path, capsys
 
     for a, b in zip(full.metrics, resumed.metrics):
         for key in ("loss", "margin", "grad_norm", "lr", "accuracy", "chosen_logps", "logratio", "tokens"):
-            assert math.isclose(a[key], b[key], rel_tol=0, abs_tol=1e-7), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
+            assert math.isclose(a[key], b[key], rel_tol=0, abs_tol=1e-7), \
+                f"step {a['step']} {key}: {a[key]} (uninterrupted) vs {b[key]} (resumed)"
     assert full.metrics[-1]["lr"] == 0.0 and full.metrics[2]["loss"] < full.metrics[0]["loss"]
 
     wa, wb = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(out_b / "final" / "model.safetensors")
@@ -206,8 +198,8 @@ def test_first_step_loss_is_log2_when_policy_is_reference(assets, tmp_path, over
     assert first["step"] == 1
     assert abs(first["loss"] - math.log(2)) < 1e-6, first
     assert abs(first["margin"]) < 1e-6 and abs(first["logratio"]) < 1e-6, first
-    if "token_kl" in first:  # online reference: exact full-vocabulary KL at every response token
-        assert abs(first["token_kl"]) < 1e-6
+    if overrides["loss"] in ("tdpo", "ra_dpo"):  # online reference: exact full-vocabulary KL per response token
+        assert abs(first["token_kl"]) < 1e-6, first
     assert first["grad_norm"] > 0, "log 2 is the value, not a stationary point: the gradient must be non-zero"
     assert (tmp_path / "final" / "model.safetensors").is_file()
 

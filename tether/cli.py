@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     cls, fn = commands[command]
     config_path, overrides = _split_config(rest)
     try:
-        cfg = load_config(cls, config_path, overrides, prog=f"tether {command}")
+        try:
+            cfg = load_config(cls, config_path, overrides, prog=f"tether {command}")
+        except SystemExit as exit_:  # tyro has printed the problem (or --help) to the terminal; return its code
+            return exit_.code if isinstance(exit_.code, int) else 2
         fn(cfg)
     except (ValueError, FileNotFoundError) as err:
         print(f"tether {command}: error: {err}", file=sys.stderr)

@@ -109,7 +109,8 @@ def _mixture_logp(logp: Tensor, logq: Tensor, weight_p: float) -> Tensor:
     """log(w·p + (1−w)·q) for 0 < w < 1; −inf (with zero gradient) where both probabilities are zero."""
     m = weight_p * logp.exp() + (1.0 - weight_p) * logq.exp()
     positive = m > 0
-    return torch.where(positive, torch.log(torch.where(positive, m, torch.ones_like(m))), torch.full_like(m, -torch.inf))
+    safe_log = torch.log(torch.where(positive, m, torch.ones_like(m)))
+    return torch.where(positive, safe_log, torch.full_like(m, -torch.inf))
 
 
 def js_divergence(logits: Tensor, ref_logits: Tensor) -> Tensor:

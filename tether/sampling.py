@@ -44,7 +44,8 @@ class Completions:
     """False when the completion was cut at max_new_tokens."""
 
 
-def render_prompts(tokenizer, prompts: Sequence[str | list[dict]], *, use_chat_template: bool = True) -> list[list[int]]:
+def render_prompts(tokenizer, prompts: Sequence[str | list[dict]], *,
+                   use_chat_template: bool = True) -> list[list[int]]:
     """Token ids of each prompt: a string becomes one user turn (with the chat template), a message list is
     templated as is; ``add_generation_prompt=True`` so the model answers as the assistant."""
     out = []

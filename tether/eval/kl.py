@@ -115,6 +115,7 @@ def measure_kl_from_files(*, policy: str, reference: str, prompts_file: str, sam
     report.update(policy=str(policy), reference=str(reference), prompts_file=str(prompts_file))
     print(format_kl_report(report))
     if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(report, indent=2))
     return report
 

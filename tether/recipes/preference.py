@@ -53,6 +53,7 @@ from tether.training import (
 )
 
 log = logging.getLogger(__name__)
+SHORT_CONTEXT_REFERENCE = {"longpo"}  # objectives whose reference sees a different (short) prompt
 _INPUT_KWARGS = {"chosen_lengths", "rejected_lengths", "chosen_seq_kl", "rejected_seq_kl", "chosen_seq_risk",
                  "rejected_seq_risk", "kl_reference", "chosen_nll"}
 
@@ -79,6 +80,8 @@ class PreferenceConfig:
     loss_args: dict[str, float | int | str | bool] = field(default_factory=dict)
     """Other hyperparameters of the objective, by keyword (e.g. {label_smoothing: 0.1}, {divergence: js},
     {alpha: 0.5}); checked against the objective's signature."""
+    ref_prompt_field: str = "ref_prompt"
+    """LongPO: the row field holding the short context the reference is scored on."""
     max_length: int = 512
     """Most tokens of prompt + one completion; longer completions are truncated (and counted)."""
     max_prompt_length: int = 256
@@ -204,7 +207,32 @@ def _kl_pairs(examples):
                                 rejected_ids=examples[(i + 1) % n].rejected_ids) for i, ex in enumerate(examples)]
 
 
+def _short_context_examples(cfg: PreferenceConfig, examples, tokenizer):
+    """LongPO: the reference scores each completion given the row's short context (field ``ref_prompt``) instead
+    of the long prompt the policy sees. Rows without the field are an error (a LongPO reference on the long prompt
+    would silently turn the method into NLL + DPO)."""
+    from tether.data import load_rows, tokenize_preference_rows
+
+    rows = load_rows(cfg.train_file)
+    field = cfg.ref_prompt_field
+    short_rows = []
+    for ex in examples:
+        row = rows[ex.index]
+        if field not in row:
+            raise ValueError(f"{cfg.train_file}: row {ex.index}: field '{field}': missing; {cfg.loss} scores the "
+                             f"reference on a short context — add '{field}' to every row")
+        short_rows.append({"prompt": row[field], "chosen": row["chosen"], "rejected": row["rejected"]})
+    short, _ = tokenize_preference_rows(
+        short_rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        source=f"{cfg.train_file} ({field})", use_chat_template=cfg.use_chat_template, on_error="raise",
+        truncation="error")
+    # The policy's completion ids (possibly truncated) are the ones scored; only the prompt changes.
+    return [dataclasses.replace(ex, prompt_ids=s.prompt_ids) for ex, s in zip(examples, short)]
+
+
 def _cached_reference(cfg: PreferenceConfig, examples, ref, tokenizer, out_dir: Path, need_kl_pairs: bool):
+    if cfg.loss in SHORT_CONTEXT_REFERENCE:
+        examples = _short_context_examples(cfg, examples, tokenizer)
     path = out_dir / "reference_logps.safetensors"
     fingerprint = _examples_fingerprint(examples, str(cfg.ref_model or cfg.model))
     if path.exists():

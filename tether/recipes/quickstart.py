@@ -85,9 +85,9 @@ def _evaluate(model, tokenizer, rows, cfg: QuickstartConfig, reward) -> dict:
                   progress=cfg.progress, desc="held-out sampling")
     scores = _score(done, rows, reward)
     mean, half = _mean_ci(scores)
+    first_samples = list(zip(done.prompt_index, done.texts, scores))[:: cfg.samples_per_prompt][:6]
     return {"reward_mean": mean, "reward_ci95_halfwidth": half, "n": len(scores), "scores": scores,
-            "examples": [{"prompt": rows[i]["prompt"], "completion": t, "reward": s}
-                         for i, t, s in list(zip(done.prompt_index, done.texts, scores))[:: cfg.samples_per_prompt][:6]]}
+            "examples": [{"prompt": rows[i]["prompt"], "completion": t, "reward": s} for i, t, s in first_samples]}
 
 
 def run(cfg: QuickstartConfig) -> dict:
