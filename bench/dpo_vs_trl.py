@@ -31,13 +31,15 @@ Tokens per step = non-pad tokens of the (chosen + rejected) batch, counted the s
 be equal).
 
 Peak RSS: each implementation runs alone in a child process (``--only NAME``: set-up, one warm-up step and
-``--rss-steps`` steps), reporting ``getrusage(RUSAGE_SELF).ru_maxrss`` at the end — the process's whole peak,
-model loading and reference pass included.
+``--rss-steps`` steps), reporting its peak RSS at the end — the process's whole peak, model loading and reference
+pass included. (On Linux that is VmHWM from /proc/self/status: ``getrusage(RUSAGE_SELF).ru_maxrss`` survives
+fork + execve and would report this parent's peak in every child.)
 
 Log-prob memory: ``tether.logprobs.token_stats`` (chunked) vs the plain full-logits path
 (``F.linear`` + ``token_stats_plain``) on random hidden states (8 × 128 × 576) and a random (49152, 576) head,
 forward + backward of the summed log-probs, each in its own child process; reported as the peak-RSS increase
-over the RSS just before the computation.
+over the RSS just before the computation. Every position labelled (the chunked path's worst case) and, for the
+chunked path, half of each row labelled (a DPO batch: prompt positions carry no label and are skipped).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ TRL_VARIANTS = {
     "trl_precompute_nogc": {"precompute_ref_log_probs": True, "gradient_checkpointing": False},
 }
 IMPLS = ("tether", *TRL_VARIANTS)
+LOGPROB_RUNS = (("chunked", "chunked", 1.0), ("plain", "plain", 1.0), ("chunked_half_labelled", "chunked", 0.5))
 
 N_PAIRS = 32
 BATCH_SIZE = 4
@@ -180,16 +183,17 @@ class TetherImpl:
 
         from tether.data import collate_preference, load_preference_dataset
         from tether.models import frozen_copy, load_model, load_tokenizer
-        from tether.recipes.preference import PreferenceConfig, preference_step, reference_logps
+        from tether.recipes.preference import PreferenceConfig, _cached_reference, preference_step
         from tether.training import make_optimizer, make_scheduler, set_seed
 
         self.torch, self.collate, self.preference_step = torch, collate_preference, preference_step
-        path = workdir / "pairs.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self.cfg = PreferenceConfig(train_file=str(path), output_dir=str(workdir / "tether_run"), loss="dpo",
+        path = _write_rows(rows, workdir)
+        out_dir = workdir / "tether_run"
+        self.cfg = PreferenceConfig(train_file=str(path), output_dir=str(out_dir), loss="dpo",
                                     beta=BETA, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
                                     batch_size=BATCH_SIZE, lr=LR, schedule="linear", warmup_ratio=0.0,
                                     max_grad_norm=MAX_GRAD_NORM, progress=False, tensorboard=False, seed=SEED)
+        # What tether.recipes.preference.train does before its loop (steps 1-4), for DPO without LoRA.
         set_seed(SEED)
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.policy = load_model(self.cfg.model)
@@ -199,15 +203,24 @@ class TetherImpl:
             path, self.tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
             use_chat_template=True, on_error="raise", truncation="truncate")
         assert [ex.index for ex in self.examples] == list(range(len(rows))), self.report.summary()
+        cache = out_dir / "reference_logps.safetensors"
+        self.reference_cached = cache.exists()
         t0 = time.perf_counter()
-        self.ref_logps = reference_logps(ref, self.examples, pad_token_id=self.tokenizer.pad_token_id,
-                                         batch_size=BATCH_SIZE, chunk_size=self.cfg.chunk_size)
+        # the recipe's own cache: one no-grad pass of the reference, stored on disk (reused when it exists)
+        self.ref_logps, _ = _cached_reference(self.cfg, self.examples, ref, self.tokenizer, out_dir,
+                                              need_kl_pairs=False)
         self.ref_seconds = time.perf_counter() - t0
         del ref  # the recipe frees the reference once its log-probs are cached
         self.optimizer = make_optimizer(self.policy, lr=LR, weight_decay=0.0)
         self.scheduler = make_scheduler(self.optimizer, schedule="linear", warmup_steps=0, total_steps=total_steps)
 
+    def info(self) -> dict:
+        return {"reference_pass_seconds": round(self.ref_seconds, 2),
+                "reference_logps_from_disk_cache": self.reference_cached,
+                "data_report": self.report.summary().split(": ", 1)[1]}
+
     def step(self, idx: list[int]) -> dict:
+        """One optimizer step, as in the recipe's loop (grad_accum = 1)."""
         torch = self.torch
         t0 = time.perf_counter()
         batch = self.collate([self.examples[i] for i in idx], self.tokenizer.pad_token_id)
@@ -244,37 +257,69 @@ class TRLImpl:
             weight_decay=0.0, max_steps=total_steps, report_to=[], logging_steps=10**6, save_strategy="no",
             use_cpu=True, bf16=False, fp16=False, disable_tqdm=True, seed=SEED, dataloader_num_workers=0,
             **TRL_VARIANTS[name])
-        dataset = datasets.Dataset.from_list(rows)
-        t0 = time.perf_counter()  # includes tokenization and (precompute variants) the reference pass
-        self.trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        # A file-backed dataset (as users load one), so datasets caches TRL's tokenization and precomputed
+        # reference log-probs on disk, like tether's recipe caches its reference log-probs.
+        dataset = datasets.load_dataset("json", data_files=str(_write_rows(rows, workdir)), split="train",
+                                        cache_dir=str(workdir / "hf_datasets"))
+        t0 = time.perf_counter()  # tokenization and, for the precompute variants, the reference pass
+        self.trainer = tr = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
         self.init_seconds = time.perf_counter() - t0
-        assert len(self.trainer.train_dataset) == len(rows), "TRL dropped rows"
-        tr = self.trainer
-        # What Trainer.train() sets up before its loop (Trainer._prepare_for_training, single CPU process):
+        assert len(tr.train_dataset) == len(rows), "TRL dropped rows"
+
+        # What Trainer.train() does before its loop (transformers 5.24, one CPU process, no resume):
+        tr.is_in_train = True
+        if args.activation_checkpointing:  # TRL's default gradient_checkpointing=True is switched on in train()
+            kw = dict(args.activation_checkpointing_kwargs or {})
+            every_n, offload = kw.pop("every_n_layers", 1), kw.pop("offload", False)
+            tr.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw or None,
+                                                     every_n_layers=every_n, offload=offload)
+        tr.accelerator.free_memory()  # Trainer._inner_training_loop from here
         dl = tr.get_train_dataloader()
-        self.dataset, self.collate = dl.dataset, dl.collate_fn
-        tr.create_optimizer()
-        self.model, tr.optimizer = tr.accelerator.prepare(tr.model, tr.optimizer)
-        tr.model_wrapped = self.model
-        tr.create_scheduler(num_training_steps=total_steps)
-        tr.current_gradient_accumulation_steps = 1
+        n_epochs, steps_per_epoch, *_, max_steps = tr.set_initial_training_values(args, dl)
+        tr._init_training_state(max_steps, steps_per_epoch, n_epochs, None, None)
+        self.model, dl = tr._prepare_for_training(max_steps, dl, None)  # optimizer, accelerator.prepare, scheduler
         self.model.zero_grad()
-        self.gradient_checkpointing = bool(getattr(tr.model, "is_gradient_checkpointing", False))
-        self.optim = str(tr.args.optim)
+        # the loop's batches are the trainer's own collation of the rows chosen by batch_indices()
+        self.dataset, self.collate = dl.dataset, dl.collate_fn
+
+    def info(self) -> dict:
+        tr = self.trainer
+        return {"trainer_init_seconds": round(self.init_seconds, 2),
+                "gradient_checkpointing": bool(tr.model.is_activation_checkpointing),
+                "precompute_ref_log_probs": bool(tr.args.precompute_ref_log_probs),
+                "reference_model_in_memory": tr.ref_model is not None, "optim": str(tr.args.optim.value)}
 
     def step(self, idx: list[int]) -> dict:
-        tr = self.trainer
+        """One optimizer step: the body of Trainer._run_epoch for gradient_accumulation_steps = 1, without the
+        callbacks and the logging (logging_steps is never reached)."""
+        tr, model = self.trainer, self.model
         t0 = time.perf_counter()
         inputs = self.collate([self.dataset[i] for i in idx])
         tokens = int(inputs["attention_mask"].sum())
-        loss = tr.training_step(self.model, inputs)  # forward (+ reference forward) + backward
-        tr._clip_grad_norm(self.model)
+        batch_samples, num_items_in_batch = tr.get_batch_samples(iter([inputs]), 1, tr.args.device)
+        tr.current_gradient_accumulation_steps = len(batch_samples)
+        tr.accelerator.gradient_state._set_sync_gradients(True)
+        loss = tr.training_step(model, batch_samples[0], num_items_in_batch)  # forward (+ reference) + backward
+        tr.current_flos += float(tr.floating_point_ops(inputs))
+        tr._track_num_input_tokens(inputs)
+        grad_norm = tr._clip_grad_norm(model) if tr.args.max_grad_norm > 0 else None
+        tr._get_grad_norm(model, grad_norm=grad_norm)
         t1 = time.perf_counter()
         tr.optimizer.step()
+        tr._get_learning_rate()
         tr.lr_scheduler.step()
-        self.model.zero_grad()
+        model.zero_grad()
+        tr.state.global_step += 1
         t2 = time.perf_counter()
         return {"seconds": t2 - t0, "opt_seconds": t2 - t1, "tokens": tokens, "loss": float(loss)}
+
+
+def _write_rows(rows: list[dict], workdir: Path) -> Path:
+    path = workdir / "pairs.jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return path
 
 
 def make_impl(name: str, rows, workdir: Path, total_steps: int):
@@ -286,51 +331,48 @@ def make_impl(name: str, rows, workdir: Path, total_steps: int):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def run_interleaved(names: list[str], steps: int) -> dict:
+def run_interleaved(names: list[str], steps: int, workdir: Path) -> dict:
     """All implementations in this process; warm-up step each, then `steps` interleaved rounds."""
     rows = make_rows()
     batches = batch_indices(steps + 1, len(rows))
-    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
-        impls = {}
-        setup = {}
-        for name in names:
-            t0 = time.perf_counter()
-            impls[name] = make_impl(name, rows, Path(tmp), total_steps=steps + 1)
-            setup[name] = {"setup_seconds": round(time.perf_counter() - t0, 2)}
-            if name == "tether":
-                setup[name]["reference_pass_seconds"] = round(impls[name].ref_seconds, 2)
-                setup[name]["data_report"] = impls[name].report.summary()
-            else:
-                setup[name].update(trainer_init_seconds=round(impls[name].init_seconds, 2),
-                                   gradient_checkpointing=impls[name].gradient_checkpointing,
-                                   optim=impls[name].optim)
-            print(f"[setup] {name}: {setup[name]}", flush=True)
-        records = {name: [] for name in names}
-        for r, idx in enumerate(batches):  # round 0 = warm-up
-            order = names[r % len(names):] + names[:r % len(names)]
-            for name in order:
-                rec = impls[name].step(idx)
-                rec["round"] = r
-                records[name].append(rec)
-                print(f"[round {r}{' warm-up' if r == 0 else ''}] {name}: {rec['seconds']:.2f}s "
-                      f"{rec['tokens']} tok loss {rec['loss']:.4f}", flush=True)
+    impls = {}
+    setup = {}
+    for name in names:
+        t0 = time.perf_counter()
+        impls[name] = make_impl(name, rows, workdir, total_steps=steps + 1)
+        setup[name] = {"setup_seconds": round(time.perf_counter() - t0, 2), **impls[name].info()}
+        print(f"[setup] {name}: {setup[name]}", flush=True)
+    records = {name: [] for name in names}
+    for r, idx in enumerate(batches):  # round 0 = warm-up
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            rec = impls[name].step(idx)
+            rec["round"] = r
+            records[name].append(rec)
+            print(f"[round {r}{' warm-up' if r == 0 else ''}] {name}: {rec['seconds']:.2f}s "
+                  f"{rec['tokens']} tok loss {rec['loss']:.4f}", flush=True)
     return {"setup": setup, "records": records}
 
 
-def run_only(name: str, steps: int) -> dict:
+def run_only(name: str, steps: int, workdir: Path) -> dict:
     """One implementation alone (for its peak RSS): set-up, warm-up step, `steps` steps."""
     rows = make_rows()
     batches = batch_indices(steps + 1, len(rows))
-    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
-        impl = make_impl(name, rows, Path(tmp), total_steps=steps + 1)
-        rss_after_setup = _rss_bytes()
-        times = [impl.step(idx)["seconds"] for idx in batches]
+    t0 = time.perf_counter()
+    impl = make_impl(name, rows, workdir, total_steps=steps + 1)
+    setup = {"setup_seconds": round(time.perf_counter() - t0, 2), **impl.info()}
+    rss_after_setup = _rss_bytes()
+    times = [impl.step(idx)["seconds"] for idx in batches]
     return {"name": name, "steps": steps + 1, "peak_rss_bytes": _maxrss_bytes(),
-            "rss_after_setup_bytes": rss_after_setup, "step_seconds": times}
+            "rss_after_setup_bytes": rss_after_setup, "step_seconds": times, "setup": setup}
 
 
-def run_logprob_mem(path: str, batch: int = 8, length: int = 128, hidden: int = 576, vocab: int = 49152) -> dict:
-    """Peak memory of summed log-probs, forward + backward, chunked (tether) vs plain full logits."""
+def run_logprob_mem(path: str, label_frac: float = 1.0, batch: int = 8, length: int = 128, hidden: int = 576,
+                    vocab: int = 49152) -> dict:
+    """Peak memory of summed log-probs, forward + backward, chunked (tether) vs plain full logits.
+
+    ``label_frac`` < 1 marks only the last fraction of every row as labelled (response tokens), the rest ignored
+    (prompt), as in a DPO batch: the chunked path skips unlabelled positions, the plain path cannot."""
     import torch
     import torch.nn.functional as F
 
@@ -351,11 +393,12 @@ def run_logprob_mem(path: str, batch: int = 8, length: int = 128, hidden: int = 
     # tensors created in place, so no temporary raises the high-water mark before the measurement
     h = torch.empty(batch, length, hidden).normal_().requires_grad_()
     w = torch.empty(vocab, hidden).normal_(0, 0.02).requires_grad_()
-    y = torch.randint(0, vocab, (batch, length))  # every position is a label (worst case for the chunked path)
+    y = torch.randint(0, vocab, (batch, length))  # label_frac=1: every position is a label (chunked worst case)
+    y[:, : length - int(round(label_frac * length))] = -100
     before, maxrss_before = _rss_bytes(), _maxrss_bytes()
     compute(h, w, y)
     peak = _maxrss_bytes()
-    return {"path": path, "rss_before_bytes": before, "maxrss_before_bytes": maxrss_before, "peak_rss_bytes": peak,
+    return {"path": path, "label_frac": label_frac, "rss_before_bytes": before, "maxrss_before_bytes": maxrss_before, "peak_rss_bytes": peak,
             "peak_increase_bytes": peak - before,
             "high_water_mark_already_above_baseline_bytes": max(0, maxrss_before - before),
             "shape": {"batch": batch, "length": length, "hidden": hidden, "vocab": vocab},
@@ -369,8 +412,26 @@ def _rss_bytes() -> int:
 
 
 def _maxrss_bytes() -> int:
+    """Peak RSS of this process. On Linux: VmHWM of /proc/self/status, because ``getrusage().ru_maxrss`` is kept
+    across fork + execve, so a child started by a big parent would report the parent's peak; VmHWM belongs to the
+    address space, which execve replaces. Elsewhere: ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb if sys.platform == "darwin" else kb * 1024
+
+
+def _quiet_libraries() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def _child(args: list[str], threads: int) -> dict:
@@ -407,7 +468,9 @@ def summarize(inter: dict, rss: dict, logprob: dict, meta: dict) -> dict:
             "losses": [round(r["loss"], 6) for r in rs],
             "peak_rss_mb": round(rss[name]["peak_rss_bytes"] / 2**20, 1),
             "rss_after_setup_mb": round(rss[name]["rss_after_setup_bytes"] / 2**20, 1),
-            **inter["setup"][name],
+            "setup_in_timing_process": inter["setup"][name],
+            "setup_in_rss_child": rss[name]["setup"],
+            "rss_child_step_seconds": [round(t, 2) for t in rss[name]["step_seconds"]],
         }
     tokens_equal = all([r["tokens"] for r in recs[n]] == [r["tokens"] for r in recs["tether"]] for n in recs)
     loss_diff = {n: max(abs(a["loss"] - b["loss"]) for a, b in zip(recs[n], recs["tether"])) for n in recs}
@@ -426,11 +489,14 @@ def summarize(inter: dict, rss: dict, logprob: dict, meta: dict) -> dict:
             >= 1.5 * per_impl[name]["tokens_per_second"],
             "meets_memory_target_le_0.7x": rss["tether"]["peak_rss_bytes"] <= 0.7 * rss[name]["peak_rss_bytes"],
         }
-    lp = {k: {"peak_increase_mb": round(v["peak_increase_bytes"] / 2**20, 1),
+    lp = {k: {"label_frac": v["label_frac"], "peak_increase_mb": round(v["peak_increase_bytes"] / 2**20, 1),
               "high_water_mark_already_above_baseline_mb":
                   round(v["high_water_mark_already_above_baseline_bytes"] / 2**20, 1)} for k, v in logprob.items()}
     lp["ratio_chunked_over_plain"] = round(logprob["chunked"]["peak_increase_bytes"]
                                            / logprob["plain"]["peak_increase_bytes"], 3)
+    lp["ratio_chunked_half_labelled_over_plain"] = round(logprob["chunked_half_labelled"]["peak_increase_bytes"]
+                                                         / logprob["plain"]["peak_increase_bytes"], 3)
+    lp["chunk_size"] = 512
     lp["shape"] = logprob["chunked"]["shape"]
     lp["note"] = logprob["chunked"]["note"]
     return {"meta": meta, "ratios_tether_over_trl": ratios, "targets": {
@@ -441,20 +507,23 @@ def summarize(inter: dict, rss: dict, logprob: dict, meta: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=6, help="timed interleaved rounds (after one warm-up round)")
-    ap.add_argument("--rss-steps", type=int, default=2, help="steps after the warm-up in each peak-RSS child")
+    ap.add_argument("--steps", type=int, default=4, help="timed interleaved rounds (after one warm-up round)")
+    ap.add_argument("--rss-steps", type=int, default=1, help="steps after the warm-up in each peak-RSS child")
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--out", default=str(OUT_FILE))
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--only", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--logprob-mem", choices=("chunked", "plain"), help=argparse.SUPPRESS)
+    ap.add_argument("--label-frac", type=float, default=1.0, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    _quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -464,7 +533,8 @@ def main() -> None:
 
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
-        out = run_only(args.only, args.rss_steps) if args.only else run_logprob_mem(args.logprob_mem)
+        out = (run_only(args.only, args.rss_steps, Path(args.workdir)) if args.only
+               else run_logprob_mem(args.logprob_mem, args.label_frac))
         print(json.dumps(out))
         return
 
@@ -488,16 +558,25 @@ def main() -> None:
                     else "generated (tether.tasks prompts + templated completions; data/ifeval_pairs_smollm2.jsonl absent)"},
     }
     print(f"[meta] {json.dumps(meta)}", flush=True)
-    inter = run_interleaved(names, args.steps)
-    t_inter = time.perf_counter() - t_start
+    # Children first, while this process is still small (the machine's memory is shared). They share a work
+    # directory with this process, so each one-time reference pass (tether's recipe cache, TRL's datasets cache)
+    # runs once, in the first child that needs it, and is read from disk afterwards.
+    logprob = {name: _child(["--logprob-mem", p, "--label-frac", str(f)], threads) for name, p, f in LOGPROB_RUNS}
+    print("[log-prob memory] " + ", ".join(f"{k} +{v['peak_increase_bytes'] / 2**20:.0f} MB"
+                                           for k, v in logprob.items()), flush=True)
+    tmp = tempfile.TemporaryDirectory(prefix="tether-bench-")
+    workdir = Path(tmp.name)
     rss = {}
     for name in names:
-        rss[name] = _child(["--only", name, "--rss-steps", str(args.rss_steps)], threads)
-        print(f"[peak RSS] {name}: {rss[name]['peak_rss_bytes'] / 2**20:.0f} MB", flush=True)
-    logprob = {p: _child(["--logprob-mem", p], threads) for p in ("chunked", "plain")}
-    print(f"[log-prob memory] chunked +{logprob['chunked']['peak_increase_bytes'] / 2**20:.0f} MB, "
-          f"plain +{logprob['plain']['peak_increase_bytes'] / 2**20:.0f} MB", flush=True)
-    meta["wall_seconds"] = {"interleaved_timing": round(t_inter, 1), "total": round(time.perf_counter() - t_start, 1)}
+        rss[name] = _child(["--only", name, "--rss-steps", str(args.rss_steps), "--workdir", str(workdir)], threads)
+        print(f"[peak RSS] {name}: {rss[name]['peak_rss_bytes'] / 2**20:.0f} MB; setup {rss[name]['setup']}",
+              flush=True)
+    t_children = time.perf_counter() - t_start
+    inter = run_interleaved(names, args.steps, workdir)
+    tmp.cleanup()
+    meta["wall_seconds"] = {"children": round(t_children, 1),
+                            "interleaved_timing": round(time.perf_counter() - t_start - t_children, 1),
+                            "total": round(time.perf_counter() - t_start, 1)}
     result = summarize(inter, rss, logprob, meta)
     text = json.dumps(result, indent=2)
     if not args.no_write:

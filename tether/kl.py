@@ -12,7 +12,7 @@ Conventions used throughout tether:
 * The sample-based estimators ``k1``/``k2``/``k3`` take the log-probabilities of the *sampled* tokens under the two
   distributions and return one estimate per token.
 
-Value vs. gradient (Schulman, "Approximating KL divergence", 2020; see ``shared/methods/online-rl.md`` §0.1).
+Value vs. gradient (Schulman, "Approximating KL divergence", 2020):
 With tokens sampled from π (on-policy), ℓ = log π(a) − log q(a), r = q(a)/π(a):
 
 =========  =====================  ==============================  =========================================

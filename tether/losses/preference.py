@@ -1,6 +1,6 @@
 """Offline preference-optimization objectives, as pure functions of per-sequence log-probs.
 
-Notation follows the methods spec (``/work/shared/methods/preference-and-distillation.md`` §0): for a response
+Notation (shared by every objective here; "spec §N" refers to tether's method notes): for a response
 ``y`` to a prompt ``x``, ``LP_θ(y)`` is the SUM of the policy's per-token log-probs over response tokens,
 ``LP_ref(y)`` the same under the frozen reference, ``ρ(y) = LP_θ(y) − LP_ref(y)`` the sequence log-ratio,
 ``Δ = ρ(y_w) − ρ(y_l)`` the DPO margin, ``|y|`` the number of response tokens, ``mLP(y) = LP(y)/|y|``.
