@@ -355,15 +355,14 @@ def train(cfg: PreferenceConfig) -> TrainResult:
     set_seed(cfg.seed)
     spec = PREFERENCE_LOSSES[cfg.loss]
 
-    # 1. Models.
+    # 1. Models. The reference is the starting policy unless ref_model names another model. For objectives that
+    # only need summed reference log-probs, the starting policy itself scores them before its first update (no
+    # copy in memory); objectives that need the reference online get a frozen copy (or, with LoRA, the base
+    # model with adapters disabled — no copy either).
     tokenizer = load_tokenizer(cfg.model)
     policy = load_model(cfg.model)
-    separate_ref = cfg.ref_model is not None
-    ref = load_model(cfg.ref_model) if separate_ref else None
     if cfg.lora:
         policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha)
-    if ref is None and spec.uses_reference:
-        ref = policy if cfg.lora else frozen_copy(policy)
     policy.train()
 
     # 2. Data.
@@ -376,12 +375,18 @@ def train(cfg: PreferenceConfig) -> TrainResult:
     order = curriculum_order(examples, key=cfg.curriculum_key, seed=cfg.seed) if cfg.curriculum_key else None
 
     # 3. Reference log-probs (cached), or an online reference for full-vocabulary objectives.
-    ref_logps = kl_ref_logps = None
+    ref = ref_logps = kl_ref_logps = None
+    if spec.uses_reference:
+        if cfg.ref_model is not None:
+            ref = load_model(cfg.ref_model)
+        elif spec.full_vocab and not cfg.lora:
+            ref = frozen_copy(policy)
+        else:
+            ref = policy  # the starting weights (checkpoints are loaded only after this step), or LoRA's base
     if spec.uses_reference and not spec.full_vocab:
         ref_logps, kl_ref_logps = _cached_reference(cfg, examples, ref, tokenizer, out_dir,
                                                     need_kl_pairs="kl_reference" in spec.needs)
-        if ref is not policy:
-            ref = None  # free the reference: training does not need it any more
+        ref = None  # training reads the cache; a separate reference model is freed here
     kl_examples = _kl_pairs(examples) if "kl_reference" in spec.needs else None
 
     # 4. Optimizer, schedule, resume.
