@@ -1,5 +1,9 @@
 """Loss functions: pure functions of tensors (log-probs, masks, hyperparameters in; losses out).
 
+Offline preference objectives live in ``preference.py``; online policy-gradient objectives (PPO-clip, GRPO, DAPO,
+GPG, CPGD) in ``policy.py``; KL-regularized successors (GVPO, DisCO, RPG, TROLL, Archer, critical-token KL, KDRL,
+APO, GRPO-CARE) in ``regularized.py``. Every one is importable from ``tether.losses`` by name.
+
 ``PREFERENCE_LOSSES`` maps the config name of each offline preference objective to a :class:`LossSpec` that
 tells the preference recipe which extra inputs to compute and whether the reference must run online over the
 full vocabulary. Config names are the function names.
@@ -10,6 +14,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tether.losses.policy import (
+    AGG_MODES,
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    PolicyLossOutput,
+    aggregate,
+    cpgd,
+    dapo,
+    dapo_dynamic_sampling_mask,
+    gpg,
+    grpo,
+    kl_in_reward,
+    ppo_clip,
+)
 from tether.losses.preference import (
     F_DIVERGENCES,
     PreferenceLossOutput,
@@ -27,6 +46,25 @@ from tether.losses.preference import (
     tdpo,
     tdpo1,
     tdpo2,
+)
+from tether.losses.regularized import (
+    APOShaping,
+    EMAReference,
+    ReferenceResetSchedule,
+    TrustRegionProjection,
+    apo,
+    apo_shaping,
+    archer,
+    critical_token_kl,
+    difficulty_filter,
+    disco,
+    ema_update_,
+    grpo_care_bonus,
+    gvpo,
+    kdrl,
+    rpg,
+    troll,
+    troll_project,
 )
 
 #: Keyword inputs a preference objective may need beyond the four positional log-prob tensors.
@@ -81,6 +119,7 @@ PREFERENCE_LOSSES: dict[str, LossSpec] = {
 }
 
 __all__ = [
+    # preference
     "F_DIVERGENCES",
     "PREFERENCE_INPUTS",
     "PREFERENCE_LOSSES",
@@ -100,4 +139,11 @@ __all__ = [
     "tdpo",
     "tdpo1",
     "tdpo2",
+    # policy gradient
+    "AGG_MODES", "KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "PolicyLossOutput", "aggregate",
+    "cpgd", "dapo", "dapo_dynamic_sampling_mask", "gpg", "grpo", "kl_in_reward", "ppo_clip",
+    # KL-regularized successors
+    "APOShaping", "EMAReference", "ReferenceResetSchedule", "TrustRegionProjection", "apo", "apo_shaping", "archer",
+    "critical_token_kl", "difficulty_filter", "disco", "ema_update_", "grpo_care_bonus", "gvpo", "kdrl", "rpg",
+    "troll", "troll_project",
 ]
