@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from tether.rewards.format import CombinedRuleReward, TagFormatReward, weighted_sum
+from tether.rewards.math import MathAnswerReward, extract_answer
+from tether.rewards.model import RewardModel
 from tether.rewards.rules import (
     CONSTRAINT_TYPES,
     AllCaps,
@@ -33,6 +36,8 @@ from tether.rewards.rules import (
     to_dict,
     words,
 )
+from tether.rewards.sandbox import CodeTestReward, SandboxResult, extract_code, run_sandboxed
+from tether.rewards.shaping import OverlongPenalty, dapo_overlong_penalty
 
 
 class RewardFn(Protocol):
@@ -44,24 +49,36 @@ class RewardFn(Protocol):
 __all__ = [
     "CONSTRAINT_TYPES",
     "AllCaps",
+    "CodeTestReward",
+    "CombinedRuleReward",
     "Constraint",
     "EndWith",
     "ExcludeWord",
     "IncludeKeyword",
     "InstructionFollowingReward",
     "Lowercase",
+    "MathAnswerReward",
     "MaxWords",
     "MinWords",
     "NoCommas",
     "NumBullets",
+    "OverlongPenalty",
     "RewardFn",
+    "RewardModel",
+    "SandboxResult",
     "StartWith",
+    "TagFormatReward",
     "WrapInQuotes",
     "count_words",
+    "dapo_overlong_penalty",
+    "extract_answer",
+    "extract_code",
     "find_conflict",
     "from_dict",
     "rule_reward",
+    "run_sandboxed",
     "satisfied",
     "to_dict",
+    "weighted_sum",
     "words",
 ]

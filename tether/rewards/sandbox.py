@@ -1,0 +1,494 @@
+"""Run model-written Python in a resource-limited subprocess, and a pass-fraction reward built on it.
+
+**This is process isolation with resource limits, not a security boundary.** It stops the accidents an RL
+policy produces every day (infinite loops, memory bombs, fork loops, gigabytes of output, a stray
+``os.remove``) from hanging or killing the trainer. It does not stop a determined attacker: there is no
+network, mount, PID or user namespace, no seccomp filter, no cgroup. Run untrusted code from the internet in
+a container or VM (gVisor, Firecracker, nsjail) instead.
+
+What ``run_sandboxed`` does:
+
+1. **Separate process.** ``python -I -S`` (isolated mode: no ``PYTHON*`` variables, no user site, script dir
+   not on ``sys.path``; ``-S``: no ``site``, so only the standard library is importable), an **empty
+   environment**, ``stdin`` from a file, and a **fresh temporary working directory** that is deleted
+   afterwards. The child is the leader of a new session / process group.
+2. **Resource limits** (``setrlimit``, set by the child on itself, in a short harness that then runs the code,
+   rather than in a ``preexec_fn``: CPython documents ``preexec_fn`` as unsafe when the parent has threads, as
+   a trainer with torch and tokenizer threads does, and it rules out ``vfork``):
+   ``RLIMIT_AS = memory_mb`` (an allocation beyond it raises ``MemoryError``), ``RLIMIT_CPU = cpu_s`` (soft;
+   ``SIGXCPU``, then ``SIGKILL`` one second later), ``RLIMIT_FSIZE = max_file_mb`` (a bigger write fails with
+   ``EFBIG``; Python ignores ``SIGXFSZ``), ``RLIMIT_NPROC = max_procs``, ``RLIMIT_NOFILE = 64``,
+   ``RLIMIT_CORE = 0`` (no core dumps). Soft = hard, except CPU (hard = soft + 1).
+3. **Wall-clock timeout** (``timeout_s``, counted from the call): the whole process group gets
+   ``SIGKILL``. The group is also killed after a normal exit, so no straggler survives the call.
+4. **Output caps**: stdout and stderr are read as they are produced; once either passes ``max_output_bytes``
+   the group is killed (``killed_reason="output_limit"``) and the first ``max_output_bytes`` are returned.
+   The parent never holds more than that, however fast the child prints.
+5. **Audit guard** (``guard=True``, the default): a ``sys.addaudithook`` hook, installed before the code runs
+   and impossible to remove from Python, raises ``PermissionError`` on: creating processes (``os.fork``,
+   ``os.posix_spawn``, ``os.exec*``, ``os.system``, ``subprocess``), signalling processes (``os.kill``,
+   ``os.killpg``), opening sockets, changing resource limits, importing ``ctypes`` / ``_posixsubprocess``,
+   and writing, creating, deleting, renaming, linking, chmod/chown-ing or ``utime``-ing any path outside the
+   working directory (``/dev/null``, ``/dev/stdout`` and ``/dev/stderr`` may be written). ``TMPDIR`` (inside
+   the child only) points at the working directory so ``tempfile`` works.
+
+What it does **not** protect against:
+
+- **Reading**: the code can read every file the caller's user can read (your checkpoints, keys in ``~``).
+- **Running as root**: the kernel ignores ``RLIMIT_NPROC`` for root, and root can undo the other limits
+  through any hole in the guard. With ``guard=False`` as root nothing bounds a fork bomb but the wall-clock
+  kill. Pass ``user=65534`` (nobody) together with a ``python=`` that user can execute to run as an
+  unprivileged user, which makes ``RLIMIT_NPROC`` and file permissions real.
+- **The guard is Python-level**: PEP 578 audit hooks are documented as not being a sandbox. Introspection
+  (``gc`` can reach the hook's closure) or a bug in the interpreter or a C extension bypasses it;
+  ``dir_fd``-relative file operations are refused rather than checked; symlink races (TOCTOU) are not.
+- **Escaping the group kill**: a process that calls ``setsid()`` (only possible with ``guard=False``) leaves
+  the process group and survives the call.
+- **Shared budgets**: ``RLIMIT_NPROC`` counts every process and thread of the user, including the caller's
+  and other sandboxes'; ``RLIMIT_AS`` is per process (with ``guard=False``, ``max_procs`` processes can each
+  use ``memory_mb``); CPU and wall time are not shared fairly between concurrent sandboxes.
+- **Network**: only the guard's socket block; no network namespace.
+
+Errors: bad *code* never raises (syntax errors, crashes, limits all come back as a ``SandboxResult``). A
+sandbox that cannot start at all (interpreter not executable, no ``fork``) raises ``OSError``, so broken
+infrastructure is never mistaken for wrong answers.
+
+``CodeTestReward`` runs a completion's fenced Python block against ``metadata["tests"]`` and returns the pass
+fraction (formats in its docstring).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+MAX_OPEN_FILES = 64
+_MARKER = "tether-sandbox"
+
+# Runs as `python -I -S -c _HARNESS <limits json>` in the working directory: sets limits on itself, installs the
+# guard, then runs main.py as __main__. Reads main.py before the guard so the guard never sees the harness's I/O.
+_HARNESS = r"""
+def _boot():
+    import json, os, resource, sys
+    lim = json.loads(sys.argv[1])
+    for name, soft, hard in lim["rlimits"]:
+        r = getattr(resource, name)
+        _, cur_hard = resource.getrlimit(r)
+        if cur_hard != resource.RLIM_INFINITY:
+            soft, hard = min(soft, cur_hard), min(hard, cur_hard)
+        resource.setrlimit(r, (soft, hard))
+    root = os.path.realpath(os.getcwd())
+    os.environ["TMPDIR"] = root
+    with open("main.py", encoding="utf-8") as f:
+        src = f.read()
+    sys.argv = ["main.py"]
+    if lim["guard"]:
+        deny = frozenset(lim["deny_events"])
+        deny_imports = frozenset(lim["deny_imports"])
+        paths = {k: tuple(v) for k, v in lim["path_events"].items()}
+        dev_ok = frozenset(("/dev/null", "/dev/stdout", "/dev/stderr"))
+        write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+        # Bound here so that code rebinding builtins or os attributes cannot change what the hook calls.
+        fsdecode, realpath, _isinstance, _any, _len, _PermissionError = (
+            os.fsdecode, os.path.realpath, isinstance, any, len, PermissionError)
+        busy = [False]
+
+        def inside(p):
+            p = fsdecode(p)
+            return p in dev_ok or (lambda q: q == root or q.startswith(root + "/"))(realpath(p))
+
+        def hook(event, args):
+            if busy[0]:
+                return
+            busy[0] = True
+            try:
+                if event in deny:
+                    raise _PermissionError(f"{_MARKER}: {event} is blocked")
+                if event == "import" and args[0] in deny_imports:
+                    raise _PermissionError(f"{_MARKER}: import {args[0]} is blocked")
+                if event == "open":
+                    path, mode, flags = args
+                    writes = (_isinstance(flags, int) and flags & write_flags) or (
+                        _isinstance(mode, str) and _any(c in mode for c in "wax+"))
+                    if writes and not _isinstance(path, int) and not inside(path):
+                        raise _PermissionError(f"{_MARKER}: writing {path!r} outside the working dir is blocked")
+                elif event in paths:
+                    path_idx, fd_idx = paths[event]
+                    if _any(i < _len(args) and args[i] not in (None, -1) for i in fd_idx):
+                        raise _PermissionError(f"{_MARKER}: {event} with dir_fd is blocked")
+                    for i in path_idx:
+                        if _isinstance(args[i], int) or not inside(args[i]):
+                            raise _PermissionError(f"{_MARKER}: {event} on {args[i]!r} outside the working dir")
+            finally:
+                busy[0] = False
+
+        sys.addaudithook(hook)
+    return src
+
+__file__ = "main.py"
+exec(compile(_boot(), "main.py", "exec"))
+""".replace("{_MARKER}", _MARKER)
+
+# Events refused outright by the guard.
+_DENY_EVENTS = (
+    "os.fork",
+    "os.forkpty",
+    "os.posix_spawn",
+    "os.spawn",
+    "os.exec",
+    "os.system",
+    "os.startfile",
+    "subprocess.Popen",
+    "os.kill",
+    "os.killpg",
+    "socket.__new__",
+    "resource.setrlimit",
+    "resource.prlimit",
+)
+_DENY_IMPORTS = ("ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters")
+# event -> (indices of path arguments that must lie in the working dir, indices of dir_fd arguments).
+_PATH_EVENTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "os.remove": ((0,), (1,)),
+    "os.rmdir": ((0,), (1,)),
+    "os.mkdir": ((0,), (2,)),
+    "os.rename": ((0, 1), (2, 3)),
+    "os.link": ((0, 1), (2, 3)),
+    "os.symlink": ((1,), (2,)),
+    "os.chmod": ((0,), (2,)),
+    "os.chown": ((0,), (3,)),
+    "os.truncate": ((0,), ()),
+    "os.utime": ((0,), (3,)),
+    "os.chflags": ((0,), ()),
+    "os.lchflags": ((0,), ()),
+    "os.setxattr": ((0,), ()),
+    "os.removexattr": ((0,), ()),
+    "shutil.rmtree": ((0,), (1,)),
+}
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """Outcome of one ``run_sandboxed`` call.
+
+    Fields:
+        ok: ``returncode == 0`` and no limit stopped the program (``killed_reason is None``).
+        stdout, stderr: decoded UTF-8 (invalid bytes replaced), each at most ``max_output_bytes`` bytes.
+        returncode: the exit status; ``-N`` when killed by signal ``N`` (``-9`` after a timeout).
+        timed_out: the wall-clock limit was hit and the group killed.
+        killed_reason: which limit stopped the program, or None: ``"timeout"``, ``"output_limit"``,
+            ``"cpu_limit"`` (SIGXCPU), ``"signal:SIGSEGV"`` (any other signal), ``"memory_limit"`` (the last
+            stderr line is a ``MemoryError``), ``"file_size_limit"`` (an ``OSError`` EFBIG: Python ignores
+            SIGXFSZ), ``"blocked"`` (the guard's ``PermissionError``). The last three are read from the last
+            stderr line, so the code can fake them; they are for logging, not for scoring.
+        wall_s: seconds from start to the end of cleanup.
+    """
+
+    ok: bool
+    stdout: str
+    stderr: str
+    returncode: int | None
+    timed_out: bool
+    killed_reason: str | None
+    wall_s: float
+
+
+def _rlimits(memory_mb: int, cpu_s: int, max_file_mb: int, max_procs: int) -> list[tuple[str, int, int]]:
+    mb = 1 << 20
+    return [
+        ("RLIMIT_AS", memory_mb * mb, memory_mb * mb),
+        ("RLIMIT_CPU", cpu_s, cpu_s + 1),
+        ("RLIMIT_FSIZE", max_file_mb * mb, max_file_mb * mb),
+        ("RLIMIT_NPROC", max_procs, max_procs),
+        ("RLIMIT_NOFILE", MAX_OPEN_FILES, MAX_OPEN_FILES),
+        ("RLIMIT_CORE", 0, 0),
+    ]
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _reason_from_exit(returncode: int, stderr: str) -> str | None:
+    if returncode < 0:
+        sig = -returncode
+        if sig == signal.SIGXCPU:
+            return "cpu_limit"
+        if sig == signal.SIGXFSZ:
+            return "file_size_limit"
+        try:
+            return f"signal:{signal.Signals(sig).name}"
+        except ValueError:
+            return f"signal:{sig}"
+    if returncode != 0:
+        lines = stderr.rstrip().splitlines()
+        last = lines[-1] if lines else ""
+        if last.startswith("MemoryError"):
+            return "memory_limit"
+        if last.startswith("OSError") and f"[Errno {errno.EFBIG}]" in last:
+            return "file_size_limit"  # Python ignores SIGXFSZ, so an oversized write raises EFBIG instead
+        if last.startswith("PermissionError") and _MARKER in last:
+            return "blocked"
+    return None
+
+
+def run_sandboxed(
+    code: str,
+    *,
+    stdin: str = "",
+    timeout_s: float = 5.0,
+    memory_mb: int = 512,
+    cpu_s: int | None = None,
+    max_output_bytes: int = 1 << 20,
+    max_file_mb: int = 16,
+    max_procs: int = 32,
+    guard: bool = True,
+    user: int | None = None,
+    python: str | None = None,
+) -> SandboxResult:
+    """Run ``code`` as ``__main__`` in a limited subprocess (see the module docstring); never raises on bad code.
+
+    Args:
+        code: Python source; written to ``main.py`` in a fresh working directory.
+        stdin: fed to the program's standard input (from a file, so an unread stdin never blocks).
+        timeout_s: wall-clock limit in seconds; the process group is SIGKILLed when it passes.
+        memory_mb: ``RLIMIT_AS`` in MiB (virtual address space per process; ≥ 64, the interpreter needs ~15).
+        cpu_s: ``RLIMIT_CPU`` soft limit in seconds; default ``ceil(timeout_s) + 1``. A backstop behind the wall
+            clock: it still stops a spinning child if the caller dies before its kill.
+        max_output_bytes: cap per stream (stdout, stderr); passing it kills the group.
+        max_file_mb: ``RLIMIT_FSIZE`` in MiB: the largest file the program may write.
+        max_procs: ``RLIMIT_NPROC``: processes + threads *of the user* (ignored by the kernel for root).
+        guard: install the audit-hook guard (module docstring, item 5).
+        user: uid to run as (needs the caller to be root; the gid is the same number). The working directory
+            is chowned to it and ``python`` must be executable by it.
+        python: interpreter to run; default ``sys.executable``.
+
+    Raises ``ValueError`` for invalid limits and ``OSError`` only if the sandbox cannot start.
+    """
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+    if memory_mb < 64:
+        raise ValueError(f"memory_mb must be >= 64 (the interpreter itself needs ~15 MiB), got {memory_mb}")
+    if cpu_s is None:
+        cpu_s = math.ceil(timeout_s) + 1
+    for name, value in (
+        ("cpu_s", cpu_s),
+        ("max_output_bytes", max_output_bytes),
+        ("max_file_mb", max_file_mb),
+        ("max_procs", max_procs),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    python = python or sys.executable
+    limits = {
+        "rlimits": _rlimits(memory_mb, cpu_s, max_file_mb, max_procs),
+        "guard": guard,
+        "deny_events": _DENY_EVENTS,
+        "deny_imports": _DENY_IMPORTS,
+        "path_events": _PATH_EVENTS,
+    }
+    ids: dict[str, Any] = {}
+    if user is not None:
+        ids = {"user": user, "group": user, "extra_groups": []}
+
+    t0 = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix="tether-sandbox-")
+    try:
+        main = os.path.join(workdir, "main.py")
+        with open(main, "w", encoding="utf-8", errors="replace") as f:
+            f.write(code)
+        stdin_path = os.path.join(workdir, ".stdin")
+        with open(stdin_path, "w", encoding="utf-8", errors="replace") as f:
+            f.write(stdin)
+        if user is not None:
+            for p in (workdir, main, stdin_path):
+                os.chown(p, user, user)
+        with open(stdin_path, "rb") as stdin_file:
+            proc = subprocess.Popen(
+                [python, "-I", "-S", "-c", _HARNESS, json.dumps(limits)],
+                stdin=stdin_file,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=workdir,
+                env={},
+                start_new_session=True,
+                close_fds=True,
+                **ids,
+            )
+        out, err, reason = _collect(proc, deadline=t0 + timeout_s, cap=max_output_bytes)
+        returncode = proc.returncode
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if os.path.exists(workdir):
+            warnings.warn(f"sandbox working directory {workdir} could not be fully deleted", stacklevel=2)
+    stdout = out.decode("utf-8", errors="replace")
+    stderr = err.decode("utf-8", errors="replace")
+    if reason is None:
+        reason = _reason_from_exit(returncode, stderr)
+    return SandboxResult(
+        ok=returncode == 0 and reason is None,
+        stdout=stdout,
+        stderr=stderr,
+        returncode=returncode,
+        timed_out=reason == "timeout",
+        killed_reason=reason,
+        wall_s=time.monotonic() - t0,
+    )
+
+
+def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:
+    """Read both pipes until EOF, the deadline or the cap; always kill the group and reap the child."""
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    bufs = {out_fd: bytearray(), err_fd: bytearray()}
+    reason = None
+    sel = selectors.DefaultSelector()
+    for fd in bufs:
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ)
+    try:
+        while sel.get_map() and reason is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                reason = "timeout"
+                break
+            for key, _ in sel.select(timeout=min(remaining, 0.1)):
+                try:
+                    chunk = os.read(key.fd, 1 << 16)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                buf = bufs[key.fd]
+                buf += chunk[: cap - len(buf) + 1]
+                if len(buf) > cap:
+                    del buf[cap:]
+                    reason = "output_limit"
+                    break
+            if proc.poll() is not None:
+                _kill_group(proc.pid)  # stragglers holding the pipes open
+        if reason is None:  # pipes closed: wait for the exit status within the deadline
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                reason = "timeout"
+    finally:
+        _kill_group(proc.pid)
+        proc.wait()
+        sel.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    return bytes(bufs[out_fd]), bytes(bufs[err_fd]), reason
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reward
+# ----------------------------------------------------------------------------------------------------
+
+_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\r?\n(.*?)```", re.DOTALL)
+_PYTHON_TAGS = ("python", "python3", "py")
+
+
+def extract_code(completion: str) -> str | None:
+    """The last fenced block tagged ``python`` / ``python3`` / ``py`` (any case); else the last untagged block.
+
+    Blocks tagged with another language are ignored; an unclosed final fence (a truncated completion) does not
+    count. None when there is no such block.
+    """
+    blocks = _FENCE_RE.findall(completion)
+    tagged = [body for tag, body in blocks if tag.lower() in _PYTHON_TAGS]
+    if tagged:
+        return tagged[-1]
+    untagged = [body for tag, body in blocks if not tag]
+    return untagged[-1] if untagged else None
+
+
+def _normalize_output(text: str) -> list[str]:
+    lines = [line.rstrip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+class CodeTestReward:
+    """Reward: fraction of ``metadata["tests"]`` that the completion's code passes, in [0, 1].
+
+    The code is ``extract_code(completion)``; no block scores 0.0. Each test runs in its own
+    ``run_sandboxed`` call, so one crash or timeout fails only that test. ``metadata["tests"]`` is a list whose
+    items are either
+
+    - a **string** of Python (typically ``assert`` statements), run after the code in the same module, with
+      empty stdin: ``code + "\\n\\n" + test + "\\nprint(<nonce>)"``. It passes iff the program exits 0 and the
+      random per-run nonce was printed, so a solution that exits early (``sys.exit(0)``,
+      ``os._exit(0)``) before the asserts fails;
+    - a **dict** ``{"input": str, "output": str}``: the code runs with ``input`` on stdin and passes iff it exits
+      0 and its stdout equals ``output`` after stripping trailing whitespace from every line and dropping
+      trailing empty lines (``"3 \\n\\n"`` equals ``"3"``).
+
+    Returns None when ``"tests"`` is missing or empty; raises ``ValueError`` naming the row ``id`` and the index
+    of a test of any other shape. Timeouts, crashes and limit hits score that test 0 and never raise.
+
+    Limits: a policy that reads its own source can print the nonce and fake a pass; inspect the high-reward
+    samples. Cost: up to ``len(tests) * timeout_s`` seconds per completion, sequentially.
+
+    Args:
+        timeout_s, memory_mb: per-test limits passed to ``run_sandboxed``.
+        **sandbox_options: any other keyword of ``run_sandboxed`` (``max_output_bytes``, ``guard``, ``user``,
+            ``python``, ...), checked at construction.
+    """
+
+    name = "code_tests"
+
+    def __init__(self, timeout_s: float = 5.0, memory_mb: int = 512, **sandbox_options: Any):
+        known = {"cpu_s", "max_output_bytes", "max_file_mb", "max_procs", "guard", "user", "python"}
+        unknown = sorted(set(sandbox_options) - known)
+        if unknown:
+            raise ValueError(f"unknown sandbox options {unknown}; known: {sorted(known)}")
+        self.options = {"timeout_s": timeout_s, "memory_mb": memory_mb, **sandbox_options}
+
+    def check(self, code: str, tests: Sequence[str | Mapping[str, str]], row: Any = "<no id>") -> list[bool]:
+        """Whether ``code`` passes each test, in order."""
+        passed = []
+        for i, test in enumerate(tests):
+            if isinstance(test, str):
+                nonce = f"{_MARKER}-pass-{secrets.token_hex(16)}"
+                result = run_sandboxed(f"{code}\n\n{test}\nprint({nonce!r})\n", **self.options)
+                passed.append(result.ok and nonce in result.stdout)
+            elif (
+                isinstance(test, Mapping) and isinstance(test.get("input"), str) and isinstance(test.get("output"), str)
+            ):
+                result = run_sandboxed(code, stdin=test["input"], **self.options)
+                passed.append(result.ok and _normalize_output(result.stdout) == _normalize_output(test["output"]))
+            else:
+                raise ValueError(
+                    f"row id={row!r}: metadata['tests'][{i}] must be a string of Python or a dict with string "
+                    f"'input' and 'output', got {test!r}"
+                )
+        return passed
+
+    def __call__(self, prompt: str, completion: str, metadata: Mapping[str, Any]) -> float | None:
+        tests = metadata.get("tests")
+        if not tests:
+            return None
+        code = extract_code(completion)
+        if code is None:
+            return 0.0
+        passed = self.check(code, tests, row=metadata.get("id", "<no id>"))
+        return sum(passed) / len(passed)
