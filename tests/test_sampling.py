@@ -8,6 +8,11 @@ from tether.sampling import render_prompts, sample
 from tether.testing import tiny_model, tiny_tokenizer
 
 
+@pytest.fixture(scope="module", params=["hf", "tether"])
+def engine(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def setup():
     tok = tiny_tokenizer()
@@ -16,9 +21,9 @@ def setup():
     return model, tok, prompts
 
 
-def test_greedy_equals_hf_generate(setup):
+def test_greedy_equals_hf_generate(setup, engine):
     model, tok, prompts = setup
-    ours = sample(model, tok, prompts, n=2, max_new_tokens=12, temperature=0.0, batch_size=4)
+    ours = sample(model, tok, prompts, engine=engine, n=2, max_new_tokens=12, temperature=0.0, batch_size=4)
     for k, (i, completion) in enumerate(zip(ours.prompt_index, ours.completion_ids)):
         ids = torch.tensor([prompts[i]])
         ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
@@ -29,9 +34,9 @@ def test_greedy_equals_hf_generate(setup):
     assert ours.prompt_index == [0, 0, 1, 1, 2, 2]
 
 
-def test_sampler_logprobs_match_teacher_forcing(setup):
+def test_sampler_logprobs_match_teacher_forcing(setup, engine):
     model, tok, prompts = setup
-    out = sample(model, tok, prompts, n=3, max_new_tokens=10, temperature=0.7, seed=1, batch_size=4)
+    out = sample(model, tok, prompts, engine=engine, n=3, max_new_tokens=10, temperature=0.7, seed=1, batch_size=4)
     weight, bias = lm_head(model)
     for p, c, lp in zip(out.prompt_ids, out.completion_ids, out.logprobs):
         ids = torch.tensor([p + c])
@@ -43,11 +48,11 @@ def test_sampler_logprobs_match_teacher_forcing(setup):
         assert torch.allclose(ref, torch.tensor(lp), atol=1e-4), (ref, lp)
 
 
-def test_seeded_determinism_and_counts(setup):
+def test_seeded_determinism_and_counts(setup, engine):
     model, tok, prompts = setup
-    a = sample(model, tok, prompts, n=4, max_new_tokens=9, temperature=1.0, seed=3, batch_size=5)
-    b = sample(model, tok, prompts, n=4, max_new_tokens=9, temperature=1.0, seed=3, batch_size=5)
-    c = sample(model, tok, prompts, n=4, max_new_tokens=9, temperature=1.0, seed=4, batch_size=5)
+    a = sample(model, tok, prompts, engine=engine, n=4, max_new_tokens=9, temperature=1.0, seed=3, batch_size=5)
+    b = sample(model, tok, prompts, engine=engine, n=4, max_new_tokens=9, temperature=1.0, seed=3, batch_size=5)
+    c = sample(model, tok, prompts, engine=engine, n=4, max_new_tokens=9, temperature=1.0, seed=4, batch_size=5)
     assert a.completion_ids == b.completion_ids and a.logprobs == b.logprobs
     assert a.completion_ids != c.completion_ids
     assert len(a.completion_ids) == 12
@@ -56,20 +61,20 @@ def test_seeded_determinism_and_counts(setup):
         assert fin == (ids[-1] == tok.eos_token_id)
 
 
-def test_top_k_one_and_tiny_top_p_are_greedy(setup):
+def test_top_k_one_and_tiny_top_p_are_greedy(setup, engine):
     model, tok, prompts = setup
-    greedy = sample(model, tok, prompts, n=1, max_new_tokens=8, temperature=0.0)
-    top1 = sample(model, tok, prompts, n=1, max_new_tokens=8, temperature=1.0, top_k=1, seed=9)
-    nucleus = sample(model, tok, prompts, n=1, max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=9)
+    greedy = sample(model, tok, prompts, engine=engine, n=1, max_new_tokens=8, temperature=0.0)
+    top1 = sample(model, tok, prompts, engine=engine, n=1, max_new_tokens=8, temperature=1.0, top_k=1, seed=9)
+    nucleus = sample(model, tok, prompts, engine=engine, n=1, max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=9)
     assert top1.completion_ids == greedy.completion_ids == nucleus.completion_ids
 
 
-def test_stop_strings_end_the_completion(setup):
+def test_stop_strings_end_the_completion(setup, engine):
     model, tok, prompts = setup
-    free = sample(model, tok, prompts, n=2, max_new_tokens=16, temperature=1.0, seed=2)
+    free = sample(model, tok, prompts, engine=engine, n=2, max_new_tokens=16, temperature=1.0, seed=2)
     # Use a character the free-running samples actually produce, then check every stopped text ends right after it.
     char = next(ch for t in free.texts for ch in t if ch.isalpha())
-    stopped = sample(model, tok, prompts, n=2, max_new_tokens=16, temperature=1.0, seed=2, stop_strings=[char])
+    stopped = sample(model, tok, prompts, engine=engine, n=2, max_new_tokens=16, temperature=1.0, seed=2, stop_strings=[char])
     hits = 0
     for text, fin, ids in zip(stopped.texts, stopped.finished, stopped.completion_ids):
         if char in text:
@@ -80,7 +85,7 @@ def test_stop_strings_end_the_completion(setup):
     assert hits >= 1
 
 
-def test_bad_arguments_are_rejected(setup):
+def test_bad_arguments_are_rejected(setup, engine):
     model, tok, prompts = setup
     with pytest.raises(ValueError, match="top_p"):
-        sample(model, tok, prompts, top_p=0.0)
+        sample(model, tok, prompts, engine=engine, top_p=0.0)

@@ -3,10 +3,10 @@
 Used by the quickstart (building preference pairs), by evaluation (held-out reward, KL measurement) and by the
 online recipes (rollouts need the sampler's per-token log-probs for importance ratios).
 
-The loop is tether's own rather than ``model.generate``, for three reasons: each prompt is prefilled once and its
-cache copied for its ``n`` completions (``generate`` prefills every copy); finished rows leave the batch, so long
-tails do not pay for short answers; and the log-prob of every sampled token comes back at no extra cost. Its
-greedy output equals ``model.generate``'s and its log-probs equal a teacher-forced recomputation
+Two engines sit behind one interface. ``engine="hf"`` (the default) runs ``model.generate`` and recomputes the
+log-probs with one teacher-forced pass. ``engine="tether"`` is tether's own loop: each prompt is prefilled once
+and its cache copied for its ``n`` completions, finished rows leave the batch, and log-probs are recorded while
+sampling. Both agree with ``model.generate`` on greedy output and with teacher forcing on log-probs
 (``tests/test_sampling.py``).
 
 A completion ends at the tokenizer's end-of-sequence token (kept in its ids), at a stop string (the token that
@@ -76,10 +76,17 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int = 64,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings: Sequence[str] = (),
-           seed: int = 0, batch_size: int = 32, progress: bool = False, desc: str = "sampling") -> Completions:
+           seed: int = 0, batch_size: int = 32, progress: bool = False, desc: str = "sampling",
+           engine: str = "hf") -> Completions:
     """``n`` completions for each prompt (``batch_size`` completions generated together; ``temperature=0`` is
-    greedy). Deterministic for a given (seed, batch_size): batch b draws from its own generator seeded by
-    (seed, b)."""
+    greedy). Deterministic for a given (seed, batch_size): batch b draws from its own RNG stream seeded by (seed, b).
+
+    ``engine="hf"`` runs ``model.generate`` and recomputes the sampler log-probs with one teacher-forced forward
+    pass; ``engine="tether"`` runs tether's own loop (prefill once per prompt, finished rows leave the batch,
+    log-probs recorded while sampling). Both return the same kind of result; which is faster depends on the
+    machine (``bench/``)."""
+    if engine not in ("hf", "tether"):
+        raise ValueError(f"sample: engine must be 'hf' or 'tether', got {engine!r}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or n < 1 or max_new_tokens < 1:
         raise ValueError(f"sample: need temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0, n ≥ 1, max_new_tokens ≥ 1; got "
                          f"temperature={temperature}, top_p={top_p}, top_k={top_k}, n={n}, "
@@ -94,7 +101,8 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
     for b, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
         batch_prompts = [list(p) for p in prompt_ids[start:start + prompts_per_batch]]
         gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        for k, (tokens, logps, finished) in enumerate(_sample_batch(
+        batch_fn = _sample_batch if engine == "tether" else _sample_batch_hf
+        for k, (tokens, logps, finished) in enumerate(batch_fn(
                 model, batch_prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                 top_k=top_k, eos=eos, pad=pad, stop_strings=tuple(stop_strings), tokenizer=tokenizer, gen=gen)):
             i = start + k // n
@@ -106,6 +114,51 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
             out.finished.append(finished)
     model.train(was_training)
     return out
+
+
+def _sample_batch_hf(model, prompts, *, n, max_new_tokens, temperature, top_p, top_k, eos, pad, stop_strings,
+                     tokenizer, gen):
+    from tether.logprobs import IGNORE_INDEX, hidden_states, lm_head, token_stats
+
+    rows = [p for p in prompts for _ in range(n)]
+    width = max(len(p) for p in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, p in enumerate(rows):
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    kwargs.update(dict(temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0
+                  else dict(temperature=None, top_p=None, top_k=None))
+    if stop_strings:
+        kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, width:].tolist()
+    results = []
+    for gen_ids in out:
+        cut, finished = len(gen_ids), False
+        if eos in gen_ids:
+            cut, finished = gen_ids.index(eos) + 1, True
+        if stop_strings:
+            for t in range(1, cut + 1):
+                if any(s_ in tokenizer.decode(gen_ids[:t], skip_special_tokens=True) for s_ in stop_strings):
+                    cut, finished = t, True
+                    break
+        results.append((gen_ids[:cut], finished))
+    # Sampler log-probs: one teacher-forced pass over prompt + completion at the sampling temperature.
+    T = max(len(p) + len(c) for p, (c, _) in zip(rows, results))
+    full = torch.full((len(rows), T), pad, dtype=torch.long)
+    full_mask = torch.zeros_like(full)
+    labels = torch.full_like(full, IGNORE_INDEX)
+    for r, (p, (c, _)) in enumerate(zip(rows, results)):
+        full[r, :len(p) + len(c)] = torch.tensor(p + c)
+        full_mask[r, :len(p) + len(c)] = 1
+        labels[r, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c)
+    weight, bias = lm_head(model)
+    logps = token_stats(hidden_states(model, full, full_mask), weight, labels, bias=bias,
+                        temperature=temperature if temperature > 0 else 1.0)["logps"]
+    return [(c, logps[r][labels[r] != IGNORE_INDEX].tolist(), f) for r, (c, f) in enumerate(results)]
 
 
 def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, top_p, top_k, eos, pad, stop_strings,
