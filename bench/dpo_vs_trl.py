@@ -1,45 +1,51 @@
 """Benchmark: one DPO optimizer step of tether vs TRL's DPOTrainer, embedded SmolLM2-135M-Instruct, CPU, fp32.
 
-    python bench/dpo_vs_trl.py                      # full run (< 6 min on 2 CPU cores), writes bench/results/
-    python bench/dpo_vs_trl.py --steps 1 --rss-steps 1 --no-write   # smoke run
+    python bench/dpo_vs_trl.py            # writes bench/results/dpo_vs_trl.json (about 6-8 min on 2 busy cores)
+    python bench/dpo_vs_trl.py --steps 1 --rss-steps 0 --no-write                     # smoke run
+    python bench/dpo_vs_trl.py --impls tether,trl_precompute_nogc --out other.json   # another TRL setting
 
-What is compared (identical for every implementation): the same 32 preference pairs (conversational rows, both
-sides apply the tokenizer's chat template), 4 pairs per optimizer step, sequences cut to 128 tokens (prompt +
-one completion), the same sequence of batches, AdamW at lr 5e-6 with linear decay, β = 0.1, gradient clipping at
-1.0, fp32, the same number of torch threads.
+Identical for every implementation: the same 32 preference pairs (conversational rows; both libraries apply the
+tokenizer's chat template; ``data/ifeval_pairs_smollm2.jsonl`` when it exists, else generated), 4 pairs per
+optimizer step, every sequence (prompt + one completion) cut to 128 tokens, the same batches in the same order,
+AdamW at lr 5e-6 (linear schedule), β = 0.1, gradient clipping at 1.0, fp32, the same torch thread count.
 
-* ``tether``: exactly what ``tether.recipes.preference.train`` does per optimizer step (grad_accum = 1):
-  ``collate_preference`` → ``preference_step`` with the cached reference log-probs (computed once before timing,
-  as the recipe does) → backward of the pair-mean loss → ``clip_grad_norm_`` → AdamW step → scheduler step →
-  ``zero_grad``.
-* ``trl_default``: ``DPOTrainer`` with its defaults as users run it (online reference model run every step,
-  gradient checkpointing on — a TRL default), except ``bf16=False`` (fp32 for everyone).
+* ``tether``: what ``tether.recipes.preference.train`` does, for DPO without LoRA. Before the loop: the starting
+  policy scores the reference log-probs once (``_cached_reference``, the recipe's on-disk cache). Per optimizer
+  step (grad_accum = 1): ``collate_preference`` → ``preference_step`` with the cached reference log-probs →
+  backward of the pair-mean loss → ``clip_grad_norm_`` → AdamW (``make_optimizer``) → scheduler → ``zero_grad``.
+* ``trl_default``: ``DPOTrainer`` with its defaults as users run it — reference model run every step, gradient
+  checkpointing on, ``adamw_torch_fused`` — except ``bf16=False`` (TRL defaults to bf16; everyone runs fp32).
 * ``trl_precompute``: the same plus ``precompute_ref_log_probs=True`` (reference log-probs computed once).
-* ``trl_precompute_nogc``: the same plus ``gradient_checkpointing=False`` — the TRL setting closest to what tether
-  does (reference precomputed, no activation checkpointing of the backbone), i.e. TRL's fastest fp32 setting.
+* ``trl_precompute_nogc`` (only with ``--impls``): plus ``gradient_checkpointing=False``, the TRL setting
+  closest to tether's (no activation checkpointing of the backbone).
 
-TRL steps are driven manually with exactly what ``Trainer._run_epoch`` does for one optimizer step: collate with
-the trainer's own data collator, ``trainer.training_step`` (forward + backward), ``trainer._clip_grad_norm``,
-``optimizer.step()``, ``lr_scheduler.step()``, ``model.zero_grad()``. Optimizer and scheduler come from
-``trainer.create_optimizer()`` / ``create_scheduler()`` (TRL's default ``adamw_torch_fused``) after
-``accelerator.prepare``, as ``Trainer.train`` sets them up.
+TRL is driven manually with the code ``Trainer.train`` runs. Set-up: gradient checkpointing as ``train()``
+enables it, then ``_inner_training_loop``'s ``get_train_dataloader`` / ``set_initial_training_values`` /
+``_init_training_state`` / ``_prepare_for_training`` (optimizer, ``accelerator.prepare``, scheduler). Per step,
+the body of ``_run_epoch`` for one micro-batch: the trainer's own collator on the chosen rows,
+``get_batch_samples``, ``training_step`` (forward, reference forward, backward), flop/token accounting,
+``_clip_grad_norm``, ``optimizer.step()``, ``lr_scheduler.step()``, ``model.zero_grad()``. Left out, for both
+libraries: per-step logging and callbacks (tether's metrics.jsonl line, TRL's callback handler).
 
-Timing: all implementations live in ONE process; after one warm-up step each they run INTERLEAVED
-(round r runs one step of every implementation, the starting implementation rotating each round), every step on
-the same batch for every implementation; the throughput ratio is computed from the MEDIAN per-step times.
-Tokens per step = non-pad tokens of the (chosen + rejected) batch, counted the same way for both (and checked to
-be equal).
+Timing: all implementations live in ONE process. After one warm-up step each, they run INTERLEAVED: round r runs
+one step of every implementation on the same batch, the starting implementation rotating each round. The
+throughput ratio comes from the MEDIAN per-step wall times; tokens per step = non-pad tokens of the
+(chosen + rejected) batch, counted the same way for both and checked to be equal. As noise checks, the JSON also
+holds the median of the per-round ratios (steps adjacent in time) and the ratio of median per-step CPU times.
 
 Peak RSS: each implementation runs alone in a child process (``--only NAME``: set-up, one warm-up step and
-``--rss-steps`` steps), reporting its peak RSS at the end — the process's whole peak, model loading and reference
-pass included. (On Linux that is VmHWM from /proc/self/status: ``getrusage(RUSAGE_SELF).ru_maxrss`` survives
-fork + execve and would report this parent's peak in every child.)
+``--rss-steps`` more steps) and reports the peak RSS of its whole life, model loading and reference pass
+included: VmHWM from /proc/self/status on Linux, because ``getrusage(RUSAGE_SELF).ru_maxrss`` survives
+fork + execve and would report the parent's peak in every child. The children run first and share a work
+directory with the timing process, so each one-time reference pass is cached on disk (tether's recipe cache,
+TRL's datasets cache) and not recomputed by the timing process.
 
-Log-prob memory: ``tether.logprobs.token_stats`` (chunked) vs the plain full-logits path
-(``F.linear`` + ``token_stats_plain``) on random hidden states (8 × 128 × 576) and a random (49152, 576) head,
-forward + backward of the summed log-probs, each in its own child process; reported as the peak-RSS increase
-over the RSS just before the computation. Every position labelled (the chunked path's worst case) and, for the
-chunked path, half of each row labelled (a DPO batch: prompt positions carry no label and are skipped).
+Log-prob memory: ``tether.logprobs.token_stats`` (chunked, chunk_size 512 as in the recipe) vs the plain path
+(full logits from ``F.linear`` + ``token_stats_plain``), random hidden states (8 × 128 × 576) and a random
+(49152, 576) head, forward + backward of the summed log-probs, each in its own child process: peak RSS minus
+the RSS just before the computation. Every position labelled (the chunked path's worst case) and, for the
+chunked path, half of each row labelled (as in a DPO batch, where prompt positions carry no label and are
+skipped).
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ TRL_VARIANTS = {
     "trl_precompute_nogc": {"precompute_ref_log_probs": True, "gradient_checkpointing": False},
 }
 IMPLS = ("tether", *TRL_VARIANTS)
+DEFAULT_IMPLS = "tether,trl_default,trl_precompute"
 LOGPROB_RUNS = (("chunked", "chunked", 1.0), ("plain", "plain", 1.0), ("chunked_half_labelled", "chunked", 0.5))
 
 N_PAIRS = 32
@@ -77,6 +84,9 @@ LR = 5e-6
 BETA = 0.1
 MAX_GRAD_NORM = 1.0
 SEED = 0
+# Length of the linear lr schedule (and TRL's max_steps), the same in every process: TRL's on-disk caches are keyed
+# by a hash of its DPOConfig, so children and the timing process must build identical configs.
+SCHEDULE_STEPS = 100
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -182,7 +192,7 @@ class TetherImpl:
         import torch
 
         from tether.data import collate_preference, load_preference_dataset
-        from tether.models import frozen_copy, load_model, load_tokenizer
+        from tether.models import load_model, load_tokenizer
         from tether.recipes.preference import PreferenceConfig, _cached_reference, preference_step
         from tether.training import make_optimizer, make_scheduler, set_seed
 
@@ -193,11 +203,11 @@ class TetherImpl:
                                     beta=BETA, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
                                     batch_size=BATCH_SIZE, lr=LR, schedule="linear", warmup_ratio=0.0,
                                     max_grad_norm=MAX_GRAD_NORM, progress=False, tensorboard=False, seed=SEED)
-        # What tether.recipes.preference.train does before its loop (steps 1-4), for DPO without LoRA.
+        # What tether.recipes.preference.train does before its loop (steps 1-4) for DPO without LoRA: the starting
+        # policy itself scores the cached reference log-probs before its first update (no reference copy).
         set_seed(SEED)
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.policy = load_model(self.cfg.model)
-        ref = frozen_copy(self.policy)
         self.policy.train()
         self.examples, self.report = load_preference_dataset(
             path, self.tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
@@ -207,10 +217,9 @@ class TetherImpl:
         self.reference_cached = cache.exists()
         t0 = time.perf_counter()
         # the recipe's own cache: one no-grad pass of the reference, stored on disk (reused when it exists)
-        self.ref_logps, _ = _cached_reference(self.cfg, self.examples, ref, self.tokenizer, out_dir,
+        self.ref_logps, _ = _cached_reference(self.cfg, self.examples, self.policy, self.tokenizer, out_dir,
                                               need_kl_pairs=False)
         self.ref_seconds = time.perf_counter() - t0
-        del ref  # the recipe frees the reference once its log-probs are cached
         self.optimizer = make_optimizer(self.policy, lr=LR, weight_decay=0.0)
         self.scheduler = make_scheduler(self.optimizer, schedule="linear", warmup_steps=0, total_steps=total_steps)
 
@@ -317,8 +326,10 @@ class TRLImpl:
 def _write_rows(rows: list[dict], workdir: Path) -> Path:
     path = workdir / "pairs.jsonl"
     text = "".join(json.dumps(r) + "\n" for r in rows)
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
+    if not path.exists() or path.read_text() != text:  # atomically: concurrent children share the work dir
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return path
 
 
@@ -339,18 +350,21 @@ def run_interleaved(names: list[str], steps: int, workdir: Path) -> dict:
     setup = {}
     for name in names:
         t0 = time.perf_counter()
-        impls[name] = make_impl(name, rows, workdir, total_steps=steps + 1)
+        impls[name] = make_impl(name, rows, workdir, total_steps=SCHEDULE_STEPS)
         setup[name] = {"setup_seconds": round(time.perf_counter() - t0, 2), **impls[name].info()}
         print(f"[setup] {name}: {setup[name]}", flush=True)
     records = {name: [] for name in names}
     for r, idx in enumerate(batches):  # round 0 = warm-up
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            load = os.getloadavg()[0]
+            c0 = time.process_time()
             rec = impls[name].step(idx)
-            rec["round"] = r
+            rec.update(round=r, cpu_seconds=time.process_time() - c0, loadavg_1min_before=load)
             records[name].append(rec)
             print(f"[round {r}{' warm-up' if r == 0 else ''}] {name}: {rec['seconds']:.2f}s "
-                  f"{rec['tokens']} tok loss {rec['loss']:.4f}", flush=True)
+                  f"(cpu {rec['cpu_seconds']:.1f}s, load {load:.1f}) {rec['tokens']} tok loss {rec['loss']:.4f}",
+                  flush=True)
     return {"setup": setup, "records": records}
 
 
@@ -359,7 +373,7 @@ def run_only(name: str, steps: int, workdir: Path) -> dict:
     rows = make_rows()
     batches = batch_indices(steps + 1, len(rows))
     t0 = time.perf_counter()
-    impl = make_impl(name, rows, workdir, total_steps=steps + 1)
+    impl = make_impl(name, rows, workdir, total_steps=SCHEDULE_STEPS)
     setup = {"setup_seconds": round(time.perf_counter() - t0, 2), **impl.info()}
     rss_after_setup = _rss_bytes()
     times = [impl.step(idx)["seconds"] for idx in batches]
@@ -398,7 +412,8 @@ def run_logprob_mem(path: str, label_frac: float = 1.0, batch: int = 8, length: 
     before, maxrss_before = _rss_bytes(), _maxrss_bytes()
     compute(h, w, y)
     peak = _maxrss_bytes()
-    return {"path": path, "label_frac": label_frac, "rss_before_bytes": before, "maxrss_before_bytes": maxrss_before, "peak_rss_bytes": peak,
+    return {"path": path, "label_frac": label_frac, "rss_before_bytes": before,
+            "maxrss_before_bytes": maxrss_before, "peak_rss_bytes": peak,
             "peak_increase_bytes": peak - before,
             "high_water_mark_already_above_baseline_bytes": max(0, maxrss_before - before),
             "shape": {"batch": batch, "length": length, "hidden": hidden, "vocab": vocab},
@@ -426,20 +441,44 @@ def _maxrss_bytes() -> int:
 
 
 def _quiet_libraries() -> None:
+    """Same in the parent and in every child: TRL's on-disk caches are keyed by fingerprints that hash its
+    dataset-processing closures, which see the logging state."""
+    import logging
+    import warnings
+
     import datasets
     import transformers
 
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
 
-def _child(args: list[str], threads: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {args} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _children(jobs: dict[str, list[str]], threads: int, parallel: int) -> dict[str, dict]:
+    """Run this script as child processes (at most `parallel` at once); each prints one JSON line last.
+    Only memory is measured in children, and a process's peak RSS does not depend on CPU contention."""
+    pending, running, results = list(jobs.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            key, args = pending.pop(0)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads), *args]
+            running[key] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                            cwd=ROOT)
+        time.sleep(0.2)
+        for key, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            out, err = proc.communicate()
+            del running[key]
+            if proc.returncode != 0:
+                for other in running.values():
+                    other.kill()
+                raise RuntimeError(f"child {jobs[key]} failed:\n{err[-4000:]}")
+            results[key] = json.loads(out.strip().splitlines()[-1])
+            print(f"[child] {key}: peak RSS {results[key]['peak_rss_bytes'] / 2**20:.0f} MB", flush=True)
+    return results
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -461,6 +500,9 @@ def summarize(inter: dict, rss: dict, logprob: dict, meta: dict) -> dict:
         per_impl[name] = {
             "median_step_seconds": round(med_s, 4),
             "median_optimizer_seconds": round(_median([r["opt_seconds"] for r in timed]), 4),
+            "median_step_cpu_seconds": round(_median([r["cpu_seconds"] for r in timed]), 4),
+            "step_cpu_seconds": [round(r["cpu_seconds"], 3) for r in timed],
+            "loadavg_1min_before_step": [round(r["loadavg_1min_before"], 2) for r in timed],
             "tokens_per_step_median": med_tok,
             "tokens_per_second": round(sum(r["tokens"] for r in timed) / len(timed) / med_s, 2),
             "step_seconds": [round(r["seconds"], 4) for r in timed],
@@ -479,9 +521,14 @@ def summarize(inter: dict, rss: dict, logprob: dict, meta: dict) -> dict:
         if name not in per_impl:
             continue
         # same tokens per step for both, so the tokens/s ratio is the inverse ratio of the median step times
+        paired = [b["seconds"] / a["seconds"] for a, b in zip(recs["tether"], recs[name]) if a["round"] > 0]
         ratios[name] = {
             "tokens_per_second_ratio": round(per_impl["tether"]["tokens_per_second"]
                                              / per_impl[name]["tokens_per_second"], 3),
+            "check_median_of_per_round_ratios": round(_median(paired), 3),
+            "check_per_round_ratios": [round(x, 3) for x in paired],
+            "check_cpu_time_ratio": round(per_impl[name]["median_step_cpu_seconds"]
+                                          / per_impl["tether"]["median_step_cpu_seconds"], 3),
             "median_step_time_ratio_trl_over_tether": round(per_impl[name]["median_step_seconds"]
                                                             / per_impl["tether"]["median_step_seconds"], 3),
             "peak_rss_ratio": round(rss["tether"]["peak_rss_bytes"] / rss[name]["peak_rss_bytes"], 3),
@@ -509,8 +556,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4, help="timed interleaved rounds (after one warm-up round)")
     ap.add_argument("--rss-steps", type=int, default=1, help="steps after the warm-up in each peak-RSS child")
-    ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    ap.add_argument("--impls", default=DEFAULT_IMPLS, help="comma-separated subset of " + ",".join(IMPLS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    ap.add_argument("--parallel-children", type=int, default=1,
+                    help="memory-measuring child processes run at once (peak RSS does not depend on contention)")
     ap.add_argument("--out", default=str(OUT_FILE))
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--only", choices=IMPLS, help=argparse.SUPPRESS)
@@ -528,17 +577,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     if args.only or args.logprob_mem:
-        import logging
-        import warnings
-
-        warnings.filterwarnings("ignore")
-        logging.disable(logging.WARNING)
         out = (run_only(args.only, args.rss_steps, Path(args.workdir)) if args.only
                else run_logprob_mem(args.logprob_mem, args.label_frac))
         print(json.dumps(out))
         return
 
     names = [n.strip() for n in args.impls.split(",") if n.strip()]
+    assert args.steps + 1 <= SCHEDULE_STEPS and args.rss_steps + 1 <= SCHEDULE_STEPS
     assert names[0] == "tether" and set(names) <= set(IMPLS), f"--impls must start with tether, from {IMPLS}"
     t_start = time.perf_counter()
     import transformers
@@ -554,23 +599,20 @@ def main() -> None:
         "setting": {"model": "SmolLM2-135M-Instruct (embedded, fp32)", "device": "cpu", "dtype": "float32",
                     "pairs": N_PAIRS, "batch_pairs": BATCH_SIZE, "max_length": MAX_LENGTH, "lr": LR, "beta": BETA,
                     "max_grad_norm": MAX_GRAD_NORM, "timed_steps": args.steps, "warmup_steps": 1,
-                    "data": str(DATA_FILE.relative_to(ROOT)) if DATA_FILE.exists()
-                    else "generated (tether.tasks prompts + templated completions; data/ifeval_pairs_smollm2.jsonl absent)"},
+                    "data": str(DATA_FILE.relative_to(ROOT)) if DATA_FILE.exists() else
+                    "generated: tether.tasks prompts + templated completions (no data/ifeval_pairs_smollm2.jsonl)"},
     }
     print(f"[meta] {json.dumps(meta)}", flush=True)
     # Children first, while this process is still small (the machine's memory is shared). They share a work
     # directory with this process, so each one-time reference pass (tether's recipe cache, TRL's datasets cache)
     # runs once, in the first child that needs it, and is read from disk afterwards.
-    logprob = {name: _child(["--logprob-mem", p, "--label-frac", str(f)], threads) for name, p, f in LOGPROB_RUNS}
-    print("[log-prob memory] " + ", ".join(f"{k} +{v['peak_increase_bytes'] / 2**20:.0f} MB"
-                                           for k, v in logprob.items()), flush=True)
     tmp = tempfile.TemporaryDirectory(prefix="tether-bench-")
     workdir = Path(tmp.name)
-    rss = {}
-    for name in names:
-        rss[name] = _child(["--only", name, "--rss-steps", str(args.rss_steps), "--workdir", str(workdir)], threads)
-        print(f"[peak RSS] {name}: {rss[name]['peak_rss_bytes'] / 2**20:.0f} MB; setup {rss[name]['setup']}",
-              flush=True)
+    jobs = {name: ["--only", name, "--rss-steps", str(args.rss_steps), "--workdir", str(workdir)] for name in names}
+    jobs.update({f"logprob:{name}": ["--logprob-mem", p, "--label-frac", str(f)] for name, p, f in LOGPROB_RUNS})
+    results = _children(jobs, threads, args.parallel_children)
+    rss = {name: results[name] for name in names}
+    logprob = {name: results[f"logprob:{name}"] for name, _, _ in LOGPROB_RUNS}
     t_children = time.perf_counter() - t_start
     inter = run_interleaved(names, args.steps, workdir)
     tmp.cleanup()

@@ -74,7 +74,8 @@ def test_stop_strings_end_the_completion(setup, engine):
     free = sample(model, tok, prompts, engine=engine, n=2, max_new_tokens=16, temperature=1.0, seed=2)
     # Use a character the free-running samples actually produce, then check every stopped text ends right after it.
     char = next(ch for t in free.texts for ch in t if ch.isalpha())
-    stopped = sample(model, tok, prompts, engine=engine, n=2, max_new_tokens=16, temperature=1.0, seed=2, stop_strings=[char])
+    stopped = sample(model, tok, prompts, engine=engine, n=2, max_new_tokens=16, temperature=1.0, seed=2,
+                     stop_strings=[char])
     hits = 0
     for text, fin, ids in zip(stopped.texts, stopped.finished, stopped.completion_ids):
         if char in text:
