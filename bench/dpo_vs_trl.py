@@ -572,7 +572,8 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    _quiet_libraries()
+    if not args.logprob_mem:  # the log-prob children need neither transformers nor datasets
+        _quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
