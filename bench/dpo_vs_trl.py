@@ -1,6 +1,6 @@
 """Benchmark: one DPO optimizer step of tether vs TRL's DPOTrainer, embedded SmolLM2-135M-Instruct, CPU, fp32.
 
-    python bench/dpo_vs_trl.py            # writes bench/results/dpo_vs_trl.json (about 6-8 min on 2 busy cores)
+    python bench/dpo_vs_trl.py            # writes bench/results/dpo_vs_trl.json (5-6 min on 2 shared cores)
     python bench/dpo_vs_trl.py --steps 1 --rss-steps 0 --no-write                     # smoke run
     python bench/dpo_vs_trl.py --impls tether,trl_precompute_nogc --out other.json   # another TRL setting
 
