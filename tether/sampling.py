@@ -3,10 +3,11 @@
 Used by the quickstart (building preference pairs), by evaluation (held-out reward, KL measurement) and by the
 online recipes (rollouts need the sampler's per-token log-probs for importance ratios).
 
-Two engines sit behind one interface. ``engine="hf"`` (the default) runs ``model.generate`` and recomputes the
-log-probs with one teacher-forced pass. ``engine="tether"`` is tether's own loop: each prompt is prefilled once
-and its cache copied for its ``n`` completions, finished rows leave the batch, and log-probs are recorded while
-sampling. Both agree with ``model.generate`` on greedy output and with teacher forcing on log-probs
+Two engines sit behind one interface. ``engine="tether"`` (the default) is tether's own loop: each prompt is
+prefilled once and its cache copied for its ``n`` completions, finished rows leave the batch, and log-probs are
+recorded while sampling — on the 2-core CPU it generates 2.3× the tokens/s of ``model.generate`` (SmolLM2,
+16 prompts × 4 samples × ≤ 48 tokens: 103–112 vs 45–47 tokens/s, same process, quiet machine).
+``engine="hf"`` runs ``model.generate`` and recomputes the log-probs with one teacher-forced pass. Both agree with ``model.generate`` on greedy output and with teacher forcing on log-probs
 (``tests/test_sampling.py``).
 
 A completion ends at the tokenizer's end-of-sequence token (kept in its ids), at a stop string (the token that
@@ -77,14 +78,13 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int = 64,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings: Sequence[str] = (),
            seed: int = 0, batch_size: int = 32, progress: bool = False, desc: str = "sampling",
-           engine: str = "hf") -> Completions:
+           engine: str = "tether") -> Completions:
     """``n`` completions for each prompt (``batch_size`` completions generated together; ``temperature=0`` is
     greedy). Deterministic for a given (seed, batch_size): batch b draws from its own RNG stream seeded by (seed, b).
 
-    ``engine="hf"`` runs ``model.generate`` and recomputes the sampler log-probs with one teacher-forced forward
-    pass; ``engine="tether"`` runs tether's own loop (prefill once per prompt, finished rows leave the batch,
-    log-probs recorded while sampling). Both return the same kind of result; which is faster depends on the
-    machine (``bench/``)."""
+    ``engine="tether"`` runs tether's own loop (prefill once per prompt, finished rows leave the batch, log-probs
+    recorded while sampling); ``engine="hf"`` runs ``model.generate`` and recomputes the sampler log-probs with one
+    teacher-forced forward pass. Both return the same kind of result."""
     if engine not in ("hf", "tether"):
         raise ValueError(f"sample: engine must be 'hf' or 'tether', got {engine!r}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or n < 1 or max_new_tokens < 1:
