@@ -7,8 +7,8 @@ Two engines sit behind one interface. ``engine="tether"`` (the default) is tethe
 prefilled once and its cache copied for its ``n`` completions, finished rows leave the batch, and log-probs are
 recorded while sampling — on the 2-core CPU it generates 2.3× the tokens/s of ``model.generate`` (SmolLM2,
 16 prompts × 4 samples × ≤ 48 tokens: 103–112 vs 45–47 tokens/s, same process, quiet machine).
-``engine="hf"`` runs ``model.generate`` and recomputes the log-probs with one teacher-forced pass. Both agree with ``model.generate`` on greedy output and with teacher forcing on log-probs
-(``tests/test_sampling.py``).
+``engine="hf"`` runs ``model.generate`` and recomputes the log-probs with one teacher-forced pass. Both agree
+with ``model.generate`` on greedy output and with teacher forcing on log-probs (``tests/test_sampling.py``).
 
 A completion ends at the tokenizer's end-of-sequence token (kept in its ids), at a stop string (the token that
 completes it is kept), or at ``max_new_tokens`` (``finished=False``; callers count these, nothing is hidden).
