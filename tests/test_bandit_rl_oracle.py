@@ -53,7 +53,8 @@ import math
 
 import torch
 
-from tether.losses.policy import grpo, kl_in_reward, ppo_clip
+from tether import kl
+from tether.losses.policy import grpo, kl_in_reward, kl_penalty, ppo_clip
 
 K = 6
 BETA = 0.5
@@ -172,6 +173,18 @@ def k3_is_off_policy_loss(rows, advantage):
     ).loss
 
 
+def weighted_off_policy_loss(estimator):
+    """Samples from the fixed π_old, PPO ratio exact, and the KL estimator multiplied by the DETACHED ratio
+    sg(π/π_old) (``kl_importance_weight=True``): off-policy, each estimator keeps its on-policy gradient."""
+
+    def loss(rows, advantage):
+        return grpo(rows, PI_OLD.log()[:, None], advantage, MASK, ref_logps=LOG_REF[:, None], kl_coef=BETA,
+                    kl_estimator=estimator, kl_importance_weight=True, clip_eps=math.inf, dual_clip=None,
+                    agg=AGG).loss
+
+    return loss
+
+
 # ----------------------------------------------------------------------------------------------------------
 # tests
 # ----------------------------------------------------------------------------------------------------------
@@ -208,3 +221,45 @@ def test_k1_in_loss_does_not_regularize():
     tv = total_variation(pi, reverse_kl_optimum())
     print(f"k1 in loss: TV to reverse-KL optimum = {tv:.3f}, π = {pi.numpy().round(4)}")
     assert tv > 0.2 and pi.argmax().item() == REWARD.argmax().item()
+
+
+def test_importance_weighted_k2_off_policy_reaches_reverse_kl_optimum():
+    check("sg(w)·k2, π_old samples", train(weighted_off_policy_loss("k2"), sampler=PI_OLD), reverse_kl_optimum())
+
+
+def test_importance_weighted_k3_off_policy_keeps_the_forward_kl_fixed_point():
+    """sg(w)·k3 off-policy reproduces what k3 does on-policy — the forward-KL fixed point, not the reverse one."""
+    pi = train(weighted_off_policy_loss("k3"), sampler=PI_OLD)
+    check("sg(w)·k3, π_old samples", pi, forward_kl_optimum())
+    assert total_variation(pi, reverse_kl_optimum()) > TV_ACCEPT
+
+
+def test_unweighted_k3_off_policy_reaches_neither_fixed_point():
+    """Control for the two tests above: without the weight, k3 from π_old samples follows no KL (RPG §2.2)."""
+    pi = train(grpo_loss_off_policy_unweighted, sampler=PI_OLD)
+    for name, target in (("reverse", reverse_kl_optimum()), ("forward", forward_kl_optimum())):
+        tv = total_variation(pi, target)
+        print(f"k3 unweighted off-policy: TV to the {name}-KL optimum = {tv:.3f}")
+        assert tv > TV_ACCEPT
+
+
+def grpo_loss_off_policy_unweighted(rows, advantage):
+    return grpo(rows, PI_OLD.log()[:, None], advantage, MASK, ref_logps=LOG_REF[:, None], kl_coef=BETA,
+                kl_estimator="k3", clip_eps=math.inf, dual_clip=None, agg=AGG).loss
+
+
+def test_exact_kl_in_loss_reaches_reverse_kl_optimum():
+    """The full-vocabulary KL term: on a one-token bandit every state is the same, so the term is KL(π‖π_ref) of
+    the whole distribution — its gradient is exact, and the fixed point is the reverse-KL optimum."""
+    theta = torch.zeros(K, dtype=torch.float64, requires_grad=True)
+    for _ in range(STEPS):
+        logp = torch.log_softmax(theta, dim=0)
+        pi = logp.detach().exp()
+        advantage = REWARD - (pi * REWARD).sum()
+        pg = -(pi * advantage * logp).sum()  # exact expected policy gradient at ρ = 1
+        token_kl = kl.reverse_kl(theta, LOG_REF).expand(K)[:, None]  # the same state for every arm
+        total = pg + BETA * kl_penalty(logp[:, None], None, MASK, estimator="exact", token_kl=token_kl, agg=AGG)
+        (grad,) = torch.autograd.grad(total, theta)
+        with torch.no_grad():
+            theta -= LR * grad
+    check("exact KL in loss", torch.softmax(theta.detach(), dim=0), reverse_kl_optimum())

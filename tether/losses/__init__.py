@@ -27,6 +27,7 @@ from tether.losses.policy import (
     gpg,
     grpo,
     kl_in_reward,
+    kl_penalty,
     ppo_clip,
 )
 from tether.losses.preference import (
@@ -141,7 +142,7 @@ __all__ = [
     "tdpo2",
     # policy gradient
     "AGG_MODES", "KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "PolicyLossOutput", "aggregate",
-    "cpgd", "dapo", "dapo_dynamic_sampling_mask", "gpg", "grpo", "kl_in_reward", "ppo_clip",
+    "cpgd", "dapo", "dapo_dynamic_sampling_mask", "gpg", "grpo", "kl_in_reward", "kl_penalty", "ppo_clip",
     # KL-regularized successors
     "APOShaping", "EMAReference", "ReferenceResetSchedule", "TrustRegionProjection", "apo", "apo_shaping", "archer",
     "critical_token_kl", "difficulty_filter", "disco", "ema_update_", "grpo_care_bonus", "gvpo", "kdrl", "rpg",

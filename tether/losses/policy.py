@@ -35,7 +35,12 @@ k1 in loss                  0 (noise only)               none — no regularizat
 k2 in loss                  ∇KL(π‖π_ref)                 π* ∝ π_ref·exp(r/β)
 k3 in loss (on-policy)      ∇KL(π_ref‖π)  (FORWARD)      π*(a) = β·π_ref(a)/(c − r(a)), Σ π* = 1
 k3_is = w·k3, w = π/π_old   ∇KL(π‖π_ref) from π_old      π* ∝ π_ref·exp(r/β)
+sg(w)·k2 (off-policy)       ∇KL(π‖π_ref) from π_old      π* ∝ π_ref·exp(r/β)
+sg(w)·k3 (off-policy)       ∇KL(π_ref‖π) from π_old      the forward-KL fixed point above
+exact (full vocabulary)     ∇Σ_t KL(π(·|s_t)‖π_ref(·|s_t))  π* ∝ π_ref·exp(r/β) (one-token bandit)
 ==========================  ===========================  ============================================
+
+:func:`kl_penalty` computes every row's loss term; ``importance_weight=True`` gives the sg(w) rows.
 """
 
 from __future__ import annotations
@@ -66,13 +71,14 @@ __all__ = [
     "gpg",
     "grpo",
     "kl_in_reward",
+    "kl_penalty",
     "ppo_clip",
 ]
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KLEstimator = Literal["k1", "k2", "k3", "k3_is"]
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3", "k3_is")
+KLEstimator = Literal["k1", "k2", "k3", "k3_is", "exact"]
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3", "k3_is", "exact")
 
 
 class PolicyLossOutput(NamedTuple):
@@ -287,18 +293,68 @@ def ppo_clip(
     return PolicyLossOutput(aggregate(per_token, mask, agg, max_len), metrics)
 
 
-def _kl_penalty(estimator: str, logps: Tensor, ref_logps: Tensor, old_logps: Tensor, log_ratio_clamp: float) -> Tensor:
-    """Per-token KL penalty value for GRPO's loss term (differentiable through ``logps``)."""
+def kl_penalty(
+    logps: Tensor,
+    ref_logps: Tensor | None,
+    mask: Tensor,
+    *,
+    estimator: KLEstimator = "k3",
+    old_logps: Tensor | None = None,
+    importance_weight: bool = False,
+    token_kl: Tensor | None = None,
+    agg: AggMode = "token-mean",
+    max_len: int | None = None,
+    log_ratio_clamp: float = 20.0,
+) -> Tensor:
+    """The KL term of a policy loss, ``aggregate(c_t·k_t)``, for every estimator the online recipe offers.
+
+    Equation (ℓ_ref = log π_θ − log π_ref, w = exp(log π_θ − log π_old), sg = stop-gradient)::
+
+        k1: ℓ_ref     k2: ½ ℓ_ref²     k3: exp(−ℓ_ref) − 1 + ℓ_ref     k3_is: w·k3  (w differentiable)
+        exact: KL(π_θ(·|s_t) ‖ π_ref(·|s_t)) over the full vocabulary (``token_kl``, from tether.logprobs)
+        c_t = sg(w) when importance_weight (k1/k2/k3), else 1
+
+    Expected gradient for samples from π_old (table in the module docstring; bandit proofs in
+    ``tests/test_bandit_rl_oracle.py``). ``importance_weight=True`` multiplies k1/k2/k3 by the detached ratio so
+    that off-policy mini-batches (several updates per rollout) keep the ON-POLICY gradient of each estimator:
+    sg(w)·k2 follows ∇KL(π‖π_ref), sg(w)·k3 follows ∇KL(π_ref‖π), sg(w)·k1 still has expected gradient 0.
+    ``k3_is`` (RPG) has a differentiable weight and follows ∇KL(π‖π_ref) for any π_old — the same gradient as
+    sg(w)·k2. ``exact`` is already an expectation over the next token, so it needs no action-level weight; its
+    gradient is that of Σ_t KL_t at the sampled states.
+
+    Shape: ``logps``, ``ref_logps``, ``old_logps``, ``mask``, ``token_kl`` (B, T); output 0-dim.
+    Stop-gradient: ``ref_logps``, ``old_logps``. Padding is inert (see the module docstring).
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_penalty: unknown estimator {estimator!r}; choose one of {KL_ESTIMATORS}.")
+    valid = mask.bool()
+    if estimator == "exact":
+        if token_kl is None:
+            raise ValueError("kl_penalty: estimator='exact' needs token_kl= (B, T), the full-vocabulary KL per token "
+                             "(tether.logprobs.token_stats(..., stats=['kl']))")
+        _check_inputs("kl_penalty", logps, mask, token_kl=token_kl)
+        return aggregate(_zero_padding(token_kl, valid), mask, agg, max_len)
+    if ref_logps is None:
+        raise ValueError(f"kl_penalty: estimator {estimator!r} needs ref_logps= (the reference's log-probs of the "
+                         "sampled tokens, (B, T))")
+    needs_old = estimator == "k3_is" or importance_weight
+    if needs_old and old_logps is None:
+        raise ValueError("kl_penalty: k3_is and importance_weight=True need old_logps= (the sampler's log-probs)")
+    _check_inputs("kl_penalty", logps, mask, ref_logps=ref_logps, old_logps=old_logps)
+    logps_v, ref_v = _zero_padding(logps, valid), _zero_padding(ref_logps.detach(), valid)
+    log_ratio = (logps_v - _zero_padding(old_logps.detach(), valid)).clamp(-log_ratio_clamp, log_ratio_clamp) \
+        if needs_old else None
     if estimator == "k1":
-        return kl.k1(logps, ref_logps)
-    if estimator == "k2":
-        return kl.k2(logps, ref_logps)
-    if estimator == "k3":
-        return kl.k3(logps, ref_logps)
+        penalty = kl.k1(logps_v, ref_v)
+    elif estimator == "k2":
+        penalty = kl.k2(logps_v, ref_v)
+    else:
+        penalty = kl.k3(logps_v, ref_v)
     if estimator == "k3_is":
-        weight = torch.exp((logps - old_logps).clamp(-log_ratio_clamp, log_ratio_clamp))
-        return weight * kl.k3(logps, ref_logps)
-    raise ValueError(f"unknown kl_estimator {estimator!r}; choose one of {KL_ESTIMATORS}.")
+        penalty = torch.exp(log_ratio) * penalty
+    elif importance_weight:
+        penalty = torch.exp(log_ratio).detach() * penalty
+    return aggregate(penalty, mask, agg, max_len)
 
 
 def grpo(
@@ -310,6 +366,8 @@ def grpo(
     ref_logps: Tensor | None = None,
     kl_coef: float = 0.04,
     kl_estimator: KLEstimator = "k3",
+    kl_importance_weight: bool = False,
+    token_kl: Tensor | None = None,
     clip_eps: float = 0.2,
     clip_eps_low: float | None = None,
     clip_eps_high: float | None = None,
@@ -350,7 +408,10 @@ def grpo(
     Args:
         ref_logps: reference log-probs of the sampled tokens; required when ``kl_coef > 0``.
         kl_coef: β (0.04 paper; 0 disables the term and ``ref_logps`` may be None).
-        kl_estimator: one of ``KL_ESTIMATORS``; see above.
+        kl_estimator: one of ``KL_ESTIMATORS``; see above and :func:`kl_penalty` (``exact`` needs ``token_kl``).
+        kl_importance_weight: multiply k1/k2/k3 by the detached ratio sg(π_θ/π_old), so that off-policy
+            mini-batches keep each estimator's on-policy gradient (:func:`kl_penalty`).
+        token_kl: (B, T) exact full-vocabulary KL per token, for ``kl_estimator="exact"``.
         clip_eps, clip_eps_low, clip_eps_high, dual_clip, log_ratio_clamp: as :func:`ppo_clip` (dual-clip off:
             the paper has none).
         agg, max_len: see :func:`aggregate`; the KL term is aggregated with the same mode (as verl).
@@ -363,27 +424,21 @@ def grpo(
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"grpo: unknown kl_estimator {kl_estimator!r}; choose one of {KL_ESTIMATORS}.")
-    per_token, metrics, valid = _clipped_surrogate(
+    per_token, metrics, _ = _clipped_surrogate(
         "grpo", logps, old_logps, advantages, mask, eps_low, eps_high, dual_clip, log_ratio_clamp
     )
     pg_loss = aggregate(per_token, mask, agg, max_len)
     metrics["pg_loss"] = pg_loss.item()
     if kl_coef == 0:
         return PolicyLossOutput(pg_loss, metrics)
-    if ref_logps is None:
+    if ref_logps is None and kl_estimator != "exact":
         raise ValueError(
             "grpo: kl_coef > 0 needs ref_logps= (the reference model's log-probs of the sampled tokens, (B, T)); "
             "pass them or set kl_coef=0."
         )
-    _check_inputs("grpo", logps, mask, ref_logps=ref_logps)
-    penalty = _kl_penalty(
-        kl_estimator,
-        _zero_padding(logps, valid),
-        _zero_padding(ref_logps.detach(), valid),
-        _zero_padding(old_logps.detach(), valid),
-        log_ratio_clamp,
-    )
-    kl_term = aggregate(penalty, mask, agg, max_len)
+    kl_term = kl_penalty(logps, ref_logps, mask, estimator=kl_estimator, old_logps=old_logps,
+                         importance_weight=kl_importance_weight, token_kl=token_kl, agg=agg, max_len=max_len,
+                         log_ratio_clamp=log_ratio_clamp)
     metrics["kl"] = kl_term.item()
     return PolicyLossOutput(pg_loss + kl_coef * kl_term, metrics)
 
