@@ -16,6 +16,7 @@ USAGE = """usage: tether <command> [--config FILE.yaml] [--field value ...]
 commands:
   quickstart   sample, score, build pairs and train DPO on the embedded model; report reward and KL
   dpo          offline preference optimization (DPO, IPO, f-DPO, TDPO, SimPO, ORPO, KTO, ...)
+  rl           online RL with group sampling (GRPO, DAPO, GPG, CPGD, RPG, GVPO, DisCO, APO, KDRL, ...)
   kl           measure KL(policy ‖ reference) on held-out prompts (token-level exact, sequence-level with CI)
 
 `tether <command> --help` shows every field of that command's config."""
@@ -56,10 +57,13 @@ def _run_kl(cfg: KLConfig):
 
 
 def _commands():
+    from tether.recipes.online_rl import RLConfig
+    from tether.recipes.online_rl import train as train_rl
     from tether.recipes.preference import PreferenceConfig, train
     from tether.recipes.quickstart import QuickstartConfig, run
 
-    return {"quickstart": (QuickstartConfig, run), "dpo": (PreferenceConfig, train), "kl": (KLConfig, _run_kl)}
+    return {"quickstart": (QuickstartConfig, run), "dpo": (PreferenceConfig, train), "rl": (RLConfig, train_rl),
+            "kl": (KLConfig, _run_kl)}
 
 
 def load_config(cls, path: str | Path | None, overrides: list[str], prog: str):
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as exit_:  # tyro has printed the problem (or --help) to the terminal; return its code
             return exit_.code if isinstance(exit_.code, int) else 2
         fn(cfg)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"tether {command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -132,9 +132,10 @@ def _sample_batch_hf(model, prompts, *, n, max_new_tokens, temperature, top_p, t
                   else dict(temperature=None, top_p=None, top_k=None))
     if stop_strings:
         kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-    with torch.random.fork_rng(devices=[]):
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, width:].tolist()
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)[:, width:].tolist()
     results = []
     for gen_ids in out:
         cut, finished = len(gen_ids), False
@@ -156,6 +157,7 @@ def _sample_batch_hf(model, prompts, *, n, max_new_tokens, temperature, top_p, t
         full_mask[r, :len(p) + len(c)] = 1
         labels[r, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c)
     weight, bias = lm_head(model)
+    full, full_mask, labels = full.to(device), full_mask.to(device), labels.to(device)
     logps = token_stats(hidden_states(model, full, full_mask), weight, labels, bias=bias,
                         temperature=temperature if temperature > 0 else 1.0)["logps"]
     return [(c, logps[r][labels[r] != IGNORE_INDEX].tolist(), f) for r, (c, f) in enumerate(results)]
@@ -171,6 +173,8 @@ def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, top_p, top_
     for r, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
         ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[r, width - len(p):] = 1
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     # transformers ≥ 5.24 calls the cache argument `cache`; earlier versions `past_key_values`.
@@ -182,7 +186,7 @@ def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, top_p, top_
         cache.batch_repeat_interleave(n)
         logits, mask, positions = (t.repeat_interleave(n, dim=0) for t in (logits, mask, positions))
     rows = P * n
-    alive = torch.arange(rows)  # which original row each live batch row is
+    alive = torch.arange(rows, device=device)  # which original row each live batch row is
     next_pos = positions[:, -1] + 1
     tokens: list[list[int]] = [[] for _ in range(rows)]
     logps: list[list[float]] = [[] for _ in range(rows)]
@@ -194,7 +198,7 @@ def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, top_p, top_
         logp_all = F.log_softmax(scaled, dim=-1)
         if temperature > 0:
             probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            nxt = torch.multinomial(probs.to(gen.device), 1, generator=gen).squeeze(-1).to(probs.device)
         else:
             nxt = logits.argmax(-1)
         chosen_logp = logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
@@ -214,10 +218,10 @@ def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, top_p, top_
         if not keep:
             break
         if len(keep) < len(alive):
-            idx = torch.tensor(keep)
+            idx = torch.tensor(keep, device=device)
             cache.batch_select_indices(idx)
             alive, nxt, mask, next_pos = alive[idx], nxt[idx], mask[idx], next_pos[idx]
-        mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=torch.long)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
         logits = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos.unsqueeze(-1),
                        use_cache=True, **{cache_kw: cache}).logits[:, -1]
         next_pos = next_pos + 1

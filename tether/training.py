@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 __all__ = ["set_seed", "make_optimizer", "make_scheduler", "save_checkpoint", "latest_checkpoint",
-           "load_trainer_state", "MetricsLogger"]
+           "load_trainer_state", "load_module_state", "load_weights", "save_pretrained_atomic", "MetricsLogger",
+           "read_metrics"]
 
 
 def set_seed(seed: int) -> None:
@@ -82,8 +84,11 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenizer, optimizer, scheduler,
-                    extra: dict | None = None, keep: int = 2) -> Path:
-    """Write ``checkpoints/step-<step>`` atomically and keep only the newest ``keep`` checkpoints."""
+                    extra: dict | None = None, modules: dict | None = None, keep: int = 2) -> Path:
+    """Write ``checkpoints/step-<step>`` atomically and keep only the newest ``keep`` checkpoints.
+
+    ``modules`` (name → ``nn.Module``) are saved alongside as ``<name>.safetensors`` (e.g. a reference model that
+    changes during training); read them back with :func:`load_module_state`."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
@@ -94,6 +99,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenize
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": _rng_state(), "extra": extra or {}}
     torch.save(state, tmp / "trainer_state.pt")
+    for name, module in (modules or {}).items():
+        from safetensors.torch import save_model
+
+        save_model(module, str(tmp / f"{name}.safetensors"))  # tied weights are stored once
     final = root / f"step-{step}"
     if final.exists():
         shutil.rmtree(final)
@@ -115,6 +124,13 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     root = Path(output_dir) / "checkpoints"
     found = _complete(root) if root.is_dir() else []
     return max(found, key=_step_of) if found else None
+
+
+def load_module_state(module, checkpoint: Path, name: str) -> None:
+    """Load ``<checkpoint>/<name>.safetensors`` written by ``save_checkpoint(modules={name: module})``."""
+    from safetensors.torch import load_model
+
+    load_model(module, str(checkpoint / f"{name}.safetensors"))
 
 
 def load_trainer_state(checkpoint: Path, *, optimizer, scheduler) -> dict:
@@ -167,3 +183,31 @@ class MetricsLogger:
 def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def load_weights(policy, ckpt: Path, *, lora: bool) -> None:
+    """Load a checkpoint's weights into the live model (keeps parameter identity for the optimizer); with LoRA only
+    the adapter is read."""
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, load_file(ckpt / "adapter_model.safetensors"))
+        return
+    state = {}
+    for shard in sorted(ckpt.glob("model*.safetensors")):  # save_pretrained's file or shards, nothing else
+        state.update(load_file(shard))
+    missing, unexpected = policy.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(policy.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {sorted(set(missing) - tied)}, "
+                           f"unexpected {sorted(unexpected)}")
+
+
+def save_pretrained_atomic(model, tokenizer, target: Path) -> None:
+    """``save_pretrained`` into a temporary sibling directory, then rename it to ``target``."""
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=target.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)

@@ -46,9 +46,11 @@ from tether.training import (
     MetricsLogger,
     latest_checkpoint,
     load_trainer_state,
+    load_weights,
     make_optimizer,
     make_scheduler,
     save_checkpoint,
+    save_pretrained_atomic,
     set_seed,
 )
 
@@ -398,7 +400,7 @@ def train(cfg: PreferenceConfig) -> TrainResult:
                                total_steps=total_steps)
     step = 0
     if cfg.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        _load_weights(policy, ckpt, lora=cfg.lora)
+        load_weights(policy, ckpt, lora=cfg.lora)
         step = load_trainer_state(ckpt, optimizer=optimizer, scheduler=scheduler)["step"]
         print(f"resumed from {ckpt} at step {step}/{total_steps}")
     logger = MetricsLogger(out_dir, resume_step=step, tensorboard=cfg.tensorboard)
@@ -454,7 +456,7 @@ def train(cfg: PreferenceConfig) -> TrainResult:
     # 6. Final model and KL measurement.
     final = out_dir / "final"
     to_save = policy.merge_and_unload() if cfg.lora else policy
-    _atomic_save_pretrained(to_save, tokenizer, final)
+    save_pretrained_atomic(to_save, tokenizer, final)
     print(f"trained {step} steps in {elapsed:.0f}s; final model in {final}")
     if cfg.eval_prompts_file:
         from tether.eval.kl import measure_kl_from_files
@@ -470,33 +472,3 @@ def _read_metrics(out_dir: Path) -> list[dict]:
     from tether.training import read_metrics
 
     return read_metrics(out_dir)
-
-
-def _load_weights(policy, ckpt: Path, *, lora: bool) -> None:
-    """Load checkpointed weights into the live model (keeps parameter identity for the optimizer)."""
-    if lora:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(policy, load_file(ckpt / "adapter_model.safetensors"))
-        return
-    state = {}
-    for shard in sorted(ckpt.glob("*.safetensors")):
-        state.update(load_file(shard))
-    missing, unexpected = policy.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(policy.config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {sorted(set(missing) - tied)}, "
-                           f"unexpected {sorted(unexpected)}")
-
-
-def _atomic_save_pretrained(model, tokenizer, target: Path) -> None:
-    import os
-    import shutil
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=target.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)

@@ -1,0 +1,220 @@
+"""The online-RL recipe end to end on tiny models: exact KL logging, resume, micro-batch invariance, every objective,
+sandboxed rewards during training, config errors and the vLLM message.
+
+Models are ``tether.testing`` tiny Llamas written to disk. Their byte-level completions are noise, so the tests
+reward a property every completion has in some degree (the share of vowels) — groups then differ and advantages are
+non-zero. Oracles are computed independently of the recipe: full-logit forward passes in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tether.cli import main
+from tether.logprobs import IGNORE_INDEX
+from tether.models import load_model, load_tokenizer
+from tether.recipes.online_rl import RLConfig, _prompt_schedule, collate_rollouts, train
+from tether.rewards import CodeTestReward
+from tether.rl.objectives import ONLINE_OBJECTIVES
+from tether.sampling import render_prompts, sample
+from tether.tasks import make_instruction_prompts
+from tether.testing import make_tiny_model_dir
+
+TIMING_KEYS = {"gen_s", "reward_s", "score_s", "update_s", "gen_tokens_per_s"}
+
+
+def vowel_share(prompt: str, completion: str, row: dict) -> float:
+    return sum(ch in "aeiouAEIOU" for ch in completion) / max(len(completion), 1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_tiny_model_dir(tmp_path_factory.mktemp("rl") / "m", seed=0))
+
+
+def tiny(model_dir: str, out: Path, **overrides) -> RLConfig:
+    values = dict(output_dir=str(out), model=model_dir, steps=3, prompts_per_step=2, group_size=4, max_new_tokens=10,
+                  train_prompts=8, eval_prompts=0, progress=False, tensorboard=False, lr=3e-3, micro_batch_size=8)
+    values.update(overrides)
+    return RLConfig(**values)
+
+
+def trajectory(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in metrics]
+
+
+def test_logged_kl_is_the_exact_kl_of_the_sampling_policy(model_dir, tmp_path):
+    """Step 2 logs the exact token-level KL(π‖π_ref) of the policy that sampled it (the weights after step 1).
+    Oracle: reload those weights, redraw the same completions (same seed), and compute the KL from full logits in
+    float64, one unpadded sequence at a time."""
+    for off_policy in (False, True):  # the KL comes from the update pass (one update) or the scoring pass
+        extra = dict(ppo_epochs=2, mini_batches=2) if off_policy else {}
+        out = tmp_path / f"kl{off_policy}"
+        cfg = tiny(model_dir, out, steps=2, save_every=1, **extra)
+        metrics = train(cfg, reward=vowel_share).metrics
+        policy = load_model(out / "checkpoints" / "step-1").double()
+        ref = load_model(model_dir).double()
+        tok = load_tokenizer(model_dir)
+        rows = make_instruction_prompts(cfg.train_prompts, seed=cfg.seed, split="train")
+        chosen = _prompt_schedule(len(rows), 1, cfg)
+        ids = render_prompts(tok, [rows[i]["prompt"] for i in chosen])
+        done = sample(policy.float(), tok, ids, n=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, seed=cfg.seed * 100_003 + 1, batch_size=cfg.sample_batch_size)
+        policy.double()
+        total, n_tokens = 0.0, 0
+        with torch.no_grad():
+            for p, c in zip(done.prompt_ids, done.completion_ids):
+                x = torch.tensor([p + c])
+                lp = F.log_softmax(policy(x).logits[0, len(p) - 1:-1].double(), -1)
+                lr = F.log_softmax(ref(x).logits[0, len(p) - 1:-1].double(), -1)
+                total += float((lp.exp() * (lp - lr)).sum())
+                n_tokens += len(c)
+        expected = total / n_tokens
+        logged = metrics[-1]["token_kl"]
+        print(f"off_policy={off_policy}: logged token KL {logged:.6e}, float64 oracle {expected:.6e}")
+        assert expected > 1e-4, "the policy must have moved for this test to mean anything"
+        assert logged == pytest.approx(expected, rel=1e-3, abs=1e-6)
+
+
+def test_resume_gives_the_uninterrupted_trajectory(model_dir, tmp_path):
+    """Off-policy mini-batches, adaptive KL coefficient and a reference reset: stop after step 2, resume, and the
+    metrics and final weights equal those of a run that never stopped."""
+    extra = dict(steps=4, ppo_epochs=2, mini_batches=2, kl_estimator="k2", target_kl=0.001, kl_horizon=10.0,
+                 ref_reset_every=3, save_every=1)
+    full = train(tiny(model_dir, tmp_path / "full", **extra), reward=vowel_share)
+    part = train(tiny(model_dir, tmp_path / "part", stop_after=2, **extra), reward=vowel_share)
+    assert part.steps == 2
+    resumed = train(tiny(model_dir, tmp_path / "part", resume=True, **extra), reward=vowel_share)
+    a, b = trajectory(full.metrics), trajectory(resumed.metrics)
+    assert [r["step"] for r in a] == [1, 2, 3, 4] == [r["step"] for r in b]
+    assert len({r["kl_coef"] for r in a}) > 1, "the adaptive coefficient should have moved"
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-7), (ra["step"], k)
+    wa, wb = load_model(tmp_path / "full" / "final"), load_model(tmp_path / "part" / "final")
+    for (name, pa), pb in zip(wa.state_dict().items(), wb.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dapo"])
+def test_micro_batches_do_not_change_the_update(model_dir, tmp_path, loss):
+    """micro_batch_size is a memory knob: 2 or 8 sequences per forward give the same weights after two steps
+    (GRPO's seq-mean-token-mean and DAPO's token-mean shares, with the KL term)."""
+    finals = []
+    for size in (8, 4):
+        out = tmp_path / f"{loss}{size}"
+        train(tiny(model_dir, out, steps=2, micro_batch_size=size, loss=loss, kl_coef=0.1, kl_estimator="k3"),
+              reward=vowel_share)
+        finals.append(load_model(out / "final").state_dict())
+    start = load_model(model_dir).state_dict()
+    moved = max((finals[0][k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-4
+    for k in finals[0]:
+        torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", sorted(ONLINE_OBJECTIVES))
+def test_every_objective_trains(model_dir, tmp_path, loss):
+    """Each objective of the table runs through the recipe, moves the weights, and the first update of an on-policy
+    step sees ratio 1 (old log-probs are the policy's own); step 2 logs a positive exact KL exactly when step 1
+    changed the weights."""
+    reward = vowel_share
+    if loss == "disco":  # DisCO needs a binary verifier
+        def reward(prompt, completion, row):
+            return float(vowel_share(prompt, completion, row) > 0.15)
+    result = train(tiny(model_dir, tmp_path / loss, steps=2, loss=loss), reward=reward)
+    for row in result.metrics:
+        assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+        if "ratio_mean" in row:
+            assert row["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    start, final = load_model(model_dir).state_dict(), load_model(tmp_path / loss / "final").state_dict()
+    assert max((final[k] - start[k]).abs().max().item() for k in start) > 1e-5
+    first, second = result.metrics
+    assert second["token_kl"] > 0 if first["grad_norm"] > 0 else second["token_kl"] == 0  # KL iff step 1 moved
+
+
+def test_kl_in_reward_and_exact_kl_in_loss_run(model_dir, tmp_path):
+    for extra in (dict(kl_placement="reward", kl_estimator="k1", kl_coef=0.1, advantage="reinforce_pp"),
+                  dict(kl_placement="reward", kl_estimator="k3", kl_coef=0.1),
+                  dict(kl_estimator="exact", kl_coef=0.1, ppo_epochs=2),
+                  dict(kl_estimator="k3_is", kl_coef=0.1, mini_batches=2),
+                  dict(lora=True, kl_estimator="k2", lr=1e-2)):
+        out = tmp_path / "_".join(f"{k}{v}" for k, v in extra.items())
+        metrics = train(tiny(model_dir, out, steps=2, **extra), reward=vowel_share).metrics
+        assert metrics[-1]["token_kl"] > 0, extra
+        if extra.get("kl_placement", "loss") == "loss":
+            assert metrics[-1]["kl_term"] > 0, extra
+
+
+def test_sandboxed_code_reward_failures_do_not_stop_training(model_dir, tmp_path):
+    """Model-written code that loops forever, allocates without bound or crashes the interpreter scores 0 within the
+    time limit, and training goes on. The completion picks the program (by its length) so every kind occurs."""
+    programs = ["while True:\n    pass\n", "x = bytearray(1 << 34)\nf = lambda: 1\n", "import os\nos.abort()\n",
+                "def f():\n    return 1\n"]
+    code_reward = CodeTestReward(timeout_s=1.0, memory_mb=256)
+    seen: dict[int, list[tuple[float, float]]] = {}
+
+    def reward(prompt, completion, row):
+        kind = len(completion) % len(programs)
+        fenced = f"```python\n{programs[kind]}```"
+        t0 = time.perf_counter()
+        score = code_reward(prompt, fenced, {"tests": ["assert f() == 1"]})
+        seen.setdefault(kind, []).append((score, time.perf_counter() - t0))
+        return score
+
+    result = train(tiny(model_dir, tmp_path / "code", steps=3, prompts_per_step=2, group_size=4), reward=reward)
+    assert result.steps == 3 and (tmp_path / "code" / "final").is_dir()
+    assert sum(len(v) for v in seen.values()) == 3 * 2 * 4
+    for kind, calls in seen.items():
+        for score, seconds in calls:
+            assert score == (1.0 if kind == 3 else 0.0), (kind, score)
+            assert seconds < 1.0 + 3.0, (kind, seconds)  # the limit plus process start-up
+    assert {0, 1, 2} <= set(seen), f"completion lengths gave kinds {sorted(seen)}; the test needs every failure"
+
+
+def test_collate_rollouts_aligns_labels():
+    from tether.sampling import Completions
+
+    done = Completions(prompt_index=[0, 0], prompt_ids=[[5, 6, 7], [5, 6, 7]], completion_ids=[[8, 9], [10]],
+                       logprobs=[[-1.0, -1.0], [-1.0]], texts=["", ""], finished=[True, False])
+    b = collate_rollouts(done, pad_token_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 10, 0]]
+    assert b["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 8, 9, IGNORE_INDEX],
+                                    [IGNORE_INDEX, IGNORE_INDEX, 10, IGNORE_INDEX, IGNORE_INDEX]]
+    assert b["mask"].sum().item() == 3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(loss="nope"), "unknown objective"),
+    (dict(loss_args={"clip_eps": 0.2, "bogus": 1}), "not hyperparameters of 'grpo'"),
+    (dict(loss="rpg", kl_coef=0.1), "carries its own KL"),
+    (dict(kl_placement="reward", kl_estimator="exact"), "cannot be placed in the reward"),
+    (dict(rewards={"vibes": 1.0}), "unknown reward"),
+    (dict(group_size=1), "group_size"),
+    (dict(prompts_per_step=3, mini_batches=2), "must divide"),
+    (dict(loss_args={"agg": "mean"}), "not one of"),
+])
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        RLConfig(**overrides)
+
+
+def test_vllm_engine_without_vllm_is_one_clear_line(model_dir, tmp_path, capsys):
+    pytest.importorskip("torch")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm is installed here")
+    except ImportError:
+        pass
+    code = main(["rl", "--model", model_dir, "--output_dir", str(tmp_path / "v"), "--engine", "vllm",
+                 "--eval_prompts", "0", "--train_prompts", "4", "--no_progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "needs the vllm package" in err[0] and "engine='tether'" in err[0]
