@@ -42,6 +42,9 @@ def tiny_overrides(command: str, model: str, out: Path) -> dict:
         "quickstart": {"model": model, "output_dir": out, "train_prompts": 8, "heldout_prompts": 2,
                        "samples_per_prompt": 8, "max_new_tokens": 16, "kl_samples_per_prompt": 1,
                        "progress": False},
+        "rl": {"model": model, "output_dir": out, "steps": 2, "prompts_per_step": 2, "group_size": 2,
+               "max_new_tokens": 8, "train_prompts": 4, "eval_prompts": 2, "eval_samples_per_prompt": 1,
+               "kl_samples_per_prompt": 1, "progress": False, "tensorboard": False},
         "kl": {"policy": model, "reference": model, "samples_per_prompt": 1, "max_new_tokens": 4,
                "output": out / "kl_report.json"},
     }
@@ -113,6 +116,8 @@ def test_every_config_runs_tiny_through_the_cli(config, tiny_dir, tmp_path, caps
     shipped = yaml.safe_load(config.read_text()) or {}
     out = tmp_path / "out"
     values = tiny_overrides(command, tiny_dir, out)
+    if shipped.get("overlong_buffer"):  # must stay below the tiny max_new_tokens
+        values["overlong_buffer"] = values["max_new_tokens"] // 2
     for name, kind in DATA_FIELDS.items():
         if name in shipped and not (ROOT / shipped[name]).is_file():
             values[name] = stand_in(kind, tmp_path / f"{name}.jsonl")
@@ -150,6 +155,13 @@ def test_every_config_runs_tiny_through_the_cli(config, tiny_dir, tmp_path, caps
         assert report["prompts"] == n_prompts and report["completions"] == n_prompts
         # policy and reference are the same model: the KL is exactly 0
         assert report["token_kl"]["mean"] == 0.0 and report["sequence_kl_rao_blackwell"]["mean"] == 0.0
+    elif command == "rl":
+        steps = [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+        assert steps == [0, 1, 2], steps  # 0: the held-out reward before training
+        assert (out / "final" / "model.safetensors").is_file()
+        report = json.loads((out / "rl_report.json").read_text())
+        assert report["reward_before"]["n"] == report["reward_after"]["n"] == 2 * 1
+        assert report["kl"]["completions"] == 2 * 1 and math.isfinite(report["kl"]["token_kl"]["mean"])
     else:
         pytest.fail(f"no output checks for `tether {command}`")
 
