@@ -218,3 +218,12 @@ def test_vllm_engine_without_vllm_is_one_clear_line(model_dir, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "needs the vllm package" in err[0] and "engine='tether'" in err[0]
+
+
+def test_gradient_checkpointing_does_not_change_rl_updates(model_dir, tmp_path):
+    finals = []
+    for gc in (False, True):
+        train(tiny(model_dir, tmp_path / f"gc{gc}", steps=2, gradient_checkpointing=gc), reward=vowel_share)
+        finals.append(load_model(tmp_path / f"gc{gc}" / "final").state_dict())
+    for k in finals[0]:
+        torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-5, atol=1e-6)

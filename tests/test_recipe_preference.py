@@ -244,3 +244,17 @@ def test_bad_row_raises_with_file_row_field_and_skip_trains_on_the_rest(assets, 
     assert "read 10 rows, kept 9, dropped 1" in printed, printed
     assert result.steps == 1 and (tmp_path / "skip" / "final").is_dir()
     assert result.metrics[0]["tokens"] > 0 and abs(result.metrics[0]["loss"] - math.log(2)) < 1e-6
+
+
+def test_gradient_checkpointing_does_not_change_training(assets, tmp_path):
+    """Recomputing the backbone's activations in the backward pass gives the same updates (fp32 round-off only)."""
+    finals = []
+    for gc in (False, True):
+        out = tmp_path / f"gc{gc}"
+        train(PreferenceConfig(train_file=assets["pairs"], output_dir=str(out), model=assets["m0"], max_steps=2,
+                               lr=1e-3, gradient_checkpointing=gc, **QUIET))
+        finals.append(load_model(out / "final").state_dict())
+    start = load_model(assets["m0"]).state_dict()
+    assert max((finals[0][k] - start[k]).abs().max().item() for k in start) > 1e-4
+    for k in finals[0]:
+        torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-5, atol=1e-6)

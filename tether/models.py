@@ -143,6 +143,13 @@ def apply_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
     return get_peft_model(model, config)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them (non-reentrant
+    ``torch.utils.checkpoint``): activation memory falls from O(layers × tokens × width) to one layer's worth, at the
+    price of a second forward pass through the backbone. Call before ``apply_lora``."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 @contextlib.contextmanager
 def reference_context(model):
     """Inside this context ``model`` computes the reference: LoRA adapters disabled (peft), no gradients."""

@@ -48,7 +48,14 @@ from tqdm.auto import tqdm
 
 from tether.logprobs import IGNORE_INDEX, hidden_states, lm_head, token_stats
 from tether.losses import AGG_MODES, AdaptiveKLController, FixedKLController, kl_in_reward, kl_penalty
-from tether.models import apply_lora, frozen_copy, load_model, load_tokenizer, reference_context
+from tether.models import (
+    apply_lora,
+    enable_gradient_checkpointing,
+    frozen_copy,
+    load_model,
+    load_tokenizer,
+    reference_context,
+)
 from tether.rl import advantages as adv
 from tether.rl.objectives import ONLINE_OBJECTIVES, call_objective, objective_agg_mode
 from tether.sampling import Completions, render_prompts, sample
@@ -170,6 +177,8 @@ class RLConfig:
     """ProRL-style reference reset: copy the policy into the reference every N steps (0 = never)."""
     chunk_size: int = 512
     """Response tokens per chunk of the LM head (memory ∝ chunk_size × vocab)."""
+    gradient_checkpointing: bool = False
+    """Recompute the backbone's activations in the backward pass (less memory, one more forward pass)."""
     device: str = "cpu"
     """Where the models live ('cpu' or 'cuda')."""
     seed: int = 0
@@ -491,11 +500,12 @@ def train(cfg: RLConfig, *, reward=None) -> RLResult:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     policy = load_model(cfg.model).to(cfg.device)
     if cfg.lora:
-        policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha)
-        reference = policy
+        reference = policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha)
     else:
         reference = load_model(cfg.ref_model).to(cfg.device).eval() if cfg.ref_model else frozen_copy(policy)
         reference.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
     teacher = None
     if "teacher_logps" in spec.needs:
         teacher = load_model(cfg.teacher_model).to(cfg.device).eval() if cfg.teacher_model else reference

@@ -41,7 +41,14 @@ from tqdm.auto import tqdm
 from tether.data import collate_preference, curriculum_order, load_preference_dataset
 from tether.logprobs import hidden_states, lm_head, sequence_sums, token_stats
 from tether.losses import PREFERENCE_LOSSES
-from tether.models import apply_lora, frozen_copy, load_model, load_tokenizer, reference_context
+from tether.models import (
+    apply_lora,
+    enable_gradient_checkpointing,
+    frozen_copy,
+    load_model,
+    load_tokenizer,
+    reference_context,
+)
 from tether.training import (
     MetricsLogger,
     latest_checkpoint,
@@ -124,6 +131,8 @@ class PreferenceConfig:
     """Ra-DPO's confidence level c: the per-token risk keeps log-ratios above the (1−c) vocabulary quantile."""
     chunk_size: int = 512
     """Response tokens per chunk of the LM head (memory ∝ chunk_size × vocab)."""
+    gradient_checkpointing: bool = False
+    """Recompute the backbone's activations in the backward pass (less memory, one more forward pass)."""
     seed: int = 0
     """Seeds data order and everything random."""
     save_every: int = 0
@@ -363,6 +372,8 @@ def train(cfg: PreferenceConfig) -> TrainResult:
     # model with adapters disabled — no copy either).
     tokenizer = load_tokenizer(cfg.model)
     policy = load_model(cfg.model)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
     if cfg.lora:
         policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha)
     policy.train()
