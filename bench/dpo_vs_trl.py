@@ -73,6 +73,7 @@ TRL_VARIANTS = {
     "trl_precompute_nogc": {"precompute_ref_log_probs": True, "gradient_checkpointing": False},
 }
 IMPLS = ("tether", *TRL_VARIANTS)
+TETHER_OPTIONS: dict = {}  # PreferenceConfig fields set by --tether-gc / --tether-chunk-size
 DEFAULT_IMPLS = "tether,trl_default,trl_precompute"
 LOGPROB_RUNS = (("chunked", "chunked", 1.0), ("plain", "plain", 1.0), ("chunked_half_labelled", "chunked", 0.5))
 
@@ -192,7 +193,7 @@ class TetherImpl:
         import torch
 
         from tether.data import collate_preference, load_preference_dataset
-        from tether.models import load_model, load_tokenizer
+        from tether.models import enable_gradient_checkpointing, load_model, load_tokenizer
         from tether.recipes.preference import PreferenceConfig, _cached_reference, preference_step
         from tether.training import make_optimizer, make_scheduler, set_seed
 
@@ -202,12 +203,15 @@ class TetherImpl:
         self.cfg = PreferenceConfig(train_file=str(path), output_dir=str(out_dir), loss="dpo",
                                     beta=BETA, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
                                     batch_size=BATCH_SIZE, lr=LR, schedule="linear", warmup_ratio=0.0,
-                                    max_grad_norm=MAX_GRAD_NORM, progress=False, tensorboard=False, seed=SEED)
+                                    max_grad_norm=MAX_GRAD_NORM, progress=False, tensorboard=False, seed=SEED,
+                                    **TETHER_OPTIONS)
         # What tether.recipes.preference.train does before its loop (steps 1-4) for DPO without LoRA: the starting
         # policy itself scores the cached reference log-probs before its first update (no reference copy).
         set_seed(SEED)
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.policy = load_model(self.cfg.model)
+        if self.cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
         self.policy.train()
         self.examples, self.report = load_preference_dataset(
             path, self.tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
@@ -560,6 +564,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--parallel-children", type=int, default=1,
                     help="memory-measuring child processes run at once (peak RSS does not depend on contention)")
+    ap.add_argument("--tether-gc", action="store_true", help="tether with gradient checkpointing of the backbone")
+    ap.add_argument("--tether-chunk-size", type=int, default=None, help="tether's LM-head chunk size (default 512)")
     ap.add_argument("--out", default=str(OUT_FILE))
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--only", choices=IMPLS, help=argparse.SUPPRESS)
@@ -568,6 +574,12 @@ def main() -> None:
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.tether_gc:
+        TETHER_OPTIONS["gradient_checkpointing"] = True
+    if args.tether_chunk_size:
+        TETHER_OPTIONS["chunk_size"] = args.tether_chunk_size
+    tether_flags = (["--tether-gc"] if args.tether_gc else []) + (
+        ["--tether-chunk-size", str(args.tether_chunk_size)] if args.tether_chunk_size else [])
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -600,6 +612,7 @@ def main() -> None:
         "setting": {"model": "SmolLM2-135M-Instruct (embedded, fp32)", "device": "cpu", "dtype": "float32",
                     "pairs": N_PAIRS, "batch_pairs": BATCH_SIZE, "max_length": MAX_LENGTH, "lr": LR, "beta": BETA,
                     "max_grad_norm": MAX_GRAD_NORM, "timed_steps": args.steps, "warmup_steps": 1,
+                    "tether_options": dict(TETHER_OPTIONS),
                     "data": str(DATA_FILE.relative_to(ROOT)) if DATA_FILE.exists() else
                     "generated: tether.tasks prompts + templated completions (no data/ifeval_pairs_smollm2.jsonl)"},
     }
@@ -609,7 +622,8 @@ def main() -> None:
     # runs once, in the first child that needs it, and is read from disk afterwards.
     tmp = tempfile.TemporaryDirectory(prefix="tether-bench-")
     workdir = Path(tmp.name)
-    jobs = {name: ["--only", name, "--rss-steps", str(args.rss_steps), "--workdir", str(workdir)] for name in names}
+    jobs = {name: ["--only", name, "--rss-steps", str(args.rss_steps), "--workdir", str(workdir), *tether_flags]
+            for name in names}
     jobs.update({f"logprob:{name}": ["--logprob-mem", p, "--label-frac", str(f)] for name, p, f in LOGPROB_RUNS})
     results = _children(jobs, threads, args.parallel_children)
     rss = {name: results[name] for name in names}
