@@ -55,9 +55,9 @@ class QuickstartConfig:
     """Seeds prompts, sampling and training."""
     beta: float = 0.1
     """DPO β."""
-    lr: float = 2e-5
+    lr: float = 5e-5
     """DPO learning rate."""
-    epochs: int = 2
+    epochs: int = 3
     """DPO passes over the pairs."""
     batch_size: int = 8
     """Pairs per optimizer step."""
