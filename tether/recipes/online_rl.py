@@ -37,7 +37,6 @@ import copy
 import dataclasses
 import inspect
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from tether.eval import mean_ci95
 from tether.logprobs import IGNORE_INDEX, hidden_states, lm_head, token_stats
 from tether.losses import AGG_MODES, AdaptiveKLController, FixedKLController, kl_in_reward, kl_penalty
 from tether.models import (
@@ -338,13 +338,6 @@ def score_completions(reward, rows: list[dict], done: Completions) -> list[float
             for i, text, ids in zip(done.prompt_index, done.texts, done.completion_ids)]
 
 
-def _mean_ci(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
-    return mean, 1.96 * math.sqrt(var / n)
-
-
 def evaluate_reward(model, tokenizer, rows: list[dict], reward, cfg: RLConfig) -> dict:
     """Mean held-out reward (95% CI) with fixed sampling seeds, so two models are compared on paired draws."""
     done = sample(model, tokenizer, render_prompts(tokenizer, [r["prompt"] for r in rows]),
@@ -352,7 +345,7 @@ def evaluate_reward(model, tokenizer, rows: list[dict], reward, cfg: RLConfig) -
                   top_p=cfg.top_p, top_k=cfg.top_k, stop_strings=cfg.stop_strings, seed=cfg.seed + 7919,
                   batch_size=cfg.sample_batch_size, progress=cfg.progress, desc="held-out reward")
     scores = [0.0 if s is None else float(s) for s in score_completions(reward, rows, done)]
-    mean, half = _mean_ci(scores)
+    mean, half = mean_ci95(scores)
     return {"reward_mean": mean, "reward_ci95_halfwidth": half, "n": len(scores), "scores": scores}
 
 
@@ -468,7 +461,7 @@ def _prompt_schedule(n_rows: int, step: int, cfg: RLConfig) -> list[int]:
     return out
 
 
-def _update_weights(cfg: RLConfig, batch: dict, stats: dict, agg: str) -> list[tuple[torch.Tensor, float]]:
+def _update_weights(cfg: RLConfig, batch: dict, agg: str) -> list[tuple[torch.Tensor, float]]:
     """Micro-batches of one mini-batch and the share each contributes to the mini-batch loss."""
     idx_all = batch["mini_idx"]
     spec = ONLINE_OBJECTIVES[cfg.loss]
@@ -645,7 +638,7 @@ def rl_step(cfg: RLConfig, step: int, *, policy, reference, teacher, tokenizer, 
         for m in range(cfg.mini_batches):
             groups = order[m * per_mini:(m + 1) * per_mini]
             batch["mini_idx"] = (groups[:, None] * G + torch.arange(G)).reshape(-1)
-            for idx, share in _update_weights(cfg, batch, stats, agg):
+            for idx, share in _update_weights(cfg, batch, agg):
                 mb = _rows(batch, idx.to(mask.device))
                 width = mb["input_ids"].shape[1]
                 hidden = hidden_states(policy, mb["input_ids"], mb["attention_mask"])
@@ -738,7 +731,7 @@ def _final_report(cfg: RLConfig, policy, reference, tokenizer, eval_rows, reward
             reward_before={k: v for k, v in before.items() if k != "scores"},
             reward_after={k: v for k, v in after.items() if k != "scores"},
             reward_gain=after["reward_mean"] - before["reward_mean"],
-            reward_gain_ci95_halfwidth=_mean_ci(deltas)[1])
+            reward_gain_ci95_halfwidth=mean_ci95(deltas)[1])
         if cfg.lora:  # two plain models: adapters merged (policy) and removed (reference)
             policy, reference = copy.deepcopy(policy).merge_and_unload(), copy.deepcopy(policy).unload()
         report["kl"] = measure_kl(policy, reference, tokenizer, [r["prompt"] for r in eval_rows],

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tether.eval import mean_ci95
 from tether.eval.kl import format_kl_report, measure_kl
 from tether.models import load_model, load_tokenizer
 from tether.recipes.preference import PreferenceConfig, train
@@ -67,13 +67,6 @@ class QuickstartConfig:
     """Show progress bars."""
 
 
-def _mean_ci(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
-    return mean, 1.96 * math.sqrt(var / n)
-
-
 def _score(completions, rows, reward) -> list[float]:
     return [reward(rows[i]["prompt"], text, rows[i]) for i, text in zip(completions.prompt_index, completions.texts)]
 
@@ -84,7 +77,7 @@ def _evaluate(model, tokenizer, rows, cfg: QuickstartConfig, reward) -> dict:
                   temperature=cfg.temperature, seed=cfg.seed + 1, batch_size=cfg.sample_batch_size,
                   progress=cfg.progress, desc="held-out sampling")
     scores = _score(done, rows, reward)
-    mean, half = _mean_ci(scores)
+    mean, half = mean_ci95(scores)
     first_samples = list(zip(done.prompt_index, done.texts, scores))[:: cfg.samples_per_prompt][:6]
     return {"reward_mean": mean, "reward_ci95_halfwidth": half, "n": len(scores), "scores": scores,
             "examples": [{"prompt": rows[i]["prompt"], "completion": t, "reward": s} for i, t, s in first_samples]}
@@ -150,7 +143,7 @@ def run(cfg: QuickstartConfig) -> dict:
         "reward_before": {k: v for k, v in before.items() if k != "scores"},
         "reward_after": {k: v for k, v in after.items() if k != "scores"},
         "reward_gain": after["reward_mean"] - before["reward_mean"],
-        "reward_gain_ci95_halfwidth": _mean_ci(deltas)[1],
+        "reward_gain_ci95_halfwidth": mean_ci95(deltas)[1],
         "kl": kl,
         "train_metrics": result.metrics,
         "seconds": time.perf_counter() - t0,
