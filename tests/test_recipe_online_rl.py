@@ -121,6 +121,24 @@ def test_micro_batches_do_not_change_the_update(model_dir, tmp_path, loss):
         torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-5, atol=1e-6)
 
 
+def test_shared_prompts_do_not_change_training(model_dir, tmp_path):
+    """share_prompts (each prompt through the backbone once) is a speed knob: over two off-policy steps (scoring pass
+    + two mini-batches, exact KL in the loss) every logged metric — losses, exact KL, gradient norms, which depend on
+    the previous updates — matches the plain forward. (Weights are not compared element-wise: Adam's first steps
+    move coordinates with float-noise-sized gradients by ±lr, so they differ at that level; tests/test_prefix.py
+    compares values and gradients of the two forwards directly.)"""
+    runs = []
+    for share in (True, False):
+        result = train(tiny(model_dir, tmp_path / f"share{share}", steps=2, share_prompts=share, mini_batches=2,
+                            kl_coef=0.1, kl_estimator="exact"), reward=vowel_share)
+        runs.append(trajectory(result.metrics))
+    assert len(runs[0]) == len(runs[1]) == 2
+    for a, b in zip(*runs):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+
+
 @pytest.mark.parametrize("loss", sorted(ONLINE_OBJECTIVES))
 def test_every_objective_trains(model_dir, tmp_path, loss):
     """Each objective of the table runs through the recipe, moves the weights, and the first update of an on-policy
@@ -219,8 +237,9 @@ def test_vllm_engine_without_vllm_is_one_clear_line(model_dir, tmp_path, capsys)
 
 def test_gradient_checkpointing_does_not_change_rl_updates(model_dir, tmp_path):
     finals = []
-    for gc in (False, True):
-        train(tiny(model_dir, tmp_path / f"gc{gc}", steps=2, gradient_checkpointing=gc), reward=vowel_share)
+    for gc in (False, True):  # both on the plain forward (a checkpointed model cannot share prompts)
+        train(tiny(model_dir, tmp_path / f"gc{gc}", steps=2, gradient_checkpointing=gc, share_prompts=False),
+              reward=vowel_share)
         finals.append(load_model(tmp_path / f"gc{gc}" / "final").state_dict())
     for k in finals[0]:
         torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-5, atol=1e-6)

@@ -63,6 +63,16 @@ def render_prompts(tokenizer, prompts: Sequence[str | list[dict]], *,
     return out
 
 
+def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row of ``probs`` (rows, V) by inverse-CDF sampling: a uniform draw per row located in the
+    float64 cumulative sum. Exact for the given probabilities (a token of probability 0 has an empty interval) and,
+    unlike ``torch.multinomial``, it draws one random number per row rather than one per vocabulary entry — at a
+    vocabulary of 49k that is most of a CPU decode step's sampling time."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=gen, dtype=torch.float64).to(cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -199,7 +209,7 @@ def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, top_p, top_
         logp_all = F.log_softmax(scaled, dim=-1)
         if temperature > 0:
             probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs.to(gen.device), 1, generator=gen).squeeze(-1).to(probs.device)
+            nxt = _draw(probs, gen)
         else:
             nxt = logits.argmax(-1)
         chosen_logp = logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)

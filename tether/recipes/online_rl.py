@@ -22,6 +22,7 @@ One step, in order:
 6. **Update.** ``ppo_epochs`` passes over the batch in ``mini_batches`` seeded mini-batches (whole groups), each
    one optimizer step (AdamW, warm-up + schedule, clipping), accumulated over micro-batches of
    ``micro_batch_size`` sequences; log-probs come from the chunked LM head (``tether.logprobs``).
+   Scoring and update passes run each group's prompt through the backbone once (``tether.prefix``).
 7. **Record.** Metrics (reward, exact KL, estimator value, entropy, clip fraction, lengths, timings of
    generation / scoring / update) to the progress bar, ``metrics.jsonl`` and TensorBoard; atomic checkpoints;
    ``resume=True`` continues with exactly the trajectory of an uninterrupted run.
@@ -56,6 +57,7 @@ from tether.models import (
     load_tokenizer,
     reference_context,
 )
+from tether.prefix import shared_prefix_hidden_states
 from tether.rl import advantages as adv
 from tether.rl.objectives import ONLINE_OBJECTIVES, call_objective, objective_agg_mode
 from tether.sampling import Completions, render_prompts, sample
@@ -179,6 +181,9 @@ class RLConfig:
     """Response tokens per chunk of the LM head (memory ∝ chunk_size × vocab)."""
     gradient_checkpointing: bool = False
     """Recompute the backbone's activations in the backward pass (less memory, one more forward pass)."""
+    share_prompts: bool = True
+    """Run each group's prompt through the backbone once in the scoring and update passes (same values and gradients
+    as running it for every completion; ``tether.prefix``). Ignored under gradient checkpointing."""
     device: str = "cpu"
     """Where the models live ('cpu' or 'cuda')."""
     seed: int = 0
@@ -355,8 +360,8 @@ def evaluate_reward(model, tokenizer, rows: list[dict], reward, cfg: RLConfig) -
 
 
 def collate_rollouts(done: Completions, pad_token_id: int, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Right-padded (B, T) prompt+completion ids, attention mask, next-token labels (completion tokens only) and
-    the (B, T) response mask aligned with the labels."""
+    """Right-padded (B, T) prompt+completion ids, attention mask, next-token labels (completion tokens only), the
+    (B, T) response mask aligned with the labels, and per row its prompt length and group (the prompt's index)."""
     rows = list(zip(done.prompt_ids, done.completion_ids))
     T = max(len(p) + len(c) for p, c in rows)
     ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
@@ -368,7 +373,19 @@ def collate_rollouts(done: Completions, pad_token_id: int, device: str | torch.d
         if c:
             labels[r, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c)
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device),
-            "mask": (labels != IGNORE_INDEX).to(device)}
+            "mask": (labels != IGNORE_INDEX).to(device),
+            "prompt_len": torch.tensor([len(p) for p in done.prompt_ids], device=device),
+            "group": torch.tensor(done.prompt_index, device=device)}
+
+
+def backbone_states(model, mb: dict[str, Any], share_prompts: bool) -> torch.Tensor:
+    """(B, T, H) final hidden states of a rollout micro-batch: each group's prompt run once when ``share_prompts``
+    (``tether.prefix``), else every row in full. Both give the same values and gradients at every labelled
+    position."""
+    if share_prompts:
+        return shared_prefix_hidden_states(model, mb["input_ids"], mb["attention_mask"], mb["prompt_len"],
+                                           mb["group"])
+    return hidden_states(model, mb["input_ids"], mb["attention_mask"])
 
 
 def _rows(batch: dict[str, Any], idx: torch.Tensor) -> dict[str, Any]:
@@ -381,7 +398,7 @@ def _rows(batch: dict[str, Any], idx: torch.Tensor) -> dict[str, Any]:
 
 @torch.no_grad()
 def score_rollouts(policy, reference, batch: dict, *, temperature: float, chunk_size: int, micro_batch_size: int,
-                   need_policy: bool, teacher=None) -> dict[str, torch.Tensor]:
+                   need_policy: bool, teacher=None, share_prompts: bool = True) -> dict[str, torch.Tensor]:
     """No-grad per-token statistics of a rollout batch: reference log-probs, and — when ``need_policy`` — the
     policy's log-probs (the "old" policy of the coming updates), its entropy and the exact KL(π‖π_ref) per token.
     The reference's final hidden states are kept for an exact-KL term in the loss (``ref_hidden``)."""
@@ -392,11 +409,11 @@ def score_rollouts(policy, reference, batch: dict, *, temperature: float, chunk_
         idx = torch.arange(start, min(B, start + micro_batch_size), device=batch["input_ids"].device)
         mb = _rows(batch, idx)
         with reference_context(reference):
-            ref_hidden = hidden_states(reference, mb["input_ids"], mb["attention_mask"])
+            ref_hidden = backbone_states(reference, mb, share_prompts)
             rw, rb = lm_head(reference)
         pieces = {"ref_hidden": ref_hidden}
         if need_policy:
-            hidden = hidden_states(policy, mb["input_ids"], mb["attention_mask"])
+            hidden = backbone_states(policy, mb, share_prompts)
             pieces.update(token_stats(hidden, w, mb["labels"], bias=b, ref_hidden=ref_hidden, ref_weight=rw,
                                       ref_bias=rb, stats=("logps", "ref_logps", "kl", "entropy"),
                                       chunk_size=chunk_size, temperature=temperature))
@@ -406,7 +423,7 @@ def score_rollouts(policy, reference, batch: dict, *, temperature: float, chunk_
         if teacher is not None:
             with reference_context(teacher):
                 tw, tb = lm_head(teacher)
-                th = hidden_states(teacher, mb["input_ids"], mb["attention_mask"])
+                th = backbone_states(teacher, mb, share_prompts)
                 pieces["teacher_logps"] = token_stats(th, tw, mb["labels"], bias=tb, chunk_size=chunk_size,
                                                       temperature=temperature)["logps"]
         for k, v in pieces.items():
@@ -606,7 +623,7 @@ def rl_step(cfg: RLConfig, step: int, *, policy, reference, teacher, tokenizer, 
     on_policy_single = cfg.ppo_epochs == 1 and cfg.mini_batches == 1 and cfg.kl_placement == "loss"
     stats = score_rollouts(policy, reference, batch, temperature=cfg.temperature, chunk_size=cfg.chunk_size,
                            micro_batch_size=cfg.micro_batch_size, need_policy=not on_policy_single,
-                           teacher=teacher if "teacher_logps" in spec.needs else None)
+                           teacher=teacher if "teacher_logps" in spec.needs else None, share_prompts=cfg.share_prompts)
     beta = kl_ctl.value
 
     # 4-5. KL in the reward (from the sampler's log-probs) and advantages.
@@ -641,7 +658,7 @@ def rl_step(cfg: RLConfig, step: int, *, policy, reference, teacher, tokenizer, 
             for idx, share in _update_weights(cfg, batch, agg):
                 mb = _rows(batch, idx.to(mask.device))
                 width = mb["input_ids"].shape[1]
-                hidden = hidden_states(policy, mb["input_ids"], mb["attention_mask"])
+                hidden = backbone_states(policy, mb, cfg.share_prompts)
                 ref_kw = {}
                 if "kl" in need_stats:
                     rw, rb = lm_head(reference)
