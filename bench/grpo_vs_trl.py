@@ -22,7 +22,8 @@ the reference model; with β = 0.04 both run a reference forward pass every step
   group_size=8, max_new_tokens=48, temperature=1.0, lr=1e-6, micro_batch_size=16, ppo_epochs=1, mini_batches=1)``.
   One step: rollout with tether's KV-cache sampler → reward → one no-grad reference pass (the update is
   on-policy, so no separate old-policy pass) → GRPO advantages → one forward/backward over the 16 sequences →
-  clip → AdamW → scheduler.
+  clip → AdamW → scheduler. The reference and update passes run each prompt once for its 8 completions
+  (``share_prompts``, the recipe's default; ``tether.prefix``); ``--tether-no-share`` turns that off.
 * ``trl_default``: ``GRPOTrainer`` with its defaults except what the comparison fixes: ``beta=0.04``,
   ``bf16=False``, ``per_device_train_batch_size=16`` (completions, i.e. 2 prompts), ``num_generations=8``,
   ``gradient_accumulation_steps=1``, ``steps_per_generation=1``, ``num_iterations=1``,
@@ -107,6 +108,7 @@ N_PROMPTS = 64  # the prompt pool; each step takes PROMPTS_PER_STEP of them (the
 PROMPTS_PER_STEP = 2
 GROUP_SIZE = 8
 MAX_NEW_TOKENS = 48
+SHARE_PROMPTS = True  # tether's RLConfig.share_prompts (--tether-no-share sets False)
 TEMPERATURE = 1.0
 LR = 1e-6
 BETA = 0.04
@@ -133,6 +135,7 @@ def rl_config(workdir: Path):
     from tether.recipes.online_rl import RLConfig
 
     return RLConfig(output_dir=str(workdir / "tether_run"), loss="grpo", kl_coef=BETA, kl_estimator="k3",
+                    share_prompts=SHARE_PROMPTS,
                     prompts_per_step=PROMPTS_PER_STEP, group_size=GROUP_SIZE, max_new_tokens=MAX_NEW_TOKENS,
                     temperature=TEMPERATURE, lr=LR, schedule="linear", warmup_ratio=0.0,
                     max_grad_norm=MAX_GRAD_NORM, micro_batch_size=16, ppo_epochs=1, mini_batches=1,
@@ -211,7 +214,7 @@ class TetherImpl:
 
     def info(self) -> dict:
         return {"agg": self.agg, "kl_coef": self.kl_ctl.value, "engine": self.cfg.engine,
-                "gradient_checkpointing": self.cfg.gradient_checkpointing,
+                "gradient_checkpointing": self.cfg.gradient_checkpointing, "share_prompts": self.cfg.share_prompts,
                 "micro_batch_size": self.cfg.micro_batch_size, "optimizer": "AdamW(fused=True)"}
 
     def step(self, step: int, chosen: list[int]) -> dict:
@@ -601,7 +604,7 @@ def print_table(result: dict) -> None:
 
 
 def main() -> None:
-    global MAX_NEW_TOKENS
+    global MAX_NEW_TOKENS, SHARE_PROMPTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6, help="timed interleaved rounds (after one warm-up round)")
     ap.add_argument("--rss-steps", type=int, default=1, help="steps after the warm-up in each peak-RSS child")
@@ -613,12 +616,15 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
                     help=f"completion length limit; the comparison is defined at {MAX_NEW_TOKENS}, smaller values are "
                          "for smoke runs only")
+    ap.add_argument("--tether-no-share", action="store_true",
+                    help="tether runs every completion's prompt through the model (share_prompts: false)")
     ap.add_argument("--out", default=str(OUT_FILE))
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--only", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     MAX_NEW_TOKENS = args.max_new_tokens  # read by every implementation and the sampler, here and in the children
+    SHARE_PROMPTS = not args.tether_no_share
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -653,7 +659,7 @@ def main() -> None:
                     "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "lr": LR, "beta": BETA,
                     "kl_estimator": "k3 (in the loss, both)", "max_grad_norm": MAX_GRAD_NORM,
                     "updates_per_step": 1, "timed_steps": args.steps, "warmup_steps": 1,
-                    "sampler_timed_rounds": args.sampler_rounds},
+                    "sampler_timed_rounds": args.sampler_rounds, "tether_share_prompts": SHARE_PROMPTS},
     }
     if MAX_NEW_TOKENS != ap.get_default("max_new_tokens"):
         meta["setting"]["note"] = "max_new_tokens changed: a smoke run, not the benchmark"
@@ -663,7 +669,8 @@ def main() -> None:
     rss = {}
     if not args.no_rss:  # children first, while this process is still small (the machine's memory is shared)
         jobs = {name: ["--only", name, "--rss-steps", str(args.rss_steps), "--max-new-tokens", str(MAX_NEW_TOKENS),
-                       "--workdir", str(workdir)] for name in names}
+                       "--workdir", str(workdir), *(["--tether-no-share"] if not SHARE_PROMPTS else [])]
+                for name in names}
         rss = _children(jobs, threads)
     t_children = time.perf_counter() - t_start
     inter = run_interleaved(names, args.steps, args.sampler_rounds, workdir)

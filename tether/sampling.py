@@ -208,7 +208,8 @@ def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, top_p, top_
         scaled = logits / temperature if temperature > 0 else logits
         logp_all = F.log_softmax(scaled, dim=-1)
         if temperature > 0:
-            probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
+            filtered = top_k and top_k < scaled.shape[-1] or top_p < 1.0
+            probs = _filter_logits(scaled, top_k, top_p).softmax(-1) if filtered else logp_all.exp()
             nxt = _draw(probs, gen)
         else:
             nxt = logits.argmax(-1)
