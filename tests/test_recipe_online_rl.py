@@ -9,6 +9,7 @@ non-zero. Oracles are computed independently of the recipe: full-logit forward p
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import time
 from pathlib import Path
@@ -145,9 +146,11 @@ def test_every_objective_trains(model_dir, tmp_path, loss):
     step sees ratio 1 (old log-probs are the policy's own); step 2 logs a positive exact KL exactly when step 1
     changed the weights."""
     reward = vowel_share
-    if loss == "disco":  # DisCO needs a binary verifier
+    if loss == "disco":  # DisCO needs a binary verifier; alternating 1/0 makes every group mixed
+        calls = itertools.count()
+
         def reward(prompt, completion, row):
-            return float(vowel_share(prompt, completion, row) > 0.15)
+            return float(next(calls) % 2)
     result = train(tiny(model_dir, tmp_path / loss, steps=2, loss=loss), reward=reward)
     for row in result.metrics:
         assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])

@@ -1,8 +1,10 @@
 """Loss functions: pure functions of tensors (log-probs, masks, hyperparameters in; losses out).
 
 Offline preference objectives live in ``preference.py``; online policy-gradient objectives (PPO-clip, GRPO, DAPO,
-GPG, CPGD) in ``policy.py``; KL-regularized successors (GVPO, DisCO, RPG, TROLL, Archer, critical-token KL, KDRL,
-APO, GRPO-CARE) in ``regularized.py``. Every one is importable from ``tether.losses`` by name.
+GPG, CPGD) in ``policy.py``; KL-regularized successors in the ``regularized`` package — GVPO, DisCO, RPG, KDRL, APO in
+``regularized/kl_objectives.py``, TROLL, Archer, critical-token KL in ``regularized/token_selective.py``, and the loop
+helpers (GRPO-CARE bonus and EMA reference, difficulty filter, reference resets) in ``regularized/loop_helpers.py``.
+Every one is importable from ``tether.losses`` by name.
 
 ``PREFERENCE_LOSSES`` maps the config name of each offline preference objective to a :class:`LossSpec` that
 tells the preference recipe which extra inputs to compute and whether the reference must run online over the
@@ -29,6 +31,7 @@ from tether.losses.policy import (
     kl_in_reward,
     kl_penalty,
     ppo_clip,
+    ppo_clip_per_token,
 )
 from tether.losses.preference import (
     F_DIVERGENCES,
@@ -143,6 +146,7 @@ __all__ = [
     # policy gradient
     "AGG_MODES", "KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "PolicyLossOutput", "aggregate",
     "cpgd", "dapo", "dapo_dynamic_sampling_mask", "gpg", "grpo", "kl_in_reward", "kl_penalty", "ppo_clip",
+    "ppo_clip_per_token",
     # KL-regularized successors
     "APOShaping", "EMAReference", "ReferenceResetSchedule", "TrustRegionProjection", "apo", "apo_shaping", "archer",
     "critical_token_kl", "difficulty_filter", "disco", "ema_update_", "grpo_care_bonus", "gvpo", "kdrl", "rpg",

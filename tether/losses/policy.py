@@ -73,12 +73,15 @@ __all__ = [
     "kl_in_reward",
     "kl_penalty",
     "ppo_clip",
+    "ppo_clip_per_token",
 ]
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KLEstimator = Literal["k1", "k2", "k3", "k3_is", "exact"]
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3", "k3_is", "exact")
+#: Log-ratios are clamped to ±this before ``exp`` (verl's convention); it only bites at ratios beyond e^±20.
+LOG_RATIO_CLAMP = 20.0
 
 
 class PolicyLossOutput(NamedTuple):
@@ -199,6 +202,37 @@ def _masked_mean(x: Tensor, valid: Tensor) -> float:
         return (torch.where(valid, x.to(torch.float64), 0.0).sum() / valid.sum().clamp(min=1)).item()
 
 
+def ppo_clip_per_token(
+    ratio: Tensor,
+    advantages: Tensor,
+    clip_eps_low: float | Tensor,
+    clip_eps_high: float | Tensor,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-token PPO-clip loss from the ratio, before masking and aggregation (no checks, no metrics).
+
+    Equation (spec §0; elementwise, minimized)::
+
+        L = max( −A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high) )          = −min(ρA, clip(ρ)A)
+        L = min( L, −c·A )   where A < 0                             (dual-clip, if ``dual_clip`` = c is given)
+
+    Shape: ``ratio`` (B, T); ``advantages`` broadcastable to it, e.g. (B, 1) or (B, T); ``clip_eps_*`` floats or
+    tensors broadcastable to (B, T) (Archer's per-token clip ranges). Returns ``(loss, clipped, dual_clipped)``, all
+    (B, T): ``clipped`` marks where the clipped term is active, ``dual_clipped`` where the dual-clip cap is (all False
+    without ``dual_clip``); the two never overlap for c > 1, and the gradient w.r.t. ρ is zero on both.
+    :func:`ppo_clip` is this plus input checks, inert padding, aggregation and metrics.
+    """
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    per_token = torch.maximum(unclipped, clipped)
+    clip_active = clipped > unclipped
+    if dual_clip is None:
+        return per_token, clip_active, torch.zeros_like(clip_active)
+    cap = -advantages * dual_clip
+    dual = (advantages < 0) & (per_token > cap)
+    return torch.where(advantages < 0, torch.minimum(per_token, cap), per_token), clip_active, dual
+
+
 def _clipped_surrogate(
     fn: str,
     logps: Tensor,
@@ -221,14 +255,9 @@ def _clipped_surrogate(
     log_ratio = _zero_padding(logps, valid) - _zero_padding(old_logps.detach(), valid)
     log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
-    per_token = torch.maximum(unclipped, clipped)
-    metrics = {"clip_frac": _masked_mean(clipped > unclipped, valid)}
+    per_token, clipped, dual = ppo_clip_per_token(ratio, adv, clip_eps_low, clip_eps_high, dual_clip)
+    metrics = {"clip_frac": _masked_mean(clipped, valid)}
     if dual_clip is not None:
-        cap = -adv * dual_clip
-        dual = (adv < 0) & (per_token > cap)
-        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
         metrics["clip_frac_lower"] = _masked_mean(dual, valid)
     metrics["ratio_mean"] = _masked_mean(ratio, valid)
     metrics["ppo_kl"] = _masked_mean(-log_ratio, valid)
@@ -252,7 +281,7 @@ def ppo_clip(
     dual_clip: float | None = 3.0,
     agg: AggMode = "token-mean",
     max_len: int | None = None,
-    log_ratio_clamp: float = 20.0,
+    log_ratio_clamp: float = LOG_RATIO_CLAMP,
 ) -> PolicyLossOutput:
     """PPO clipped surrogate per token, with clip-higher (ε_low ≠ ε_high) and dual-clip for negative advantages.
 
@@ -304,7 +333,7 @@ def kl_penalty(
     token_kl: Tensor | None = None,
     agg: AggMode = "token-mean",
     max_len: int | None = None,
-    log_ratio_clamp: float = 20.0,
+    log_ratio_clamp: float = LOG_RATIO_CLAMP,
 ) -> Tensor:
     """The KL term of a policy loss, ``aggregate(c_t·k_t)``, for every estimator the online recipe offers.
 
@@ -374,7 +403,7 @@ def grpo(
     dual_clip: float | None = None,
     agg: AggMode = "seq-mean-token-mean",
     max_len: int | None = None,
-    log_ratio_clamp: float = 20.0,
+    log_ratio_clamp: float = LOG_RATIO_CLAMP,
 ) -> PolicyLossOutput:
     """GRPO: PPO-clip on group-relative advantages plus a per-token KL penalty to π_ref in the LOSS.
 
@@ -454,7 +483,7 @@ def dapo(
     dual_clip: float | None = None,
     agg: AggMode = "token-mean",
     max_len: int | None = None,
-    log_ratio_clamp: float = 20.0,
+    log_ratio_clamp: float = LOG_RATIO_CLAMP,
 ) -> PolicyLossOutput:
     """DAPO: PPO-clip with decoupled clip range (clip-higher), token-level mean, no KL term.
 
@@ -524,7 +553,7 @@ def gpg(
     metrics: dict[str, float] = {}
     if old_logps is not None:
         log_ratio = (logps_v - _zero_padding(old_logps, valid)).detach()
-        metrics["ratio_mean"] = _masked_mean(torch.exp(log_ratio.clamp(-20.0, 20.0)), valid)
+        metrics["ratio_mean"] = _masked_mean(torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)), valid)
         metrics["ppo_kl"] = _masked_mean(-log_ratio, valid)
     return PolicyLossOutput(loss, metrics)
 
@@ -540,7 +569,7 @@ def cpgd(
     drift_clip: float = 2.0,
     agg: AggMode = "token-mean",
     max_len: int | None = None,
-    log_ratio_clamp: float = 20.0,
+    log_ratio_clamp: float = LOG_RATIO_CLAMP,
 ) -> PolicyLossOutput:
     """CPGD: policy gradient on the CLIPPED LOG-ratio plus a gradient-clipped policy-drift penalty KL(π_old‖π_θ).
 

@@ -101,11 +101,19 @@ def run(cfg: QuickstartConfig) -> dict:
     scores = _score(done, train_rows, reward)
 
     # 3. Best-vs-worst pairs.
-    by_prompt: dict[int, list[tuple[float, str]]] = {}
+    # An empty (or whitespace-only) sample cannot be a side of a preference pair: it is counted and left out.
+    by_prompt: dict[int, list[tuple[float, str]]] = {i: [] for i in done.prompt_index}
+    empty = 0
     for i, text, s in zip(done.prompt_index, done.texts, scores):
-        by_prompt.setdefault(i, []).append((s, text))
+        if text.strip():
+            by_prompt[i].append((s, text))
+        else:
+            empty += 1
     pairs, ties = [], 0
     for i, cands in sorted(by_prompt.items()):
+        if len(cands) < 2:
+            ties += 1
+            continue
         best, worst = max(cands, key=lambda c: c[0]), min(cands, key=lambda c: c[0])
         if best[0] == worst[0] or best[1].strip() == worst[1].strip():
             ties += 1
@@ -114,8 +122,8 @@ def run(cfg: QuickstartConfig) -> dict:
                       "chosen_reward": best[0], "rejected_reward": worst[0],
                       "n_constraints": train_rows[i]["n_constraints"]})
     write_jsonl(pairs, out / "pairs.jsonl")
-    print(f"pairs: {len(pairs)} from {len(train_rows)} prompts ({ties} skipped: all samples scored the same); "
-          f"mean sampled reward {sum(scores) / len(scores):.3f}")
+    print(f"pairs: {len(pairs)} from {len(train_rows)} prompts ({ties} skipped: fewer than two non-empty samples or "
+          f"all scored the same; {empty} empty samples left out); mean sampled reward {sum(scores) / len(scores):.3f}")
     if not pairs:
         raise RuntimeError("no preference pairs: every prompt's samples scored the same; raise samples_per_prompt")
 
@@ -139,7 +147,7 @@ def run(cfg: QuickstartConfig) -> dict:
     deltas = [a - b for a, b in zip(after["scores"], before["scores"])]
     report = {
         "config": dataclasses.asdict(cfg),
-        "pairs": len(pairs), "skipped_prompts_all_tied": ties,
+        "pairs": len(pairs), "skipped_prompts_all_tied": ties, "empty_samples_left_out": empty,
         "reward_before": {k: v for k, v in before.items() if k != "scores"},
         "reward_after": {k: v for k, v in after.items() if k != "scores"},
         "reward_gain": after["reward_mean"] - before["reward_mean"],
