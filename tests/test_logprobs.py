@@ -102,3 +102,48 @@ def test_model_glue_matches_hf_logits():
         logits = model(input_ids=ids, attention_mask=mask).logits
     plain = token_stats_plain(logits, labels)["logps"]
     _report("logps", chunked.detach(), plain, 1e-5)
+
+
+def test_tied_embedding_and_frozen_head_match_plain():
+    """The chunked backward hands the head's weight gradient to autograd as one buffer; with the weight also used as
+    an input embedding (tied, as in SmolLM2) both contributions must add up as in the plain path. With a frozen head
+    (LoRA) only the hidden states get a gradient."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = IGNORE_INDEX
+    labels[0, :9] = IGNORE_INDEX
+    upstream = torch.randn(B, T, generator=g)
+    w0 = torch.randn(V, H, generator=g) * 0.3
+    mix = torch.randn(H, H, generator=g) * 0.2
+
+    def run(chunked, frozen):
+        weight = w0.clone().requires_grad_(not frozen)
+        lift = mix.clone().requires_grad_(True)
+        hidden = torch.tanh(torch.nn.functional.embedding(ids, weight) @ lift)
+        if chunked:
+            out = token_stats(hidden, weight, labels, stats=("logps", "entropy"), chunk_size=10)
+        else:
+            out = token_stats_plain(hidden @ weight.T, labels, stats=("logps", "entropy"))
+        ((out["logps"] + 0.3 * out["entropy"]) * upstream).sum().backward()
+        return weight.grad, lift.grad
+
+    for frozen in (False, True):
+        (wc, lc), (wp, lp) = run(True, frozen), run(False, frozen)
+        _report("grad lift", lc, lp, 1e-5)
+        if frozen:
+            assert wc is None and wp is None
+        else:
+            _report("grad tied weight", wc, wp, 1e-5)
+
+
+def test_ref_logps_alone_and_no_labels():
+    """Only the reference statistic (nothing to differentiate) and a batch without any label take the no-graph
+    path and still return zeros / values of the right shape."""
+    hidden, weight, _, ref_hidden, ref_weight, labels, _ = _inputs(2)
+    out = token_stats(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, stats=("ref_logps",),
+                      chunk_size=8)
+    plain = token_stats_plain(hidden @ weight.T, labels, ref_logits=ref_hidden @ ref_weight.T, stats=("ref_logps",))
+    _report("ref_logps", out["ref_logps"], plain["ref_logps"], 1e-5)
+    empty = token_stats(hidden, weight, torch.full_like(labels, IGNORE_INDEX), stats=("logps",))
+    assert empty["logps"].shape == labels.shape and (empty["logps"] == 0).all()

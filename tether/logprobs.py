@@ -3,10 +3,14 @@
 A causal LM's logits for a batch of B sequences of length T over a vocabulary V take B·T·V floats — 200 MB in fp32
 for 8 × 128 tokens at SmolLM2's V = 49,152, and several copies of that live through the backward pass. tether never
 materialises them: ``token_stats`` selects the positions that carry a label (response tokens only — the prompt
-never needs its LM head), and walks over them ``chunk_size`` rows at a time. Each chunk runs under activation
-checkpointing, so the backward pass recomputes one chunk of logits at a time; peak extra memory is
-O(chunk_size · V), independent of batch and length. ``token_stats_plain`` is the naive twin over full logits; the
-two agree forward and backward to fp32 1e-5 (``tests/test_logprobs.py``).
+never needs its LM head), and walks over them ``chunk_size`` rows at a time, keeping no logits for the backward
+pass: ``_ChunkedHeadStats`` (a custom autograd function) saves only its inputs and recomputes one chunk of logits
+at a time in backward, so peak extra memory is O(chunk_size · V), independent of batch and length. Its backward
+accumulates the head's (V, H) weight gradient in place, over all chunks, into one buffer that it hands to
+autograd once; per-chunk activation checkpointing would instead create a fresh (V, H) gradient per chunk and sum
+them out of place (113 MB each for SmolLM2 in fp32). ``token_stats_plain`` is the naive twin over full logits; the
+two agree forward and backward to fp32 1e-5 (``tests/test_logprobs.py``). The chunked path does not support
+double backward (gradients of gradients).
 
 Label alignment (shared with ``tether.data``): ``labels[:, t]`` is the token predicted from position t, i.e.
 ``input_ids[:, t + 1]``; positions with ``ignore_index`` (prompt, padding, last position) are skipped and report 0.
@@ -29,7 +33,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from tether import kl as _kl
 
@@ -92,6 +95,65 @@ def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: f
     return logits / temperature if temperature != 1.0 else logits
 
 
+def _chunks(n: int, chunk_size: int) -> list[slice]:
+    return [slice(start, start + chunk_size) for start in range(0, n, chunk_size)]
+
+
+def _chunk_stats(h_c, y_c, rh_c, weight, bias, ref_weight, ref_bias, stats, temperature, risk_confidence):
+    """Statistics of one chunk of positions (no autograd bookkeeping of its own)."""
+    logits = _project(h_c, weight, bias, temperature)
+    ref_logits = None if rh_c is None else _project(rh_c, ref_weight, ref_bias, temperature)
+    return _stats_from_logits(logits, y_c, ref_logits, stats, risk_confidence)
+
+
+class _ChunkedHeadStats(torch.autograd.Function):
+    """Statistics of N positions through the LM head, chunk by chunk, with a recomputing backward.
+
+    Forward: (N, H) hidden states ``h``, (N,) labels ``y`` → one (N,) float32 tensor per statistic; nothing of the
+    logits is kept. Backward, per chunk of rows: recompute the raw logits z = h_c Wᵀ + b (no graph), take
+    g = ∂L/∂z through ``_stats_from_logits`` with autograd (so every statistic's gradient is the same code as the
+    plain path's), then ∂L/∂h_c = g W, ∂L/∂W += gᵀ h_c (``addmm_`` into one (V, H) buffer), ∂L/∂b += Σ_rows g.
+    The reference inputs (``rh``, ``ref_weight``, ``ref_bias``) are constants.
+    """
+
+    @staticmethod
+    def forward(ctx, h, y, weight, bias, rh, ref_weight, ref_bias, stats, chunk_size, temperature, risk_confidence):
+        ctx.save_for_backward(h, y, weight, bias, rh, ref_weight, ref_bias)
+        ctx.options = (stats, chunk_size, temperature, risk_confidence)
+        pieces = [_chunk_stats(h[sl], y[sl], None if rh is None else rh[sl], weight, bias, ref_weight, ref_bias,
+                               stats, temperature, risk_confidence) for sl in _chunks(h.shape[0], chunk_size)]
+        values = tuple(torch.cat([p[k] for p in pieces]) for k in range(len(stats)))
+        ctx.mark_non_differentiable(*[v for v, name in zip(values, stats) if name == "ref_logps"])
+        return values
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_values):
+        h, y, weight, bias, rh, ref_weight, ref_bias = ctx.saved_tensors
+        stats, chunk_size, temperature, risk_confidence = ctx.options
+        need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        differentiable = [k for k, name in enumerate(stats) if name != "ref_logps"]
+        for sl in _chunks(h.shape[0], chunk_size):
+            h_c = h[sl]
+            z = F.linear(h_c, weight, bias).requires_grad_()
+            ref_logits = None if rh is None else _project(rh[sl], ref_weight, ref_bias, temperature)
+            with torch.enable_grad():
+                values = _stats_from_logits(z / temperature if temperature != 1.0 else z, y[sl], ref_logits, stats,
+                                            risk_confidence)
+                (g,) = torch.autograd.grad([values[k] for k in differentiable], z,
+                                           [grad_values[k][sl] for k in differentiable])
+            if need_h:
+                torch.mm(g, weight, out=grad_h[sl])
+            if need_w:
+                grad_w = g.t().mm(h_c) if grad_w is None else grad_w.addmm_(g.t(), h_c)
+            if need_b:
+                grad_b += g.sum(0)
+        return grad_h, None, grad_w, grad_b, None, None, None, None, None, None, None
+
+
 def token_stats(
     hidden: Tensor,
     weight: Tensor,
@@ -134,22 +196,22 @@ def token_stats(
         rh = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]).index_select(0, flat)
         ref_weight, ref_bias = ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
 
-    def chunk_fn(h_c: Tensor, y_c: Tensor, rh_c: Tensor | None) -> tuple[Tensor, ...]:
-        logits = _project(h_c, weight, bias, temperature)
-        ref_logits = None if rh_c is None else _project(rh_c, ref_weight, ref_bias, temperature)
-        return tuple(_stats_from_logits(logits, y_c, ref_logits, stats, risk_confidence))
-
-    pieces: list[tuple[Tensor, ...]] = []
-    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    for start in range(0, h.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        args = (h[sl], y[sl], None if rh is None else rh[sl])
-        pieces.append(checkpoint(chunk_fn, *args, use_reentrant=False) if needs_grad else chunk_fn(*args))
+    n = h.shape[0]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
+    if n == 0:
+        values = [h.new_zeros(0, dtype=torch.float32) for _ in stats]
+    elif needs_grad and set(stats) != {"ref_logps"}:
+        values = _ChunkedHeadStats.apply(h, y, weight, bias, rh, ref_weight, ref_bias, stats, chunk_size,
+                                         temperature, risk_confidence)
+    else:
+        with torch.no_grad():
+            pieces = [_chunk_stats(h[sl], y[sl], None if rh is None else rh[sl], weight, bias, ref_weight,
+                                   ref_bias, stats, temperature, risk_confidence) for sl in _chunks(n, chunk_size)]
+        values = [torch.cat([p[k] for p in pieces]) for k in range(len(stats))]
 
     out = {}
     for k, name in enumerate(stats):
-        values = torch.cat([p[k] for p in pieces]) if pieces else h.new_zeros(0, dtype=torch.float32)
-        full = values.new_zeros(labels.numel()).index_put((flat,), values)
+        full = values[k].new_zeros(labels.numel()).index_put((flat,), values[k])
         out[name] = full.view(labels.shape)
     return out
 

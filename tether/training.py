@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-__all__ = ["set_seed", "make_optimizer", "make_scheduler", "save_checkpoint", "latest_checkpoint",
-           "load_trainer_state", "load_module_state", "load_weights", "save_pretrained_atomic", "MetricsLogger",
-           "read_metrics"]
+__all__ = ["set_seed", "make_optimizer", "contiguous_adam_state", "make_scheduler", "save_checkpoint",
+           "latest_checkpoint", "load_trainer_state", "load_module_state", "load_weights", "save_pretrained_atomic",
+           "MetricsLogger", "read_metrics"]
 
 
 def set_seed(seed: int) -> None:
@@ -36,17 +36,55 @@ def set_seed(seed: int) -> None:
 
 
 def make_optimizer(model, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                   eps: float = 1e-8) -> torch.optim.AdamW:
+                   eps: float = 1e-8, contiguous_state: bool = True) -> torch.optim.AdamW:
     """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors).
 
     The fused implementation updates each parameter in one pass: on CPU it is ~5× faster than the default
     multi-tensor ("foreach") path and allocates no parameter-sized temporaries, which lowers peak memory.
+
+    ``contiguous_state``: AdamW's moments are created, at the first step as torch does, as views into one
+    contiguous buffer per (device, dtype) (``contiguous_adam_state``) instead of two allocations per parameter.
+    The values and the update are identical; only where the memory lives changes (see that function).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=True)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=True)
+    if contiguous_state:
+        optimizer.register_step_pre_hook(contiguous_adam_state)
+    return optimizer
+
+
+def contiguous_adam_state(optimizer: torch.optim.Optimizer, args=(), kwargs=None) -> None:
+    """Create the state of every parameter about to get its first AdamW update — ``step`` = 0 and zero
+    ``exp_avg`` / ``exp_avg_sq`` — with both moments as views into ONE contiguous zero buffer per (device, dtype).
+
+    A step pre-hook (``make_optimizer`` registers it), so the state appears exactly when torch's lazy
+    initialization would create it, for the same parameters (those with a gradient), with the same values, dtypes
+    and shapes (``tests/test_training.py`` checks the updates against a plain AdamW bit for bit). Parameters that
+    already have state (e.g. after ``load_state_dict``) are left alone; only fused, non-amsgrad AdamW groups are
+    handled, others keep torch's own initialization.
+
+    Why: torch allocates the moments as two tensors per parameter, mostly 0.4–3.5 MB each for a small LM, from the
+    allocator's heap (glibc malloc on Linux), at the first step, in the gaps left by that step's freed
+    activations. These live for the whole run and pin the heap around them, so freed activation memory between them
+    stays resident. One buffer (1 GB for SmolLM2-135M) is a separate mapping outside the heap. Measured on the DPO
+    step of ``bench/dpo_vs_trl.py`` (SmolLM2-135M, fp32, CPU): ~60 MB lower peak RSS, no speed change.
+    """
+    new: dict[tuple, list[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        if not group.get("fused") or group.get("amsgrad"):
+            continue
+        for p in group["params"]:
+            if p.grad is not None and not optimizer.state[p] and p.is_contiguous():
+                new.setdefault((p.device, p.dtype), []).append(p)
+    for (device, dtype), params in new.items():
+        sizes = [p.numel() for p in params]
+        moments = torch.zeros(2, sum(sizes), device=device, dtype=dtype).split(sizes, dim=1)
+        for p, m in zip(params, moments):
+            optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=device),  # torch's fused init
+                                  "exp_avg": m[0].view_as(p), "exp_avg_sq": m[1].view_as(p)}
 
 
 def make_scheduler(optimizer, *, schedule: str, warmup_steps: int, total_steps: int):
