@@ -147,3 +147,32 @@ def test_ref_logps_alone_and_no_labels():
     _report("ref_logps", out["ref_logps"], plain["ref_logps"], 1e-5)
     empty = token_stats(hidden, weight, torch.full_like(labels, IGNORE_INDEX), stats=("logps",))
     assert empty["logps"].shape == labels.shape and (empty["logps"] == 0).all()
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_embedding_grad_in_place_matches_autograd(checkpointed):
+    """``hidden_states(..., embedding_grad_in_place=True)`` + ``.backward()`` leaves every parameter's ``.grad``
+    (the tied embedding/LM head included, padding rows receiving none) equal to the ordinary autograd path's, also
+    when gradients accumulate over two backward passes."""
+    from tether.models import enable_gradient_checkpointing
+
+    grads = []
+    for in_place in (False, True):
+        model = tiny_model(hidden_size=64, num_layers=2).train()
+        if checkpointed:
+            enable_gradient_checkpointing(model)
+        w, b = lm_head(model)
+        for seed in (0, 1):  # two micro-batches, accumulated
+            g = torch.Generator().manual_seed(seed)
+            ids = torch.randint(0, 259, (3, 9), generator=g)
+            ids[0, 6:] = model.config.pad_token_id  # padding rows of the embedding get no gradient
+            mask = (ids != model.config.pad_token_id).long()
+            labels = torch.where(torch.rand(3, 9, generator=g) < 0.6, torch.roll(ids, -1, 1), IGNORE_INDEX)
+            labels[mask == 0] = IGNORE_INDEX
+            hidden = hidden_states(model, ids, mask, embedding_grad_in_place=in_place)
+            out = token_stats(hidden, w, labels, bias=b, stats=("logps", "entropy"), chunk_size=5)
+            (out["logps"].sum() + 0.3 * out["entropy"].sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)

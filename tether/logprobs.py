@@ -28,6 +28,7 @@ Statistics (each a (B, T) tensor, zero where masked):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -120,6 +121,7 @@ class _ChunkedHeadStats(torch.autograd.Function):
     def forward(ctx, h, y, weight, bias, rh, ref_weight, ref_bias, stats, chunk_size, temperature, risk_confidence):
         ctx.save_for_backward(h, y, weight, bias, rh, ref_weight, ref_bias)
         ctx.options = (stats, chunk_size, temperature, risk_confidence)
+        ctx.set_materialize_grads(False)  # a statistic the loss does not use arrives as None and is skipped
         pieces = [_chunk_stats(h[sl], y[sl], None if rh is None else rh[sl], weight, bias, ref_weight, ref_bias,
                                stats, temperature, risk_confidence) for sl in _chunks(h.shape[0], chunk_size)]
         values = tuple(torch.cat([p[k] for p in pieces]) for k in range(len(stats)))
@@ -135,16 +137,21 @@ class _ChunkedHeadStats(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = None
         grad_b = torch.zeros_like(bias) if need_b else None
-        differentiable = [k for k, name in enumerate(stats) if name != "ref_logps"]
+        live = [k for k, name in enumerate(stats) if name != "ref_logps" and grad_values[k] is not None]
+        if not live:
+            return (None,) * 11
+        live_stats = tuple(stats[k] for k in live)
+        # The reference logits are recomputed only when a statistic with a gradient needs them (a KL that is only
+        # logged costs nothing here).
+        use_ref = rh is not None and any(name in ("kl", "forward_kl", "risk") for name in live_stats)
         for sl in _chunks(h.shape[0], chunk_size):
             h_c = h[sl]
             z = F.linear(h_c, weight, bias).requires_grad_()
-            ref_logits = None if rh is None else _project(rh[sl], ref_weight, ref_bias, temperature)
+            ref_logits = _project(rh[sl], ref_weight, ref_bias, temperature) if use_ref else None
             with torch.enable_grad():
-                values = _stats_from_logits(z / temperature if temperature != 1.0 else z, y[sl], ref_logits, stats,
-                                            risk_confidence)
-                (g,) = torch.autograd.grad([values[k] for k in differentiable], z,
-                                           [grad_values[k][sl] for k in differentiable])
+                values = _stats_from_logits(z / temperature if temperature != 1.0 else z, y[sl], ref_logits,
+                                            live_stats, risk_confidence)
+                (g,) = torch.autograd.grad(values, z, [grad_values[k][sl] for k in live])
             if need_h:
                 torch.mm(g, weight, out=grad_h[sl])
             if need_w:
@@ -256,10 +263,36 @@ def lm_head(model) -> tuple[Tensor, Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
-def hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """(B, T, H) final hidden states (after the final norm) from the model's backbone, without the LM head."""
+def hidden_states(model, input_ids: Tensor, attention_mask: Tensor, *, embedding_grad_in_place: bool = False) -> Tensor:
+    """(B, T, H) final hidden states (after the final norm) from the model's backbone, without the LM head.
+
+    ``embedding_grad_in_place``: for ``.backward()`` callers (the recipes) — the input-embedding lookup's gradient
+    is added straight into ``embedding.weight.grad`` (``index_add_`` of the (B, T, H) gradient) instead of through
+    autograd, which would first build a dense (V, H) gradient (113 MB for SmolLM2 in fp32) and add it to the tied LM
+    head's. Same gradient (``tests/test_logprobs.py``), less peak memory. Not for ``torch.autograd.grad``: that
+    contribution lands in ``.grad``, not in the returned gradients. Applies to a plain ``nn.Embedding`` whose weight
+    is trained (without ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``); anything else takes the ordinary path.
+    """
     backbone = _unwrap(model).get_decoder()
-    return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    emb = backbone.get_input_embeddings()
+    if not (embedding_grad_in_place and torch.is_grad_enabled() and type(emb) is torch.nn.Embedding
+            and emb.weight.requires_grad and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse):
+        return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    embeds = F.embedding(input_ids, emb.weight.detach()).requires_grad_()
+    embeds.register_hook(functools.partial(_add_embedding_grad, emb.weight, input_ids, emb.padding_idx))
+    return backbone(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def _add_embedding_grad(weight: Tensor, input_ids: Tensor, padding_idx: int | None, grad: Tensor) -> None:
+    """d loss / d weight[v] += Σ over positions holding token v of d loss / d embedding (the padding row gets none,
+    as ``nn.Embedding`` does)."""
+    ids, g = input_ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+    if padding_idx is not None:
+        keep = ids != padding_idx
+        ids, g = ids[keep], g[keep]
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    weight.grad.index_add_(0, ids, g.to(weight.grad.dtype))
 
 
 def sequence_sums(per_token: Tensor, labels: Tensor) -> Tensor:

@@ -292,8 +292,10 @@ def preference_step(policy, batch, *, cfg: PreferenceConfig, ref_logps=None, ref
         stats += ["ref_logps", "kl"]
         stats += ["forward_kl"] if "seq_kl" in spec.needs else []
         stats += ["risk"] if "seq_risk" in spec.needs else []
-    per_token = token_stats(hidden_states(policy, ids, mask), weight, labels, bias=bias, stats=stats,
-                            chunk_size=cfg.chunk_size, risk_confidence=cfg.risk_confidence, **ref_kw)
+    # The callers run .backward(), so the embedding gradient may go straight into .grad (less peak memory).
+    hidden = hidden_states(policy, ids, mask, embedding_grad_in_place=True)
+    per_token = token_stats(hidden, weight, labels, bias=bias, stats=stats, chunk_size=cfg.chunk_size,
+                            risk_confidence=cfg.risk_confidence, **ref_kw)
     seq = {name: sequence_sums(value, labels) for name, value in per_token.items()}
 
     policy_logps = seq["logps"]
