@@ -1,6 +1,6 @@
 """Benchmark: one online-RL (GRPO) step of tether vs TRL's GRPOTrainer, embedded SmolLM2-135M-Instruct, CPU, fp32.
 
-    python bench/grpo_vs_trl.py            # writes bench/results/grpo_vs_trl.json (~10 min on 2 quiet cores)
+    python bench/grpo_vs_trl.py            # writes bench/results/grpo_vs_trl.json (~15 min on 2 quiet cores)
     python bench/grpo_vs_trl.py --steps 1 --rss-steps 0 --sampler-rounds 1 --max-new-tokens 8 --no-write  # smoke
     python bench/grpo_vs_trl.py --impls tether,trl_nogc --out other.json    # another TRL setting
 
