@@ -195,9 +195,10 @@ class TetherImpl:
         from tether.data import collate_preference, load_preference_dataset
         from tether.models import enable_gradient_checkpointing, load_model, load_tokenizer
         from tether.recipes.preference import PreferenceConfig, _cached_reference, preference_step
-        from tether.training import make_optimizer, make_scheduler, set_seed
+        from tether.training import make_optimizer, make_scheduler, release_freed_memory, set_seed
 
         self.torch, self.collate, self.preference_step = torch, collate_preference, preference_step
+        self.release_freed_memory = release_freed_memory
         path = _write_rows(rows, workdir)
         out_dir = workdir / "tether_run"
         self.cfg = PreferenceConfig(train_file=str(path), output_dir=str(out_dir), loss="dpo",
@@ -238,6 +239,7 @@ class TetherImpl:
         t0 = time.perf_counter()
         batch = self.collate([self.examples[i] for i in idx], self.tokenizer.pad_token_id)
         loss, metrics = self.preference_step(self.policy, batch, cfg=self.cfg, ref_logps=self.ref_logps[idx])
+        self.release_freed_memory()  # as the recipe does before each backward
         (loss.sum() / len(idx)).backward()
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), MAX_GRAD_NORM)
         t1 = time.perf_counter()

@@ -70,6 +70,7 @@ from tether.training import (
     make_optimizer,
     make_scheduler,
     read_metrics,
+    release_freed_memory,
     save_checkpoint,
     save_pretrained_atomic,
     set_seed,
@@ -685,6 +686,7 @@ def rl_step(cfg: RLConfig, step: int, *, policy, reference, teacher, tokenizer, 
                                          agg=kl_agg, max_len=cfg.max_new_tokens)
                     loss = loss + beta * kl_term
                     out.metrics["kl_term"] = kl_term.item()
+                release_freed_memory()  # lower peak RSS: the backward pass is where the gradients appear
                 (loss * share).backward()
                 out.metrics["loss"] = loss.item()
                 if on_policy_single:  # the exact KL and entropy of the sampling policy, from this forward pass

@@ -56,6 +56,7 @@ from tether.training import (
     load_weights,
     make_optimizer,
     make_scheduler,
+    release_freed_memory,
     save_checkpoint,
     save_pretrained_atomic,
     set_seed,
@@ -434,6 +435,7 @@ def train(cfg: PreferenceConfig) -> TrainResult:
                 policy, batch, cfg=cfg, ref_model=ref,
                 ref_logps=None if ref_logps is None else ref_logps[idx],
                 kl_batch=kl_batch, kl_ref_logps=None if kl_ref_logps is None else kl_ref_logps[idx])
+            release_freed_memory()  # lower peak RSS: the backward pass is where the gradients appear
             (loss.sum() / n_pairs).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
