@@ -35,21 +35,28 @@ def _report(name, a, b, atol):
         raise AssertionError(f"{name}: {int(bad.sum())} mismatches, first at {idx}: {a[bad][:5]} vs {b[bad][:5]}")
 
 
+# (computed statistics, statistics the loss uses): every statistic with a gradient; the log-probs alone (the
+# backward's closed-form path); log-probs in the loss with an exact KL that is only logged (no gradient).
+STAT_CASES = {"all": (STATS, STATS), "logps": (("logps",), ("logps",)),
+              "logps_logged_kl": (("logps", "kl"), ("logps",))}
+
+
+@pytest.mark.parametrize("case", sorted(STAT_CASES))
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_matches_plain_forward_and_backward(chunk_size, temperature):
+def test_chunked_matches_plain_forward_and_backward(chunk_size, temperature, case):
     hidden, weight, bias, ref_hidden, ref_weight, labels, upstream = _inputs()
-    stats = STATS
+    stats, used = STAT_CASES[case]
 
     chunked = token_stats(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
                           stats=stats, chunk_size=chunk_size, temperature=temperature)
-    loss_c = sum((chunked[s] * upstream[s]).sum() for s in stats)
+    loss_c = sum((chunked[s] * upstream[s]).sum() for s in used)
     grads_c = torch.autograd.grad(loss_c, (hidden, weight, bias))
 
     logits = hidden @ weight.T + bias
     ref_logits = ref_hidden @ ref_weight.T
     plain = token_stats_plain(logits, labels, ref_logits=ref_logits, stats=stats, temperature=temperature)
-    loss_p = sum((plain[s] * upstream[s]).sum() for s in stats)
+    loss_p = sum((plain[s] * upstream[s]).sum() for s in used)
     grads_p = torch.autograd.grad(loss_p, (hidden, weight, bias))
 
     for s in stats:

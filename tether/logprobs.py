@@ -146,12 +146,16 @@ class _ChunkedHeadStats(torch.autograd.Function):
         use_ref = rh is not None and any(name in ("kl", "forward_kl", "risk") for name in live_stats)
         for sl in _chunks(h.shape[0], chunk_size):
             h_c = h[sl]
-            z = F.linear(h_c, weight, bias).requires_grad_()
-            ref_logits = _project(rh[sl], ref_weight, ref_bias, temperature) if use_ref else None
-            with torch.enable_grad():
-                values = _stats_from_logits(z / temperature if temperature != 1.0 else z, y[sl], ref_logits,
-                                            live_stats, risk_confidence)
-                (g,) = torch.autograd.grad(values, z, [grad_values[k][sl] for k in live])
+            if live_stats == ("logps",):
+                g = _logps_grad_logits(F.linear(h_c, weight, bias), y[sl], grad_values[live[0]][sl], temperature)
+            else:
+                z = F.linear(h_c, weight, bias).requires_grad_()
+                ref_logits = _project(rh[sl], ref_weight, ref_bias, temperature) if use_ref else None
+                with torch.enable_grad():
+                    values = _stats_from_logits(z / temperature if temperature != 1.0 else z, y[sl], ref_logits,
+                                                live_stats, risk_confidence)
+                    (g,) = torch.autograd.grad(values, z, [grad_values[k][sl] for k in live])
+                del z, values
             if need_h:
                 torch.mm(g, weight, out=grad_h[sl])
             if need_w:
@@ -159,6 +163,20 @@ class _ChunkedHeadStats(torch.autograd.Function):
             if need_b:
                 grad_b += g.sum(0)
         return grad_h, None, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _logps_grad_logits(z: Tensor, labels: Tensor, grad_out: Tensor, temperature: float) -> Tensor:
+    """∂L/∂z for L = Σ_n grad_out[n] · log softmax(z[n] / T)[labels[n]], which is
+    grad_out · (onehot(label) − softmax(z / T)) / T, computed in ``z``'s own buffer (one (N, V) tensor where
+    autograd through ``log_softmax`` and ``gather`` holds four): the common case of DPO and policy-gradient
+    losses, which use the log-probs alone."""
+    z = z.float()
+    if temperature != 1.0:
+        z.div_(temperature)
+    probs = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True)).exp_()
+    g = probs.mul_(-grad_out.unsqueeze(-1))
+    g[torch.arange(len(labels), device=g.device), labels] += grad_out
+    return g.div_(temperature) if temperature != 1.0 else g
 
 
 def token_stats(
