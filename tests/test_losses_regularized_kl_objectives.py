@@ -353,26 +353,31 @@ def test_rpg_reinforce_clip_gates():
     assert passes == [True, False, True, False, True, False]
 
 
-@pytest.mark.parametrize("style", ["reinforce", "differentiable"])
-def test_rpg_reverse_kl_bandit_converges_to_tilted_reference(style):
-    """Gradient descent on the exact on-policy expectation of the RPG reverse-KL loss, fixed reference: the fixed point
-    is π* ∝ π_ref·exp(R/β) (the reverse-KL-regularized optimum)."""
-    ref, reward, target = bandit(seed=0)
-    beta, K_arms = 0.5, ref.shape[0]
-    theta = torch.zeros(K_arms, dtype=F64, requires_grad=True)
-    for _ in range(60):
+def _rpg_bandit_policy(ref: torch.Tensor, reward: torch.Tensor, *, kl: str, style: str, beta: float,
+                       steps: int) -> torch.Tensor:
+    """π after ``steps`` of gradient descent on the exact on-policy expectation of the RPG loss (fixed reference)."""
+    theta = torch.zeros(ref.shape[0], dtype=F64, requires_grad=True)
+    for _ in range(steps):
         lp = torch.log_softmax(theta, -1)
         old = lp.detach()
         adv = reward - (old.exp() * reward).sum()
 
         def loss(a, lp=lp, old=old, adv=adv):
             return rpg(lp[a].view(1, 1), old[a].view(1, 1), adv[a].view(1), ONE, ref_logps=ref[a].view(1, 1),
-                       kl="rkl", style=style, beta=beta).loss  # fmt: skip
+                       kl=kl, style=style, beta=beta).loss  # fmt: skip
 
         grad = _expected_grad(loss, theta, old.exp())
         with torch.no_grad():
             theta -= 3.0 * grad
-    dist = tv(torch.softmax(theta.detach(), -1), target)
+    return torch.softmax(theta.detach(), -1)
+
+
+@pytest.mark.parametrize("style", ["reinforce", "differentiable"])
+def test_rpg_reverse_kl_bandit_converges_to_tilted_reference(style):
+    """Gradient descent on the exact on-policy expectation of the RPG reverse-KL loss, fixed reference: the fixed point
+    is π* ∝ π_ref·exp(R/β) (the reverse-KL-regularized optimum)."""
+    ref, reward, target = bandit(seed=0)
+    dist = tv(_rpg_bandit_policy(ref, reward, kl="rkl", style=style, beta=0.5, steps=60), target)
     print(f"RPG reverse-KL ({style}) bandit: TV(π, π*) = {dist:.2e}")
     assert dist < 0.02
 
@@ -386,20 +391,7 @@ def test_rpg_forward_kl_bandit_fixed_point_is_mass_covering():
         lam = 0.5 * (lo + hi)
         lo, hi = (lam, hi) if (beta * ref.exp() / (lam - reward)).sum() > 1 else (lo, lam)
     target = beta * ref.exp() / (lam - reward)
-    theta = torch.zeros(ref.shape[0], dtype=F64, requires_grad=True)
-    for _ in range(120):
-        lp = torch.log_softmax(theta, -1)
-        old = lp.detach()
-        adv = reward - (old.exp() * reward).sum()
-
-        def loss(a, lp=lp, old=old, adv=adv):
-            return rpg(lp[a].view(1, 1), old[a].view(1, 1), adv[a].view(1), ONE, ref_logps=ref[a].view(1, 1),
-                       kl="fkl", style="reinforce", beta=beta).loss  # fmt: skip
-
-        grad = _expected_grad(loss, theta, old.exp())
-        with torch.no_grad():
-            theta -= 3.0 * grad
-    p = torch.softmax(theta.detach(), -1)
+    p = _rpg_bandit_policy(ref, reward, kl="fkl", style="reinforce", beta=beta, steps=120)
     print(f"RPG forward-KL bandit: TV(π, β·π_ref/(λ−R)) = {tv(p, target):.2e}, TV(π, tilt) = {tv(p, tilt):.2e}")
     assert tv(p, target) < 0.02 and tv(target, tilt) > 0.01
 
