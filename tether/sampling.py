@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tether.decode import LlamaDecoder, supports
+
 __all__ = ["Completions", "render_prompts", "sample"]
 
 
@@ -197,6 +199,11 @@ def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, top_p, top_
         cache.batch_repeat_interleave(n)
         logits, mask, positions = (t.repeat_interleave(n, dim=0) for t in (logits, mask, positions))
     rows = P * n
+    decoder = None
+    if supports(model):  # one-token steps through tether.decode (same logits, faster on small batches)
+        decoder = LlamaDecoder(model)
+        decoder.start(cache, mask, max_new_tokens)
+        cache = None
     alive = torch.arange(rows, device=device)  # which original row each live batch row is
     next_pos = positions[:, -1] + 1
     tokens: list[list[int]] = [[] for _ in range(rows)]
@@ -231,10 +238,16 @@ def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, top_p, top_
             break
         if len(keep) < len(alive):
             idx = torch.tensor(keep, device=device)
-            cache.batch_select_indices(idx)
+            if decoder is not None:
+                decoder.keep(idx)
+            else:
+                cache.batch_select_indices(idx)
             alive, nxt, mask, next_pos = alive[idx], nxt[idx], mask[idx], next_pos[idx]
-        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-        logits = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos.unsqueeze(-1),
-                       use_cache=True, **{cache_kw: cache}).logits[:, -1]
+        if decoder is not None:
+            logits = decoder.step(nxt, next_pos)
+        else:
+            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+            logits = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos.unsqueeze(-1),
+                           use_cache=True, **{cache_kw: cache}).logits[:, -1]
         next_pos = next_pos + 1
     return [(tokens[r], logps[r], finished[r]) for r in range(rows)]
