@@ -59,6 +59,7 @@ def measure_kl(policy, reference, tokenizer, prompts, *, samples_per_prompt: int
                 labels[r, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c)
         weight, bias = lm_head(policy)
         ref_weight, ref_bias = lm_head(reference)
+        ids, mask, labels = (t.to(weight.device) for t in (ids, mask, labels))
         stats = token_stats(hidden_states(policy, ids, mask), weight, labels, bias=bias,
                             ref_hidden=hidden_states(reference, ids, mask), ref_weight=ref_weight, ref_bias=ref_bias,
                             stats=("logps", "ref_logps", "kl"), chunk_size=chunk_size)
