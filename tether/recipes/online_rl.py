@@ -399,10 +399,13 @@ def _rows(batch: dict[str, Any], idx: torch.Tensor) -> dict[str, Any]:
 
 @torch.no_grad()
 def score_rollouts(policy, reference, batch: dict, *, temperature: float, chunk_size: int, micro_batch_size: int,
-                   need_policy: bool, teacher=None, share_prompts: bool = True) -> dict[str, torch.Tensor]:
+                   need_policy: bool, teacher=None, share_prompts: bool = True,
+                   ref_logps: bool = True) -> dict[str, torch.Tensor]:
     """No-grad per-token statistics of a rollout batch: reference log-probs, and — when ``need_policy`` — the
     policy's log-probs (the "old" policy of the coming updates), its entropy and the exact KL(π‖π_ref) per token.
-    The reference's final hidden states are kept for an exact-KL term in the loss (``ref_hidden``)."""
+    The reference's final hidden states are kept (``ref_hidden``) for the update pass, which computes the exact
+    KL — and, with ``ref_logps=False`` (one on-policy update), the reference log-probs too, so the reference's
+    LM head runs once per step."""
     B = batch["input_ids"].shape[0]
     out: dict[str, list[torch.Tensor]] = {}
     w, b = lm_head(policy)
@@ -418,7 +421,7 @@ def score_rollouts(policy, reference, batch: dict, *, temperature: float, chunk_
             pieces.update(token_stats(hidden, w, mb["labels"], bias=b, ref_hidden=ref_hidden, ref_weight=rw,
                                       ref_bias=rb, stats=("logps", "ref_logps", "kl", "entropy"),
                                       chunk_size=chunk_size, temperature=temperature))
-        else:
+        elif ref_logps:
             pieces["ref_logps"] = token_stats(ref_hidden, rw, mb["labels"], bias=rb, chunk_size=chunk_size,
                                               temperature=temperature)["logps"]
         if teacher is not None:
@@ -624,7 +627,8 @@ def rl_step(cfg: RLConfig, step: int, *, policy, reference, teacher, tokenizer, 
     on_policy_single = cfg.ppo_epochs == 1 and cfg.mini_batches == 1 and cfg.kl_placement == "loss"
     stats = score_rollouts(policy, reference, batch, temperature=cfg.temperature, chunk_size=cfg.chunk_size,
                            micro_batch_size=cfg.micro_batch_size, need_policy=not on_policy_single,
-                           teacher=teacher if "teacher_logps" in spec.needs else None, share_prompts=cfg.share_prompts)
+                           teacher=teacher if "teacher_logps" in spec.needs else None, share_prompts=cfg.share_prompts,
+                           ref_logps=not on_policy_single)
     beta = kl_ctl.value
 
     # 4-5. KL in the reward (from the sampler's log-probs) and advantages.
@@ -649,6 +653,8 @@ def rl_step(cfg: RLConfig, step: int, *, policy, reference, teacher, tokenizer, 
     exact_in_loss = cfg.kl_placement == "loss" and cfg.kl_estimator == "exact" and beta > 0
     if on_policy_single or exact_in_loss:
         need_stats.append("kl")
+    if on_policy_single:  # the reference log-probs come from this pass's reference head (see score_rollouts)
+        need_stats.append("ref_logps")
     n_groups = len(rows)
     per_mini = n_groups // cfg.mini_batches
     for epoch in range(cfg.ppo_epochs):
@@ -668,7 +674,7 @@ def rl_step(cfg: RLConfig, step: int, *, policy, reference, teacher, tokenizer, 
                                   chunk_size=cfg.chunk_size, temperature=cfg.temperature, **ref_kw)
                 logps = tok["logps"]
                 old = logps.detach() if on_policy_single else stats["logps"][idx, :width]
-                ref_logps = stats["ref_logps"][idx, :width]
+                ref_logps = tok["ref_logps"] if on_policy_single else stats["ref_logps"][idx, :width]
                 loss_mask = mb["loss_mask"]
                 inputs = {"ref_logps": ref_logps, "entropy": tok.get("entropy")}
                 if "teacher_logps" in stats:
