@@ -52,6 +52,13 @@ def test_shared_prompt_forward_matches_plain(order):
     assert_same_values_and_grads(model, *batch(PROMPTS, COMPLETIONS, order))
 
 
+def test_group_ids_are_labels_not_positions():
+    """A mini-batch holds some of a step's groups: ids like 7, 3, 12 (the prompts' indices), in any order."""
+    model = tiny_model(hidden_size=64, num_layers=2).train()
+    ids, mask, prompt_len, group = batch(PROMPTS, COMPLETIONS, [4, 0, 7, 2, 5, 1, 6, 3])
+    assert_same_values_and_grads(model, ids, mask, prompt_len, torch.tensor([7, 3, 12])[group])
+
+
 def test_rows_without_completion_and_single_rows():
     model = tiny_model(hidden_size=64, num_layers=2).train()
     assert_same_values_and_grads(model, *batch([[5, 6, 7], [8, 9]], [[[], []], [[3, 4, 5]]]))

@@ -1,11 +1,15 @@
 """Hidden states of completion groups that share their prompt, with each prompt run through the model once.
 
 An online-RL batch holds G completions of every prompt. The plain forward pass (``tether.logprobs.hidden_states``
-over right-padded prompt + completion rows) pushes each prompt through the backbone G times. Here each group's
-prompt is run once, its per-layer keys and values are repeated G times, and the completions continue from them:
+over right-padded prompt + completion rows) pushes each prompt through the backbone G times. Here every prompt is
+run once, its per-layer keys and values are picked for each of its rows, and the completions continue from them —
+two batched passes for the whole micro-batch, however many groups it holds:
 
-    prefix  = backbone(prompt)                       (1, L, H)  + cache of the L prompt positions
-    suffix  = backbone(completions | cache)          (G, C, H)  positions L … L + C − 1
+    prefix  = backbone(prompts)                      (n, L, H)  right-padded, + cache of the L prompt slots
+    suffix  = backbone(completions | cache[group])   (B, C, H)  position ids prompt_len … prompt_len + C − 1
+
+A shorter prompt's padding slots sit between its last token and its completion in the cache; the attention mask
+hides them, and the position ids continue from the prompt's true length, so RoPE sees the plain pass's positions.
 
 Causal attention makes this the same computation as the plain pass at every non-padding position (the prompt's
 states do not depend on what follows; a completion token attends to the prompt's keys/values, which are the same
@@ -55,27 +59,43 @@ def shared_prefix_hidden_states(model, input_ids: Tensor, attention_mask: Tensor
     if checkpointed and base.training:
         return hidden_states(model, input_ids, attention_mask) * attention_mask.unsqueeze(-1)
     B, T = input_ids.shape
-    lengths = attention_mask.sum(-1)
     device = input_ids.device
-    pieces, order = [], []
-    for g in torch.unique(group, sorted=False).tolist():
-        rows = (group == g).nonzero().squeeze(-1)
-        L = int(prompt_len[rows[0]])
-        prompt = input_ids[rows[0], :L]
-        if bool((prompt_len[rows] != L).any()) or not torch.equal(input_ids[rows, :L], prompt.expand(len(rows), L)):
-            raise ValueError(f"shared_prefix_hidden_states: rows {rows.tolist()} of group {g} do not share a prompt")
-        cache = DynamicCache()
-        prefix = backbone(input_ids=prompt[None], use_cache=True, **{cache_kw: cache}).last_hidden_state
-        parts = [prefix.expand(len(rows), L, prefix.shape[-1])]
-        width = int(lengths[rows].max()) - L
-        if width > 0:
-            cache.batch_repeat_interleave(len(rows))
-            positions = torch.arange(L, L + width, device=device).expand(len(rows), width)
-            parts.append(backbone(input_ids=input_ids[rows, L:L + width], position_ids=positions, use_cache=True,
-                                  **{cache_kw: cache}).last_hidden_state)
-        h = torch.cat(parts, dim=1)
-        keep = (torch.arange(h.shape[1], device=device) < lengths[rows, None]).unsqueeze(-1)
-        pieces.append(torch.nn.functional.pad(h * keep, (0, 0, 0, T - h.shape[1])))
-        order.append(rows)
-    out = torch.cat(pieces)
-    return out[torch.argsort(torch.cat(order))]
+    lengths = attention_mask.sum(-1)
+    # Groups → 0..n-1; each group's prompt is taken from its first row and checked against every row.
+    _, row_group = torch.unique(group, return_inverse=True)
+    n = int(row_group.max()) + 1
+    first = torch.full((n,), B, device=device).scatter_reduce(0, row_group, torch.arange(B, device=device), "amin")
+    group_len = prompt_len[first]
+    L = int(group_len.max())
+    prompts = input_ids[first, :L] * (torch.arange(L, device=device) < group_len[:, None])
+    row_len = group_len[row_group]
+    in_prompt = torch.arange(L, device=device) < row_len[:, None]
+    if bool((prompt_len != row_len).any()) or not torch.equal(input_ids[:, :L] * in_prompt, prompts[row_group]):
+        bad = sorted({int(group[r]) for r in range(B) if int(prompt_len[r]) != int(row_len[r]) or
+                      not torch.equal(input_ids[r, :int(row_len[r])], prompts[row_group[r], :int(row_len[r])])})
+        raise ValueError(f"shared_prefix_hidden_states: the rows of group(s) {bad} do not share a prompt")
+    prompt_mask = (torch.arange(L, device=device) < group_len[:, None]).long()
+
+    # 1. Every prompt once, right-padded: (n, L, H) states + per-layer keys/values at positions 0 … L − 1.
+    cache = DynamicCache()
+    prefix = backbone(input_ids=prompts, attention_mask=prompt_mask, use_cache=True,
+                      **{cache_kw: cache}).last_hidden_state
+    # 2. Every completion, continuing from its own prompt's keys/values (rows of the cache picked per row).
+    C = int((lengths - prompt_len).max())
+    states = [prefix.index_select(0, row_group)]
+    if C > 0:
+        cache.batch_select_indices(row_group)
+        t = torch.arange(C, device=device)
+        cols = (prompt_len[:, None] + t).clamp(max=T - 1)
+        completion = torch.gather(input_ids, 1, cols)
+        completion_mask = (prompt_len[:, None] + t < lengths[:, None]).long()
+        positions = prompt_len[:, None] + t
+        suffix_mask = torch.cat([prompt_mask[row_group], completion_mask], dim=1)
+        states.append(backbone(input_ids=completion, attention_mask=suffix_mask, position_ids=positions,
+                               use_cache=True, **{cache_kw: cache}).last_hidden_state)
+    joined = torch.cat(states, dim=1)  # (B, L + C, H): [prompt slots | completion slots]
+    # 3. Back to the rows' layout: position t < prompt_len is prompt slot t, later ones completion slot t − len.
+    t = torch.arange(T, device=device)
+    source = torch.where(t < prompt_len[:, None], t, L + t - prompt_len[:, None]).clamp(max=joined.shape[1] - 1)
+    out = torch.gather(joined, 1, source[..., None].expand(B, T, joined.shape[-1]))
+    return out * attention_mask.unsqueeze(-1)

@@ -193,6 +193,21 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(found, key=_step_of) if found else None
 
 
+def remove_checkpoints(output_dir: str | os.PathLike) -> list[str]:
+    """Delete ``<output_dir>/checkpoints/step-*`` (and unfinished ``.tmp-*`` writes); return the removed names.
+
+    A fresh run calls this before its first step: otherwise checkpoints left by an earlier, longer run in the same
+    directory would outrank the new run's in ``save_checkpoint``'s pruning (the new ones would be deleted) and in
+    ``latest_checkpoint`` (a later ``resume`` would continue the old run)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    removed = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: (len(p.name), p.name))
+    for path in removed + list(root.glob(".tmp-*")):
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in removed]
+
+
 def load_module_state(module, checkpoint: Path, name: str) -> None:
     """Load ``<checkpoint>/<name>.safetensors`` written by ``save_checkpoint(modules={name: module})``."""
     from safetensors.torch import load_model

@@ -71,6 +71,7 @@ from tether.training import (
     make_scheduler,
     read_metrics,
     release_freed_memory,
+    remove_checkpoints,
     save_checkpoint,
     save_pretrained_atomic,
     set_seed,
@@ -550,6 +551,9 @@ def train(cfg: RLConfig, *, reward=None) -> RLResult:
         if cfg.ref_reset_every:
             load_module_state(reference, ckpt, "reference")
         print(f"resumed from {ckpt} at step {step}/{cfg.steps}")
+    elif removed := remove_checkpoints(out_dir):
+        print(f"fresh run: removed the checkpoints of an earlier run in {out_dir / 'checkpoints'} "
+              f"({', '.join(removed)}); resume=True continues a run instead")
     logger = MetricsLogger(out_dir, resume_step=step, tensorboard=cfg.tensorboard)
 
     if step == 0 and eval_rows:

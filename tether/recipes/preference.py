@@ -57,6 +57,7 @@ from tether.training import (
     make_optimizer,
     make_scheduler,
     release_freed_memory,
+    remove_checkpoints,
     save_checkpoint,
     save_pretrained_atomic,
     set_seed,
@@ -417,6 +418,9 @@ def train(cfg: PreferenceConfig) -> TrainResult:
         load_weights(policy, ckpt, lora=cfg.lora)
         step = load_trainer_state(ckpt, optimizer=optimizer, scheduler=scheduler)["step"]
         print(f"resumed from {ckpt} at step {step}/{total_steps}")
+    elif removed := remove_checkpoints(out_dir):
+        print(f"fresh run: removed the checkpoints of an earlier run in {out_dir / 'checkpoints'} "
+              f"({', '.join(removed)}); resume=True continues a run instead")
     logger = MetricsLogger(out_dir, resume_step=step, tensorboard=cfg.tensorboard)
 
     # 5. The loop.
