@@ -86,3 +86,24 @@ def test_rows_of_a_group_must_share_the_prompt():
     group[3] = 0  # a row of the second prompt claimed by the first group
     with pytest.raises(ValueError, match="do not share a prompt"):
         shared_prefix_hidden_states(tiny_model(), ids, mask, prompt_len, group)
+
+
+def test_embedding_grad_in_place_gives_the_same_grads():
+    """With ``embedding_grad_in_place`` (the recipe's update) the input-embedding gradient is added straight into
+    ``.grad`` from both passes (prompts and completions); after ``.backward()`` every parameter's ``.grad`` equals
+    the plain pass's, the tied embedding / LM-head weight included."""
+    ids, mask, prompt_len, group = batch(PROMPTS, COMPLETIONS, [4, 0, 7, 2, 5, 1, 6, 3])
+    weights = torch.randn(*ids.shape, 64, generator=torch.Generator().manual_seed(2)) * mask[..., None]
+    grads = []
+    for shared in (False, True):
+        model = tiny_model(hidden_size=64, num_layers=2).train()
+        if shared:
+            h = shared_prefix_hidden_states(model, ids, mask, prompt_len, group, embedding_grad_in_place=True)
+        else:
+            h = hidden_states(model, ids, mask)
+        h = h * mask[..., None]  # padding states differ between the two (zero here, arbitrary there)
+        (model.lm_head(h).logsumexp(-1).sum() + (h * weights).sum()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-5 * float(g.abs().max()), msg=name)

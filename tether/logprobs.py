@@ -292,13 +292,21 @@ def hidden_states(model, input_ids: Tensor, attention_mask: Tensor, *, embedding
     is trained (without ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``); anything else takes the ordinary path.
     """
     backbone = _unwrap(model).get_decoder()
+    return backbone(attention_mask=attention_mask, use_cache=False,
+                    **backbone_inputs(backbone, input_ids, embedding_grad_in_place)).last_hidden_state
+
+
+def backbone_inputs(backbone, input_ids: Tensor, embedding_grad_in_place: bool) -> dict[str, Tensor]:
+    """The token input of a backbone call: ``{"input_ids": ...}``, or — with ``embedding_grad_in_place`` where it
+    applies (see :func:`hidden_states`) — ``{"inputs_embeds": ...}`` whose gradient goes straight into the
+    embedding's ``.grad``."""
     emb = backbone.get_input_embeddings()
     if not (embedding_grad_in_place and torch.is_grad_enabled() and type(emb) is torch.nn.Embedding
             and emb.weight.requires_grad and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse):
-        return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return {"input_ids": input_ids}
     embeds = F.embedding(input_ids, emb.weight.detach()).requires_grad_()
     embeds.register_hook(functools.partial(_add_embedding_grad, emb.weight, input_ids, emb.padding_idx))
-    return backbone(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return {"inputs_embeds": embeds}
 
 
 def _add_embedding_grad(weight: Tensor, input_ids: Tensor, padding_idx: int | None, grad: Tensor) -> None:

@@ -33,7 +33,7 @@ from tether.logprobs import _unwrap
 
 
 def shared_prefix_hidden_states(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: Tensor,
-                                group: Tensor) -> Tensor:
+                                group: Tensor, *, embedding_grad_in_place: bool = False) -> Tensor:
     """(B, T, H) final hidden states of right-padded rows, running each group's shared prompt once.
 
     Args:
@@ -41,13 +41,14 @@ def shared_prefix_hidden_states(model, input_ids: Tensor, attention_mask: Tensor
         input_ids, attention_mask: (B, T) right-padded prompt + completion rows (as ``collate_rollouts`` builds).
         prompt_len: (B,) prompt length of each row.
         group: (B,) group id of each row; rows with the same id must have the same prompt (checked).
+        embedding_grad_in_place: as in ``tether.logprobs.hidden_states`` (for ``.backward()`` callers).
 
     Gradient checkpointing in HF models turns the cache off in training mode, so a checkpointed model falls back
     to the plain pass (``tether.logprobs.hidden_states``), which gives the same values.
     """
     from transformers import DynamicCache
 
-    from tether.logprobs import hidden_states
+    from tether.logprobs import backbone_inputs, hidden_states
 
     base = _unwrap(model)
     backbone = base.get_decoder()
@@ -57,7 +58,8 @@ def shared_prefix_hidden_states(model, input_ids: Tensor, attention_mask: Tensor
     if checkpointed is None:
         checkpointed = getattr(base, "is_gradient_checkpointing", False)
     if checkpointed and base.training:
-        return hidden_states(model, input_ids, attention_mask) * attention_mask.unsqueeze(-1)
+        return hidden_states(model, input_ids, attention_mask,
+                             embedding_grad_in_place=embedding_grad_in_place) * attention_mask.unsqueeze(-1)
     B, T = input_ids.shape
     device = input_ids.device
     lengths = attention_mask.sum(-1)
@@ -78,8 +80,8 @@ def shared_prefix_hidden_states(model, input_ids: Tensor, attention_mask: Tensor
 
     # 1. Every prompt once, right-padded: (n, L, H) states + per-layer keys/values at positions 0 … L − 1.
     cache = DynamicCache()
-    prefix = backbone(input_ids=prompts, attention_mask=prompt_mask, use_cache=True,
-                      **{cache_kw: cache}).last_hidden_state
+    prefix = backbone(attention_mask=prompt_mask, use_cache=True, **{cache_kw: cache},
+                      **backbone_inputs(backbone, prompts, embedding_grad_in_place)).last_hidden_state
     # 2. Every completion, continuing from its own prompt's keys/values (rows of the cache picked per row).
     C = int((lengths - prompt_len).max())
     states = [prefix.index_select(0, row_group)]
@@ -91,8 +93,8 @@ def shared_prefix_hidden_states(model, input_ids: Tensor, attention_mask: Tensor
         completion_mask = (prompt_len[:, None] + t < lengths[:, None]).long()
         positions = prompt_len[:, None] + t
         suffix_mask = torch.cat([prompt_mask[row_group], completion_mask], dim=1)
-        states.append(backbone(input_ids=completion, attention_mask=suffix_mask, position_ids=positions,
-                               use_cache=True, **{cache_kw: cache}).last_hidden_state)
+        states.append(backbone(attention_mask=suffix_mask, position_ids=positions, use_cache=True, **{cache_kw: cache},
+                               **backbone_inputs(backbone, completion, embedding_grad_in_place)).last_hidden_state)
     joined = torch.cat(states, dim=1)  # (B, L + C, H): [prompt slots | completion slots]
     # 3. Back to the rows' layout: position t < prompt_len is prompt slot t, later ones completion slot t − len.
     t = torch.arange(T, device=device)

@@ -380,14 +380,15 @@ def collate_rollouts(done: Completions, pad_token_id: int, device: str | torch.d
             "group": torch.tensor(done.prompt_index, device=device)}
 
 
-def backbone_states(model, mb: dict[str, Any], share_prompts: bool) -> torch.Tensor:
+def backbone_states(model, mb: dict[str, Any], share_prompts: bool, *,
+                    embedding_grad_in_place: bool = False) -> torch.Tensor:
     """(B, T, H) final hidden states of a rollout micro-batch: each group's prompt run once when ``share_prompts``
     (``tether.prefix``), else every row in full. Both give the same values and gradients at every labelled
-    position."""
+    position. ``embedding_grad_in_place``: see ``tether.logprobs.hidden_states`` (the update's ``.backward()``)."""
     if share_prompts:
         return shared_prefix_hidden_states(model, mb["input_ids"], mb["attention_mask"], mb["prompt_len"],
-                                           mb["group"])
-    return hidden_states(model, mb["input_ids"], mb["attention_mask"])
+                                           mb["group"], embedding_grad_in_place=embedding_grad_in_place)
+    return hidden_states(model, mb["input_ids"], mb["attention_mask"], embedding_grad_in_place=embedding_grad_in_place)
 
 
 def _rows(batch: dict[str, Any], idx: torch.Tensor) -> dict[str, Any]:
@@ -669,7 +670,7 @@ def rl_step(cfg: RLConfig, step: int, *, policy, reference, teacher, tokenizer, 
             for idx, share in _update_weights(cfg, batch, agg):
                 mb = _rows(batch, idx.to(mask.device))
                 width = mb["input_ids"].shape[1]
-                hidden = backbone_states(policy, mb, cfg.share_prompts)
+                hidden = backbone_states(policy, mb, cfg.share_prompts, embedding_grad_in_place=True)
                 ref_kw = {}
                 if "kl" in need_stats:
                     rw, rb = lm_head(reference)
