@@ -126,3 +126,23 @@ def test_sampling_same_with_and_without_decoder(temperature, request):
         assert any(fast.finished) and not all(fast.finished), fast.finished
     for a, b in zip(fast.logprobs, plain.logprobs):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [13, 27])
+def test_padded_row_counts_match_model_forward(rows):
+    """Row counts of 16k + 11 … 16k + 15 are padded to a multiple of 16 inside the products (a CPU speed rule);
+    the padding rows must not leak into the real rows' logits."""
+    model = odd_llama(seed=4)
+    gen = torch.Generator().manual_seed(rows)
+    prompts = [torch.randint(1, 101, (int(n),), generator=gen).tolist()
+               for n in torch.randint(1, 8, (rows,), generator=gen)]
+    ids, mask = left_padded(prompts, pad=0)
+    ref_cache, _, pos = prefill(model, ids, mask)
+    cache, _, _ = prefill(model, ids, mask)
+    decoder = LlamaDecoder(model)
+    decoder.start(cache, mask, max_new_tokens=3)
+    tokens = torch.randint(0, 101, (rows,), generator=gen)
+    with torch.no_grad():
+        ref = model(input_ids=tokens[:, None], attention_mask=torch.cat([mask, mask.new_ones(rows, 1)], dim=1),
+                    position_ids=pos[:, None], use_cache=True, past_key_values=ref_cache).logits[:, -1]
+    assert float((decoder.step(tokens, pos) - ref).abs().max()) <= 1e-5
