@@ -10,7 +10,10 @@ raises one clear ``ImportError`` that says what to do instead. The online recipe
 ``engine: vllm``.
 
 Weights are pushed in place with the loaded model's ``load_weights`` (vLLM's own loader, which maps Hugging Face
-parameter names and fuses projections); the prefix cache is reset afterwards so no stale key/values are reused.
+parameter names and fuses projections), through ``LLM.apply_model`` where vLLM has it (with a multi-process
+engine the weights are serialised to the worker); the prefix cache is reset afterwards so no stale key/values are
+reused. This path has not been run against a real vLLM in tether's CI or on its GPU checks (vLLM could not be
+installed there); ``tests/test_sampling_vllm.py`` checks tether's side with a stand-in engine.
 With LoRA, the adapters are merged into a copy of each weight before it is sent (vLLM sees a plain model).
 
 Log-probs: vLLM reports the sampled token's log-prob as its ``logprobs_mode`` defines it (by default the model's
@@ -60,9 +63,11 @@ class VLLMEngine:
 
     def sync_weights(self, model) -> None:
         """Copy the trained policy's weights into vLLM's model (LoRA merged), then drop the prefix cache."""
-        state = _plain_state_dict(model)
-        runner_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        runner_model.load_weights(list(state.items()))
+        weights = list(_plain_state_dict(model).items())
+        if hasattr(self.llm, "apply_model"):  # vLLM ≥ 0.9: runs the function on the model in every worker
+            self.llm.apply_model(lambda runner_model: runner_model.load_weights(weights))
+        else:  # older in-process engines
+            self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
         self.llm.reset_prefix_cache()
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int = 64,
