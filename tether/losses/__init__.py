@@ -1,6 +1,7 @@
 """Loss functions: pure functions of tensors (log-probs, masks, hyperparameters in; losses out).
 
-Offline preference objectives live in ``preference.py``; online policy-gradient objectives (PPO-clip, GRPO, DAPO,
+Offline preference objectives live in the ``preference`` package (``dpo.py``, ``token_level.py``, ``variants.py``,
+``reference_free.py``, ``kto.py``); online policy-gradient objectives (PPO-clip, GRPO, DAPO,
 GPG, CPGD) in ``policy.py``; KL-regularized successors in the ``regularized`` package — GVPO, DisCO, RPG, KDRL, APO in
 ``regularized/kl_objectives.py``, TROLL, Archer, critical-token KL in ``regularized/token_selective.py``, and the loop
 helpers (GRPO-CARE bonus and EMA reference, difficulty filter, reference resets) in ``regularized/loop_helpers.py``.
