@@ -9,7 +9,8 @@ The unit tests run on CPU; this script repeats their oracles on ``cuda`` (fp32, 
 3. ``shared_prefix_hidden_states`` against ``hidden_states`` — values and parameter gradients;
 4. ``sample``: same seed → same completions, greedy = ``model.generate``, sampler log-probs = teacher forcing;
 5. the online-RL recipe on ``device: cuda`` (tiny model): an uninterrupted run and a stop + resume give the same
-   metrics; ``engine: vllm`` without vLLM installed raises the one-line ImportError;
+   metrics; ``engine: vllm`` without vLLM installed raises the one-line ImportError; the preference recipe (DPO
+   with cached reference log-probs, TDPO-2 with the online reference) gives the CPU run's metrics;
 6. throughput on a randomly initialised model of SmolLM2-135M's shape (no weights are downloaded): tether's
    sampler vs ``model.generate``, 16 and 64 rows × 48 new tokens, interleaved, medians.
 
@@ -202,6 +203,28 @@ def check_recipe(workdir: Path) -> None:
     print("vllm:", message, flush=True)
 
 
+def check_preference_recipe(workdir: Path) -> None:
+    """DPO (cached reference log-probs) and TDPO-2 (online full-vocabulary reference) on ``device`` vs the same run
+    on the CPU: no sampling is involved, so every logged metric must agree to float rounding."""
+    from test_recipe_preference import QUIET, ROWS, _write_jsonl
+
+    from tether.recipes.preference import PreferenceConfig, train
+    from tether.testing import make_tiny_model_dir
+
+    model_dir = str(make_tiny_model_dir(workdir / "pm", seed=0))
+    pairs = str(_write_jsonl(workdir / "pairs.jsonl", ROWS))
+    for loss in ("dpo", "tdpo2"):
+        runs = []
+        for device in ("cpu", DEV):
+            cfg = PreferenceConfig(train_file=pairs, model=model_dir, output_dir=str(workdir / f"{loss}-{device}"),
+                                   loss=loss, batch_size=3, grad_accum=2, epochs=1, lr=1e-3, device=device, **QUIET)
+            runs.append(train(cfg).metrics)
+        worst = max(abs(a[k] - b[k]) / max(1.0, abs(a[k])) for a, b in zip(*runs) for k in a
+                    if k not in ("step", "tokens") and isinstance(a[k], float))
+        record(f"preference_recipe_{loss}_device_vs_cpu", worst, 1e-4, steps=len(runs[0]),
+               measure="max |device − cpu| / max(1, |cpu|) over every logged metric")
+
+
 def timing() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -276,6 +299,7 @@ def main() -> None:
     check_sampling()
     with tempfile.TemporaryDirectory() as tmp:
         check_recipe(Path(tmp))
+        check_preference_recipe(Path(tmp))
     if not args.no_timing:
         timing()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -135,6 +135,8 @@ class PreferenceConfig:
     """Response tokens per chunk of the LM head (memory ∝ chunk_size × vocab)."""
     gradient_checkpointing: bool = False
     """Recompute the backbone's activations in the backward pass (less memory, one more forward pass)."""
+    device: str = "cpu"
+    """Where the models and batches live ('cpu' or 'cuda'); the final KL measurement runs on the CPU."""
     seed: int = 0
     """Seeds data order and everything random."""
     save_every: int = 0
@@ -196,19 +198,25 @@ def _examples_fingerprint(examples, ref_name: str) -> str:
     return h.hexdigest()
 
 
+def _on(batch: dict, device) -> dict:
+    """The batch with its tensors moved to ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def reference_logps(model, examples, *, pad_token_id: int, batch_size: int, chunk_size: int,
                     progress: bool = False) -> torch.Tensor:
-    """Summed reference log-probs of every pair: (N, 2) = [chosen, rejected]. One forward pass per batch."""
+    """Summed reference log-probs of every pair: (N, 2) = [chosen, rejected], on the CPU. One forward pass per
+    batch, on the model's device."""
     weight, bias = lm_head(model)
     out = []
     for start in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", disable=not progress,
                       leave=False):
-        batch = collate_preference(examples[start:start + batch_size], pad_token_id)
+        batch = _on(collate_preference(examples[start:start + batch_size], pad_token_id), weight.device)
         hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
         lp = sequence_sums(token_stats(hidden, weight, batch["labels"], bias=bias, chunk_size=chunk_size)["logps"],
                            batch["labels"])
-        out.append(lp.view(2, -1).T)
+        out.append(lp.view(2, -1).T.cpu())
     return torch.cat(out)
 
 
@@ -375,7 +383,7 @@ def train(cfg: PreferenceConfig) -> TrainResult:
     # copy in memory); objectives that need the reference online get a frozen copy (or, with LoRA, the base
     # model with adapters disabled — no copy either).
     tokenizer = load_tokenizer(cfg.model)
-    policy = load_model(cfg.model)
+    policy = load_model(cfg.model).to(cfg.device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     if cfg.lora:
@@ -395,7 +403,7 @@ def train(cfg: PreferenceConfig) -> TrainResult:
     ref = ref_logps = kl_ref_logps = None
     if spec.uses_reference:
         if cfg.ref_model is not None:
-            ref = load_model(cfg.ref_model)
+            ref = load_model(cfg.ref_model).to(cfg.device)
         elif spec.full_vocab and not cfg.lora:
             ref = frozen_copy(policy)
         else:
@@ -432,13 +440,13 @@ def train(cfg: PreferenceConfig) -> TrainResult:
         sums: dict[str, float] = {}
         n_tokens = 0
         for idx in micro:
-            batch = collate_preference([examples[i] for i in idx], tokenizer.pad_token_id)
-            kl_batch = (collate_preference([kl_examples[i] for i in idx], tokenizer.pad_token_id)
+            batch = _on(collate_preference([examples[i] for i in idx], tokenizer.pad_token_id), cfg.device)
+            kl_batch = (_on(collate_preference([kl_examples[i] for i in idx], tokenizer.pad_token_id), cfg.device)
                         if kl_examples is not None else None)
             loss, metrics = preference_step(
                 policy, batch, cfg=cfg, ref_model=ref,
-                ref_logps=None if ref_logps is None else ref_logps[idx],
-                kl_batch=kl_batch, kl_ref_logps=None if kl_ref_logps is None else kl_ref_logps[idx])
+                ref_logps=None if ref_logps is None else ref_logps[idx].to(cfg.device),
+                kl_batch=kl_batch, kl_ref_logps=None if kl_ref_logps is None else kl_ref_logps[idx].to(cfg.device))
             release_freed_memory()  # lower peak RSS: the backward pass is where the gradients appear
             (loss.sum() / n_pairs).backward()
             for k, v in metrics.items():
