@@ -40,6 +40,8 @@ class KLConfig:
     """Sampling seed."""
     output: str | None = None
     """Write the JSON report here."""
+    device: str = "cpu"
+    """Where both models run ('cpu' or 'cuda')."""
 
     def __post_init__(self) -> None:
         if self.samples_per_prompt < 1 or self.max_new_tokens < 1:
@@ -53,7 +55,7 @@ def _run_kl(cfg: KLConfig):
         raise ValueError("tether kl needs --policy DIR and --prompts_file FILE")
     return measure_kl_from_files(policy=cfg.policy, reference=cfg.reference, prompts_file=cfg.prompts_file,
                                  samples_per_prompt=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-                                 seed=cfg.seed, output=cfg.output, progress=True)
+                                 seed=cfg.seed, output=cfg.output, progress=True, device=cfg.device)
 
 
 def _commands():

@@ -105,12 +105,14 @@ def load_prompts(path: str | Path) -> list:
 
 def measure_kl_from_files(*, policy: str, reference: str, prompts_file: str, samples_per_prompt: int = 4,
                           max_new_tokens: int = 64, seed: int = 0, output: str | Path | None = None,
-                          chunk_size: int = 512, progress: bool = False) -> dict:
-    """Load both models from disk, measure, print a summary and optionally write the report as JSON."""
+                          chunk_size: int = 512, progress: bool = False, device: str = "cpu") -> dict:
+    """Load both models from disk (onto ``device``), measure, print a summary and optionally write the report as
+    JSON."""
     from tether.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(policy)
-    report = measure_kl(load_model(policy), load_model(reference), tokenizer, load_prompts(prompts_file),
+    report = measure_kl(load_model(policy).to(device), load_model(reference).to(device), tokenizer,
+                        load_prompts(prompts_file),
                         samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, seed=seed,
                         chunk_size=chunk_size, progress=progress)
     report.update(policy=str(policy), reference=str(reference), prompts_file=str(prompts_file))

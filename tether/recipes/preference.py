@@ -136,7 +136,7 @@ class PreferenceConfig:
     gradient_checkpointing: bool = False
     """Recompute the backbone's activations in the backward pass (less memory, one more forward pass)."""
     device: str = "cpu"
-    """Where the models and batches live ('cpu' or 'cuda'); the final KL measurement runs on the CPU."""
+    """Where the models and batches live ('cpu' or 'cuda'), the final KL measurement included."""
     seed: int = 0
     """Seeds data order and everything random."""
     save_every: int = 0
@@ -491,7 +491,7 @@ def train(cfg: PreferenceConfig) -> TrainResult:
         result.kl_report = measure_kl_from_files(
             policy=str(final), reference=cfg.ref_model or cfg.model, prompts_file=cfg.eval_prompts_file,
             samples_per_prompt=cfg.kl_samples_per_prompt, max_new_tokens=cfg.kl_max_new_tokens, seed=cfg.seed,
-            output=out_dir / "kl_report.json", chunk_size=cfg.chunk_size, progress=cfg.progress)
+            output=out_dir / "kl_report.json", chunk_size=cfg.chunk_size, progress=cfg.progress, device=cfg.device)
     return result
 
 
