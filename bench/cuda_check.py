@@ -4,7 +4,7 @@
 
 The unit tests run on CPU; this script repeats their oracles on ``cuda`` (fp32, TF32 off):
 
-1. ``tether.decode.LlamaDecoder`` against the model's own forward with a ``DynamicCache`` (logits, row dropping);
+1. ``tether.sampling.decode.LlamaDecoder`` against the model's own forward with a ``DynamicCache`` (logits, row dropping);
 2. ``token_stats`` (chunked LM head, custom backward) against ``token_stats_plain`` — values and gradients;
 3. ``shared_prefix_hidden_states`` against ``hidden_states`` — values and parameter gradients;
 4. ``sample``: same seed → same completions, greedy = ``model.generate``, sampler log-probs = teacher forcing;
@@ -47,7 +47,7 @@ def check_decoder() -> None:
     from test_decode import left_padded, odd_llama
     from transformers import DynamicCache
 
-    from tether.decode import LlamaDecoder
+    from tether.sampling.decode import LlamaDecoder
 
     model = odd_llama(seed=1).to(DEV)
     ids, mask = left_padded([[5, 9, 14, 2, 7, 7, 30, 1, 99], [3], [8, 8, 8, 8], [60, 61, 62, 63, 64, 65]], pad=0)

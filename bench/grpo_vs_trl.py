@@ -180,10 +180,11 @@ class TetherImpl:
 
     def __init__(self, rows: list[dict], workdir: Path):
         from tether.losses import FixedKLController
-        from tether.models import enable_gradient_checkpointing, frozen_copy, load_model, load_tokenizer
+        from tether.losses.policy import ONLINE_OBJECTIVES, objective_agg_mode
+        from tether.models import enable_gradient_checkpointing, load_model, load_tokenizer
         from tether.recipes.online_rl import rl_step
+        from tether.reference import frozen_copy
         from tether.rewards import InstructionFollowingReward
-        from tether.rl.objectives import ONLINE_OBJECTIVES, objective_agg_mode
         from tether.sampling import render_prompts
         from tether.training import make_optimizer, make_scheduler, set_seed
 

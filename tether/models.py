@@ -13,8 +13,6 @@ its adapters disabled (``reference_context``), so no second set of weights is ke
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import importlib.util
 import logging
 import os
@@ -28,8 +26,9 @@ EMBEDDED = "smollm2-135m-instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 log = logging.getLogger(__name__)
 
-__all__ = ["EMBEDDED", "load_model", "load_tokenizer", "embedded_model_dir", "frozen_copy", "reference_context",
+__all__ = ["EMBEDDED", "load_model", "load_tokenizer", "embedded_model_dir",
            "apply_lora", "cache_dir"]
+
 
 
 def cache_dir() -> Path:
@@ -126,13 +125,6 @@ def _disable_dropout(model) -> None:
             setattr(model.config, attr, 0.0)
 
 
-def frozen_copy(model):
-    """A deep copy with gradients off, in eval mode — a reference that cannot drift."""
-    ref = copy.deepcopy(model).eval()
-    ref.requires_grad_(False)
-    return ref
-
-
 def apply_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
                target_modules: str | list[str] = "all-linear"):
     """Wrap ``model`` with peft LoRA adapters; the base weights stay frozen (they are the reference)."""
@@ -148,13 +140,3 @@ def enable_gradient_checkpointing(model) -> None:
     ``torch.utils.checkpoint``): activation memory falls from O(layers × tokens × width) to one layer's worth, at the
     price of a second forward pass through the backbone. Call before ``apply_lora``."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-@contextlib.contextmanager
-def reference_context(model):
-    """Inside this context ``model`` computes the reference: LoRA adapters disabled (peft), no gradients."""
-    with contextlib.ExitStack() as stack:
-        if hasattr(model, "disable_adapter"):
-            stack.enter_context(model.disable_adapter())
-        stack.enter_context(torch.no_grad())
-        yield model

@@ -72,3 +72,25 @@ def make_tiny_model_dir(path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "", *, atol: float = 1e-5,
+                 rtol: float = 0.0) -> None:
+    """``|actual − expected| ≤ atol + rtol·|expected|`` elementwise, compared in float64; on failure the message
+    lists up to 20 offending indices with both values.
+
+    The default ``atol = 1e-5`` is for an fp32 computation against a float64 twin of the same formula on inputs of
+    order one; a test whose values are larger, or that compares two fp32 paths accumulating in different orders,
+    should pass an ``rtol`` (or tolerance) derived from its own float noise.
+    """
+    actual = torch.as_tensor(actual).detach().to(torch.float64)
+    expected = torch.as_tensor(expected).detach().to(torch.float64)
+    if actual.numel() == expected.numel() and actual.shape != expected.shape:
+        actual = actual.reshape(expected.shape)
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    bad = ~((actual - expected).abs() <= atol + rtol * expected.abs())
+    if bad.any():
+        idx = bad.nonzero().tolist()[:20]
+        rows = [f"  {i}: got {actual[tuple(i)].item():.10g}, want {expected[tuple(i)].item():.10g}" for i in idx]
+        raise AssertionError(f"{name}: {int(bad.sum())} mismatching entries (atol={atol}, rtol={rtol}):\n"
+                             + "\n".join(rows))

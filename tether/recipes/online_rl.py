@@ -17,7 +17,7 @@ One step, in order:
    sequence's reward before advantages; ``kl_placement: loss`` adds β·``kl_penalty`` (k1/k2/k3/k3_is/exact,
    importance-weighted when mini-batches are off-policy) to the loss. β is fixed or adapted towards
    ``target_kl`` (``AdaptiveKLController``, fed the measured exact sequence KL).
-5. **Advantage.** GRPO, Dr.GRPO, RLOO, REINFORCE++ or GPG (``tether.rl.advantages``); GVPO/DisCO/APO/KDRL
+5. **Advantage.** GRPO, Dr.GRPO, RLOO, REINFORCE++ or GPG (``tether.losses.policy.advantages``); GVPO/DisCO/APO/KDRL
    normalise rewards within their groups themselves.
 6. **Update.** ``ppo_epochs`` passes over the batch in ``mini_batches`` seeded mini-batches (whole groups), each
    one optimizer step (AdamW, warm-up + schedule, clipping), accumulated over micro-batches of
@@ -49,17 +49,16 @@ from tqdm.auto import tqdm
 from tether.eval import mean_ci95
 from tether.logprobs import IGNORE_INDEX, hidden_states, lm_head, token_stats
 from tether.losses import AGG_MODES, AdaptiveKLController, FixedKLController, kl_in_reward, kl_penalty
+from tether.losses.policy import ONLINE_OBJECTIVES, call_objective, objective_agg_mode
+from tether.losses.policy import advantages as adv
 from tether.models import (
     apply_lora,
     enable_gradient_checkpointing,
-    frozen_copy,
     load_model,
     load_tokenizer,
-    reference_context,
 )
 from tether.prefix import shared_prefix_hidden_states
-from tether.rl import advantages as adv
-from tether.rl.objectives import ONLINE_OBJECTIVES, call_objective, objective_agg_mode
+from tether.reference import frozen_copy, reference_context
 from tether.sampling import Completions, render_prompts, sample
 from tether.training import (
     MetricsLogger,
@@ -537,7 +536,7 @@ def train(cfg: RLConfig, *, reward=None) -> RLResult:
               else FixedKLController(cfg.beta))
     engine = None
     if cfg.engine == "vllm":
-        from tether.sampling_vllm import VLLMEngine
+        from tether.sampling.vllm import VLLMEngine
 
         start_dir = out_dir / "start"
         save_pretrained_atomic(policy.merge_and_unload() if cfg.lora else policy, tokenizer, start_dir)

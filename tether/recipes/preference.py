@@ -44,11 +44,10 @@ from tether.losses import PREFERENCE_LOSSES
 from tether.models import (
     apply_lora,
     enable_gradient_checkpointing,
-    frozen_copy,
     load_model,
     load_tokenizer,
-    reference_context,
 )
+from tether.reference import frozen_copy, reference_context
 from tether.training import (
     MetricsLogger,
     latest_checkpoint,

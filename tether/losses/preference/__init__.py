@@ -1,7 +1,7 @@
 """Offline preference-optimization objectives, as pure functions of per-sequence log-probs.
 
 Modules: ``dpo`` (DPO, IPO, hinge, robust DPO, f-DPO), ``token_level`` (TDPO 1/2, Ra-DPO), ``variants`` (H-DPO,
-LongPO), ``reference_free`` (SimPO, ORPO), ``kto``; ``_common`` holds the output record and shared helpers.
+LongPO), ``reference_free`` (SimPO, ORPO), ``kto``; ``registry`` maps config names to objectives (``PREFERENCE_LOSSES``); ``_common`` holds the output record and shared helpers.
 Everything is re-exported here and from ``tether.losses``.
 
 Notation (shared by every objective here; "spec §N" refers to tether's method notes): for a response
@@ -35,11 +35,15 @@ from tether.losses.preference._common import PreferenceLossOutput
 from tether.losses.preference.dpo import F_DIVERGENCES, dpo, f_dpo, hinge_dpo, ipo, robust_dpo
 from tether.losses.preference.kto import kto
 from tether.losses.preference.reference_free import orpo, simpo
+from tether.losses.preference.registry import PREFERENCE_INPUTS, PREFERENCE_LOSSES, LossSpec
 from tether.losses.preference.token_level import ra_dpo, tdpo, tdpo1, tdpo2
 from tether.losses.preference.variants import hdpo, longpo
 
 __all__ = [
     "F_DIVERGENCES",
+    "PREFERENCE_INPUTS",
+    "PREFERENCE_LOSSES",
+    "LossSpec",
     "PreferenceLossOutput",
     "dpo",
     "f_dpo",

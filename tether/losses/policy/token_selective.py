@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from tether import kl as _kl
-from tether.losses.policy import PolicyLossOutput, aggregate, kl_penalty
-from tether.losses.regularized._common import frac, ppo_clip, ratio, sample_kl, token_mean
+from tether.losses.policy._common import frac, ppo_clip, ratio, sample_kl, token_mean
+from tether.losses.policy.surrogates import PolicyLossOutput, aggregate, kl_penalty
 
 __all__ = ["TrustRegionProjection", "archer", "critical_token_kl", "troll", "troll_project"]
 

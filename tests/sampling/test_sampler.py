@@ -95,7 +95,7 @@ def test_bad_arguments_are_rejected(setup, engine):
 def test_inverse_cdf_draw_matches_the_distribution():
     """The sampler's token draw: zero-probability tokens never come out, and over 40,000 seeded draws every token's
     frequency is within 4 standard errors of its probability."""
-    from tether.sampling import _draw
+    from tether.sampling.sampler import _draw
 
     probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
     gen = torch.Generator().manual_seed(0)

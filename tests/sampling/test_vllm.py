@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import torch
 
 from tether.models import apply_lora
-from tether.sampling_vllm import VLLMEngine
+from tether.sampling.vllm import VLLMEngine
 from tether.testing import tiny_model
 
 

@@ -19,27 +19,20 @@ Conventions of those files:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tether.losses.policy import PolicyLossOutput
+from tether.testing import assert_close
 
 ATOL = RTOL = 1e-5  # fp32 library vs float64 twin
+assert_close = functools.partial(assert_close, atol=ATOL, rtol=RTOL)
 UPSTREAM = 0.73  # gradient pushed into the scalar loss from above
 T = 7
 V = 11
 F64 = torch.float64
 ONE = torch.ones(1, 1, dtype=torch.bool)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, atol=ATOL, rtol=RTOL) -> None:
-    """``|a − e| ≤ atol + rtol·|e|`` elementwise, listing the offending indices and values on failure."""
-    actual = actual.detach().to(F64).reshape(expected.shape)
-    expected = expected.detach().to(F64)
-    bad = ~((actual - expected).abs() <= atol + rtol * expected.abs())
-    if bad.any():
-        idx = bad.nonzero().tolist()
-        rows = [f"  {i}: got {actual[tuple(i)].item():.10g} want {expected[tuple(i)].item():.10g}" for i in idx[:20]]
-        raise AssertionError(f"{name}: {len(idx)} mismatching entries (atol={atol}, rtol={rtol}):\n" + "\n".join(rows))
 
 
 def assert_no_grad(x: torch.Tensor, name: str) -> None:

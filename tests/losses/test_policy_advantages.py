@@ -1,4 +1,4 @@
-"""Advantage estimators (``tether.rl.advantages``) against hand-worked oracles and plain float64 twins.
+"""Advantage estimators (``tether.losses.policy.advantages``) against hand-worked oracles and plain float64 twins.
 
 Each twin below is written from the spec formula with explicit Python loops over groups / tokens (no vectorized
 tricks shared with the library); the library runs in fp32 and must match at ``atol 1e-5``.
@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from tether.rl.advantages import (
+from tether.losses.policy.advantages import (
     astar_po_targets,
     astar_po_values,
     dapo_dynamic_sampling_mask,
@@ -35,20 +35,9 @@ from tether.rl.advantages import (
     token_returns,
     whiten,
 )
+from tether.testing import assert_close
 
 ATOL = 1e-5
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL, name: str = "") -> None:
-    """Compare at ``atol``; on failure print the mismatching indices and values."""
-    actual = actual.detach().to(torch.float64)
-    expected = expected.detach().to(torch.float64)
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    bad = ~torch.isclose(actual, expected, atol=atol, rtol=0.0)
-    if bad.any():
-        idx = bad.nonzero().tolist()[:10]
-        rows = [f"{i}: got {actual[tuple(i)].item():.8g}, want {expected[tuple(i)].item():.8g}" for i in idx]
-        raise AssertionError(f"{name}: {int(bad.sum())} mismatches (atol {atol})\n" + "\n".join(rows))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ and every differentiable extra must agree to ``atol = rtol = 1e-5`` (fp32; misma
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -32,9 +33,11 @@ from tether.losses import (
     tdpo1,
     tdpo2,
 )
+from tether.testing import assert_close
 
 B = 7  # odd on purpose
 ATOL = RTOL = 1e-5  # fp32 vs float64 twin
+assert_close = functools.partial(assert_close, atol=ATOL, rtol=RTOL)
 LOG2 = math.log(2.0)
 LOGP_NAMES = ("pc", "pr", "rc", "rr")
 PER_SEQUENCE = {
@@ -51,22 +54,6 @@ PER_SEQUENCE = {
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, atol=ATOL, rtol=RTOL) -> None:
-    """``|a − e| ≤ atol + rtol·|e|`` elementwise, listing the offending indices and values on failure."""
-    actual = actual.detach().to(torch.float64).reshape(expected.shape)
-    expected = expected.detach().to(torch.float64)
-    bad = ~((actual - expected).abs() <= atol + rtol * expected.abs())
-    if bad.any():
-        idx = bad.nonzero().flatten().tolist()
-        rows = [
-            f"  [{i}] got {actual.flatten()[i].item():.10g} want {expected.flatten()[i].item():.10g}"
-            for i in idx
-        ]
-        raise AssertionError(
-            f"{name}: {len(idx)} mismatching entries (atol={atol}, rtol={rtol}):\n" + "\n".join(rows)
-        )
 
 
 def make_inputs(seed: int = 0, ratio_scale: float = 2.0) -> dict[str, torch.Tensor]:

@@ -1,14 +1,14 @@
-"""``tether.decode.LlamaDecoder`` (the optimized one-token step) against its plain twin, the model's own forward
+"""``tether.sampling.decode.LlamaDecoder`` (the optimized one-token step) against its plain twin, the model's own forward
 with a ``DynamicCache``: logits step by step, row dropping, and whole sampling runs through either path."""
 
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-import tether.sampling
-from tether.decode import LlamaDecoder, supports
+import tether.sampling.sampler
 from tether.models import apply_lora
 from tether.sampling import render_prompts, sample
+from tether.sampling.decode import LlamaDecoder, supports
 from tether.testing import tiny_model, tiny_tokenizer
 
 
@@ -105,7 +105,7 @@ def test_decoder_sees_in_place_weight_updates():
 @pytest.fixture()
 def plain_steps(monkeypatch):
     """Make ``sample`` run its one-token steps through the model's forward (the plain twin)."""
-    monkeypatch.setattr(tether.sampling, "supports", lambda model: False)
+    monkeypatch.setattr(tether.sampling.sampler, "supports", lambda model: False)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

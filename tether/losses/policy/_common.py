@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from tether import kl
-from tether.losses.policy import LOG_RATIO_CLAMP, aggregate, ppo_clip_per_token
+from tether.losses.policy.surrogates import LOG_RATIO_CLAMP, aggregate, ppo_clip_per_token
 
 
 def groups(x: Tensor, group_size: int, objective: str) -> Tensor:

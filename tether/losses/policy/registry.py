@@ -2,7 +2,7 @@
 
 Every entry names a pure function of ``tether.losses``; the recipe (``tether.recipes.online_rl``) builds the inputs
 listed in ``needs`` and calls it through :func:`call_objective`. Objectives that take raw group rewards (GVPO,
-DisCO, APO, KDRL) do their own group normalisation; the others take advantages from ``tether.rl.advantages``.
+DisCO, APO, KDRL) do their own group normalisation; the others take advantages from ``tether.losses.policy.advantages``.
 
 Objectives not in the table are still library functions, usable from your own loop: ``troll`` (needs the
 policy's and the old policy's top-k logits), ``critical_token_kl`` (needs the reference's full logits) and A*-PO
@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from tether.losses import apo, archer, cpgd, dapo, disco, gpg, grpo, gvpo, kdrl, ppo_clip, rpg
-from tether.losses.policy import PolicyLossOutput
+from tether.losses.policy.kl_objectives import apo, disco, gvpo, kdrl, rpg
+from tether.losses.policy.surrogates import PolicyLossOutput, cpgd, dapo, gpg, grpo, ppo_clip
+from tether.losses.policy.token_selective import archer
 
 __all__ = ["ONLINE_OBJECTIVES", "OnlineObjective", "call_objective", "objective_agg_mode"]
 

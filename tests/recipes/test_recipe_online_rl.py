@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from tether.cli import main
 from tether.logprobs import IGNORE_INDEX
+from tether.losses.policy.registry import ONLINE_OBJECTIVES
 from tether.models import load_model, load_tokenizer
 from tether.recipes.online_rl import RLConfig, _prompt_schedule, collate_rollouts, train
 from tether.rewards import CodeTestReward
-from tether.rl.objectives import ONLINE_OBJECTIVES
 from tether.sampling import render_prompts, sample
 from tether.tasks import make_instruction_prompts
 from tether.testing import make_tiny_model_dir

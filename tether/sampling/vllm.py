@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tether.sampling import Completions
+from tether.sampling.sampler import Completions
 
 __all__ = ["VLLMEngine", "require_vllm"]
 

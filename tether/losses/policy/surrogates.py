@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from tether import kl
-from tether.rl.advantages import (  # dapo_dynamic_sampling_mask is re-exported: DAPO's filter sits beside dapo()
+from tether.losses.policy.advantages import (  # dapo_dynamic_sampling_mask is re-exported: DAPO's filter sits beside dapo()
     dapo_dynamic_sampling_mask,
     outcome_to_token_rewards,
 )
@@ -530,7 +530,7 @@ def gpg(
 
         loss = −(1/Σ_{i,t} m) Σ_{i,t} m·Â_i·log π_θ(y_{i,t})
 
-    with ``Â`` from :func:`tether.rl.advantages.gpg_advantages` (the α rescaling lives there). The loss VALUE is
+    with ``Â`` from :func:`tether.losses.policy.advantages.gpg_advantages` (the α rescaling lives there). The loss VALUE is
     ``−Â·log π`` (not meaningful on its own); its gradient ``−Â·∇log π_θ`` is REINFORCE with a group baseline. At
     θ = θ_old it equals the gradient of :func:`ppo_clip` (ρ = 1, clip inactive) on the same advantages.
 
@@ -653,7 +653,7 @@ def kl_in_reward(
     ``∇log π_θ`` (REINFORCE/PPO style). Which divergence that follows (samples from π_θ):
 
     * ``k1`` (default): ``E[k1·∇log π_θ] = ∇KL(π_θ‖π_ref)`` per token; with returns-to-go
-      (:func:`tether.rl.advantages.token_returns`) it is the exact gradient of the SEQUENCE-level reverse KL.
+      (:func:`tether.losses.policy.advantages.token_returns`) it is the exact gradient of the SEQUENCE-level reverse KL.
       This is PPO-RLHF's (Ziegler et al. 2019; Ouyang et al. 2022) and REINFORCE++'s placement.
     * ``k3``: ``∇KL(π‖π_ref) − ∇KL(π_ref‖π)`` — neither KL (spec §0.1); offered for comparison only.
     * ``k2``: ``E[k2·∇log π] = ∇E_π[½ℓ²] − E_π[ℓ∇ℓ]`` — a biased surrogate; offered for comparison only.

@@ -7,7 +7,7 @@ What each one regularizes toward: GVPO, the anchor passed as ``old_logps`` (roll
 DisCO, the rollout policy (a squared-hinge trust region on a batch KL); RPG, a reference (or the rollout policy) under
 any of four KLs with exact off-policy gradients; KDRL, a teacher; APO, the reference with difficulty-adaptive weights.
 GVPO, DisCO, KDRL and APO take raw group rewards and normalize them themselves (KDRL and APO with
-:func:`tether.rl.advantages.grpo_advantages`); RPG takes advantages. The PPO-clip term of RPG, KDRL and APO is
+:func:`tether.losses.policy.advantages.grpo_advantages`); RPG takes advantages. The PPO-clip term of RPG, KDRL and APO is
 :func:`tether.losses.policy.ppo_clip_per_token`.
 """
 
@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tether import kl as _kl
-from tether.losses.policy import LOG_RATIO_CLAMP, PolicyLossOutput, aggregate
-from tether.losses.regularized._common import (
+from tether.losses.policy._common import (
     frac,
     groups,
     ppo_clip,
@@ -31,7 +30,8 @@ from tether.losses.regularized._common import (
     seq_mean,
     token_mean,
 )
-from tether.rl.advantages import grpo_advantages
+from tether.losses.policy.advantages import grpo_advantages
+from tether.losses.policy.surrogates import LOG_RATIO_CLAMP, PolicyLossOutput, aggregate
 
 __all__ = ["APOShaping", "apo", "apo_shaping", "disco", "gvpo", "kdrl", "rpg"]
 
@@ -412,7 +412,7 @@ def kdrl(
     reverse-KL gradient only approximately (spec §0.1).
     Departures / UNVERIFIED: masking granularity (response-level here), the KD term shares GRPO's token-mean
     denominator (masked responses just contribute zero), symmetric clip 0.2 (GRPO default), no reference KL. Â is
-    :func:`tether.rl.advantages.grpo_advantages`, so a group whose rewards are all equal gets exactly 0.
+    :func:`tether.losses.policy.advantages.grpo_advantages`, so a group whose rewards are all equal gets exactly 0.
     """
     k = sample_kl(estimator, "kdrl")
     adv = grpo_advantages(groups(rewards.detach(), group_size, "kdrl"), eps=adv_eps).reshape(-1).to(logps.dtype)
@@ -468,7 +468,7 @@ def apo_shaping(rewards: Tensor, lengths: Tensor, *, group_size: int, std_eps: f
     Shapes: ``rewards`` ``(B,)``, ``lengths`` ``(B,)`` valid response lengths (``mask.sum(-1)``).
     Departures: (1) the code weights correct lengths by ``trunc(R)`` and uses ``1 − trunc(R)`` as the incorrect flag; we
     use the indicator ``R ≥ 1`` — identical for rewards in [0, 2), different (and saner) above. (2) Â is
-    :func:`tether.rl.advantages.grpo_advantages`: a group whose rewards are all equal gets exactly 0, where the code's
+    :func:`tether.losses.policy.advantages.grpo_advantages`: a group whose rewards are all equal gets exactly 0, where the code's
     formula turns the fp32 rounding residual of the mean into order-1 advantages through the 1e-9 (eight rewards of 1.2
     would get 0.93 each); a group of one keeps its raw reward (no baseline: use G ≥ 2).
     """

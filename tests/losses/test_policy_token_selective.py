@@ -1,5 +1,5 @@
 """TROLL, Archer and the critical-token KL (``tether.losses.regularized.token_selective``) against plain float64
-twins and hand-worked oracles (conventions: ``regularized_helpers.py``)."""
+twins and hand-worked oracles (conventions: ``policy_helpers.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from regularized_helpers import (
+from policy_helpers import (
     F64,
     ONE,
     T,
@@ -21,7 +21,7 @@ from regularized_helpers import (
 )
 
 from tether import kl as K
-from tether.losses.regularized.token_selective import archer, critical_token_kl, troll, troll_project
+from tether.losses.policy.token_selective import archer, critical_token_kl, troll, troll_project
 
 # ----------------------------------------------------------------------------------------------------------
 # §11 TROLL

@@ -5,10 +5,10 @@ online recipes (rollouts need the sampler's per-token log-probs for importance r
 
 Two engines sit behind one interface. ``engine="tether"`` (the default) is tether's own loop: each prompt is
 prefilled once and its cache copied for its ``n`` completions, finished rows leave the batch, log-probs are
-recorded while sampling, and for Llama-architecture models the one-token steps run through ``tether.decode``
+recorded while sampling, and for Llama-architecture models the one-token steps run through ``tether.sampling.decode``
 (the model's forward otherwise). On the 2-core CPU, SmolLM2, 2 prompts × 8 samples × ≤ 48 tokens, it generates
 1.6× the tokens/s of ``model.generate`` (86.2 vs 54.0, ``bench/grpo_vs_trl.py``, same process, interleaved);
-at 16 prompts × 4 samples it measured 2.3× already before ``tether.decode`` (103–112 vs 45–47 tokens/s).
+at 16 prompts × 4 samples it measured 2.3× already before ``tether.sampling.decode`` (103–112 vs 45–47 tokens/s).
 ``engine="hf"`` runs ``model.generate`` and recomputes the log-probs with one teacher-forced pass. Both agree
 with ``model.generate`` on greedy output and with teacher forcing on log-probs (``tests/test_sampling.py``).
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tether.decode import LlamaDecoder, supports
+from tether.sampling.decode import LlamaDecoder, supports
 
 __all__ = ["Completions", "render_prompts", "sample"]
 

@@ -42,22 +42,11 @@ from tether.losses.policy import (
     kl_in_reward,
     ppo_clip,
 )
-from tether.rl.advantages import token_returns
+from tether.losses.policy.advantages import token_returns
+from tether.testing import assert_close
 
 ATOL = 1e-5
 UPSTREAM = 0.37  # gradient pushed from above: catches a loss that is right only up to a constant factor
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL, name: str = "") -> None:
-    """Compare at ``atol``; on failure print the mismatching indices and values."""
-    actual = actual.detach().to(torch.float64)
-    expected = expected.detach().to(torch.float64)
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    bad = ~torch.isclose(actual, expected, atol=atol, rtol=0.0)
-    if bad.any():
-        idx = bad.nonzero().tolist()[:10]
-        rows = [f"{i}: got {actual[tuple(i)].item():.8g}, want {expected[tuple(i)].item():.8g}" for i in idx]
-        raise AssertionError(f"{name}: {int(bad.sum())} mismatches (atol {atol})\n" + "\n".join(rows))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -515,10 +504,10 @@ def test_grpo_kl_term_expected_gradients_on_policy(dists):
     g_rev, g_fwd = kl_grads(theta, ref_logp)
     assert not torch.allclose(g_rev, g_fwd, atol=1e-3)  # the two KLs really differ here
     zero = torch.zeros(V, dtype=torch.float64)
-    assert_close(expected_grad(theta, pi_logp, grpo_kl_only(theta, None, ref_logp, "k1")), zero, 1e-12, "k1")
-    assert_close(expected_grad(theta, pi_logp, grpo_kl_only(theta, None, ref_logp, "k2")), g_rev, 1e-12, "k2")
-    assert_close(expected_grad(theta, pi_logp, grpo_kl_only(theta, None, ref_logp, "k3")), g_fwd, 1e-12, "k3")
-    assert_close(expected_grad(theta, pi_logp, grpo_kl_only(theta, None, ref_logp, "k3_is")), g_rev, 1e-12, "k3_is")
+    assert_close(expected_grad(theta, pi_logp, grpo_kl_only(theta, None, ref_logp, "k1")), zero, "k1", atol=1e-12)
+    assert_close(expected_grad(theta, pi_logp, grpo_kl_only(theta, None, ref_logp, "k2")), g_rev, "k2", atol=1e-12)
+    assert_close(expected_grad(theta, pi_logp, grpo_kl_only(theta, None, ref_logp, "k3")), g_fwd, "k3", atol=1e-12)
+    assert_close(expected_grad(theta, pi_logp, grpo_kl_only(theta, None, ref_logp, "k3_is")), g_rev, "k3_is", atol=1e-12)
 
 
 def test_grpo_kl_term_expected_gradients_off_policy(dists):
@@ -526,7 +515,7 @@ def test_grpo_kl_term_expected_gradients_off_policy(dists):
     theta, ref_logp, old_logp = dists
     g_rev, g_fwd = kl_grads(theta, ref_logp)
     g_is = expected_grad(theta, old_logp, grpo_kl_only(theta, old_logp, ref_logp, "k3_is"))
-    assert_close(g_is, g_rev, 1e-12, "k3_is off-policy")
+    assert_close(g_is, g_rev, "k3_is off-policy", atol=1e-12)
     g_k3 = expected_grad(theta, old_logp, grpo_kl_only(theta, old_logp, ref_logp, "k3"))
     assert not torch.allclose(g_k3, g_rev, atol=1e-3) and not torch.allclose(g_k3, g_fwd, atol=1e-3)
 
@@ -553,9 +542,9 @@ def test_kl_in_reward_reinforce_gives_reverse_kl_gradient(dists):
 
         return loss
 
-    assert_close(expected_grad(theta, pi_logp, reinforce("k1", gpg)), g_rev, 1e-12, "k1 gpg")
-    assert_close(expected_grad(theta, pi_logp, reinforce("k1", ppo_clip)), g_rev, 1e-12, "k1 ppo")
-    assert_close(expected_grad(theta, pi_logp, reinforce("k3", gpg)), g_rev - g_fwd, 1e-12, "k3 in reward")
+    assert_close(expected_grad(theta, pi_logp, reinforce("k1", gpg)), g_rev, "k1 gpg", atol=1e-12)
+    assert_close(expected_grad(theta, pi_logp, reinforce("k1", ppo_clip)), g_rev, "k1 ppo", atol=1e-12)
+    assert_close(expected_grad(theta, pi_logp, reinforce("k3", gpg)), g_rev - g_fwd, "k3 in reward", atol=1e-12)
 
 
 def test_cpgd_drift_is_forward_kl_to_old_policy(dists):
@@ -567,7 +556,7 @@ def test_cpgd_drift_is_forward_kl_to_old_policy(dists):
         lp = theta.log_softmax(-1)[a].view(1, 1)
         return cpgd(lp, old_logp[a].view(1, 1), torch.zeros(1), ONE, drift_coef=1.0, drift_clip=1e9).loss
 
-    assert_close(expected_grad(theta, old_logp, loss), g_fwd_old, 1e-12, "cpgd drift")
+    assert_close(expected_grad(theta, old_logp, loss), g_fwd_old, "cpgd drift", atol=1e-12)
 
 
 def test_k1_in_reward_with_returns_is_the_sequence_kl_gradient():
@@ -617,6 +606,6 @@ def test_k1_in_reward_with_returns_is_the_sequence_kl_gradient():
         ).loss
 
     for got, want in zip(expected(reinforce_k1), g_seq):
-        assert_close(got, want, 1e-12, "k1 + returns-to-go")
+        assert_close(got, want, "k1 + returns-to-go", atol=1e-12)
     k2_grads = expected(k2_loss)
     assert not all(torch.allclose(got, want, atol=1e-4) for got, want in zip(k2_grads, g_seq))

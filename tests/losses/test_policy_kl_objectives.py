@@ -1,5 +1,5 @@
 """GVPO, DisCO, RPG, KDRL and APO (``tether.losses.regularized.kl_objectives``) against plain float64 twins,
-hand-worked oracles, exact expected gradients and exact bandit optima (conventions: ``regularized_helpers.py``)."""
+hand-worked oracles, exact expected gradients and exact bandit optima (conventions: ``policy_helpers.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from regularized_helpers import (
+from policy_helpers import (
     F64,
     ONE,
     T,
@@ -20,7 +20,7 @@ from regularized_helpers import (
 
 from tether import kl as K
 from tether.losses.policy import AGG_MODES
-from tether.losses.regularized.kl_objectives import apo, apo_shaping, disco, gvpo, kdrl, rpg
+from tether.losses.policy.kl_objectives import apo, apo_shaping, disco, gvpo, kdrl, rpg
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
@@ -510,7 +510,7 @@ def test_apo_shaping_oracles():
 
 def test_all_equal_group_rewards_give_zero_advantage():
     """A group whose rewards are all equal carries no signal, so APO's and KDRL's advantages are exactly 0 (both
-    normalize with tether.rl.advantages.grpo_advantages). Eight fp32 rewards of 1.2 have a computed mean 1.2e-7 off,
+    normalize with tether.losses.policy.advantages.grpo_advantages). Eight fp32 rewards of 1.2 have a computed mean 1.2e-7 off,
     which (R − mean)/(std + 1e-9) would blow up to advantages of 0.93."""
     rewards = torch.full((8,), 1.2)
     assert (apo_shaping(rewards, torch.full((8,), 10.0), group_size=8).advantages == 0).all()
