@@ -4,7 +4,8 @@
 
 The unit tests run on CPU; this script repeats their oracles on ``cuda`` (fp32, TF32 off):
 
-1. ``tether.sampling.decode.LlamaDecoder`` against the model's own forward with a ``DynamicCache`` (logits, row dropping);
+1. ``tether.sampling.decode.LlamaDecoder`` against the model's own forward with a ``DynamicCache`` (logits, row
+   dropping);
 2. ``token_stats`` (chunked LM head, custom backward) against ``token_stats_plain`` — values and gradients;
 3. ``shared_prefix_hidden_states`` against ``hidden_states`` — values and parameter gradients;
 4. ``sample``: same seed → same completions, greedy = ``model.generate``, sampler log-probs = teacher forcing;

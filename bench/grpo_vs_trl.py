@@ -15,11 +15,10 @@ advantages, a k3 KL penalty to a frozen reference in the loss with β = 0.04, on
 β = 0.04 is set explicitly on both sides. It is tether's default for GRPO, but TRL's default is β = 0.0, which skips
 the reference model; with β = 0.04 both run a reference forward pass every step.
 
-* ``tether``: ``tether.recipes.online_rl.rl_step`` — the recipe's own step function — with the arguments built the
-  way ``tether.recipes.online_rl.train`` builds them (``load_tokenizer``/``load_model``, ``frozen_copy`` reference,
-  ``render_prompts``, ``make_optimizer`` (fused AdamW), ``make_scheduler``, ``FixedKLController``,
-  ``objective_agg_mode``), for ``RLConfig(loss="grpo", kl_coef=0.04, kl_estimator="k3", prompts_per_step=2,
-  group_size=8, max_new_tokens=48, temperature=1.0, lr=1e-6, micro_batch_size=16, ppo_epochs=1, mini_batches=1)``.
+* ``tether``: ``tether.recipes.online_rl.rl_step`` — the recipe's own step function — on the run state that
+  ``tether.recipes.online_rl.setup`` builds for ``train`` (frozen-copy reference, fused AdamW, schedule, fixed β), for
+  ``RLConfig(loss="grpo", kl_coef=0.04, kl_estimator="k3", prompts_per_step=2, group_size=8, max_new_tokens=48,
+  temperature=1.0, lr=1e-6, micro_batch_size=16, ppo_epochs=1, mini_batches=1)``.
   One step: rollout with tether's KV-cache sampler → reward → one no-grad reference pass (the update is
   on-policy, so no separate old-policy pass) → GRPO advantages → one forward/backward over the 16 sequences →
   clip → AdamW → scheduler. The reference and update passes run each prompt once for its 8 completions
@@ -145,9 +144,10 @@ def rl_config(workdir: Path):
 
 def step_prompts(step: int, workdir: Path) -> list[int]:
     """Row indices of step ``step``'s prompts: the recipe's own schedule (``rl_step`` picks exactly these)."""
-    from tether.recipes.online_rl import _prompt_schedule
+    from tether.recipes.online_rl import prompt_schedule
 
-    return _prompt_schedule(N_PROMPTS, step, rl_config(workdir))
+    cfg = rl_config(workdir)
+    return prompt_schedule(N_PROMPTS, step, per_step=cfg.prompts_per_step, seed=cfg.seed)
 
 
 _REWARD = None
@@ -179,39 +179,18 @@ class TetherImpl:
     name = "tether"
 
     def __init__(self, rows: list[dict], workdir: Path):
-        from tether.losses import FixedKLController
-        from tether.losses.policy import ONLINE_OBJECTIVES, objective_agg_mode
-        from tether.models import enable_gradient_checkpointing, load_model, load_tokenizer
-        from tether.recipes.online_rl import rl_step
-        from tether.reference import frozen_copy
+        from tether.recipes.online_rl import rl_step, setup
         from tether.rewards import InstructionFollowingReward
-        from tether.sampling import render_prompts
-        from tether.training import make_optimizer, make_scheduler, set_seed
+        from tether.training import set_seed
 
         self.rl_step = rl_step
         self.cfg = cfg = rl_config(workdir)
-        # What tether.recipes.online_rl.train does before its loop, for full fine-tuning with a frozen-copy
-        # reference, no teacher, a fixed β, tether's own sampler and held-out evaluation off.
+        # What tether.recipes.online_rl.train does before its loop (full fine-tuning, frozen-copy reference, fixed β,
+        # tether's own sampler, held-out evaluation off), on this benchmark's prompt rows.
         set_seed(cfg.seed)
-        assert "teacher_logps" not in ONLINE_OBJECTIVES[cfg.loss].needs and not cfg.target_kl and not cfg.lora
-        self.agg = objective_agg_mode(cfg.loss, cfg.loss_args)
-        self.reward = InstructionFollowingReward()  # the callable train(cfg, reward=...) accepts
-        self.train_rows = rows
-        self.tokenizer = load_tokenizer(cfg.model)
-        tok = self.tokenizer
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.policy = load_model(cfg.model).to(cfg.device)
-        self.reference = frozen_copy(self.policy)
-        self.reference.requires_grad_(False)
-        if cfg.gradient_checkpointing:  # off here (the RLConfig default): tether checkpoints no activations
-            enable_gradient_checkpointing(self.policy)
-        self.policy.train()
-        self.prompt_ids = render_prompts(tok, [r["prompt"] for r in rows])
-        total_updates = cfg.steps * cfg.ppo_epochs * cfg.mini_batches
-        self.optimizer = make_optimizer(self.policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, schedule=cfg.schedule,
-                                        warmup_steps=int(cfg.warmup_ratio * total_updates), total_steps=total_updates)
-        self.kl_ctl = FixedKLController(cfg.beta)
+        assert not cfg.target_kl and not cfg.lora
+        self.run = setup(cfg, reward=InstructionFollowingReward(), train_rows=rows)
+        self.agg, self.kl_ctl = self.run.plan.agg, self.run.kl_ctl
 
     def info(self) -> dict:
         return {"agg": self.agg, "kl_coef": self.kl_ctl.value, "engine": self.cfg.engine,
@@ -221,10 +200,7 @@ class TetherImpl:
     def step(self, step: int, chosen: list[int]) -> dict:
         """One recipe step: rollout → reward → reference scoring → advantages → one optimizer update."""
         t0 = time.perf_counter()
-        row = self.rl_step(self.cfg, step, policy=self.policy, reference=self.reference, teacher=None,
-                           tokenizer=self.tokenizer, pad=self.pad, train_rows=self.train_rows,
-                           prompt_ids=self.prompt_ids, reward=self.reward, optimizer=self.optimizer,
-                           scheduler=self.scheduler, kl_ctl=self.kl_ctl, agg=self.agg)
+        row = self.rl_step(self.run, step)
         total = time.perf_counter() - t0
         n = len(chosen) * self.cfg.group_size  # rl_step draws group_size completions for each scheduled prompt
         scoring = row["reward_s"] + row["score_s"]
@@ -389,13 +365,13 @@ def sample_generate(model, tokenizer, prompt_ids: list[list[int]], seed: int) ->
 
 def run_sampler(tether_impl: TetherImpl, rounds: int, workdir: Path) -> list[dict]:
     """Warm-up round, then `rounds` interleaved rounds (start rotating) on round r's RL prompts."""
-    model, tok = tether_impl.reference, tether_impl.tokenizer  # the starting model, never updated
+    model, tok = tether_impl.run.reference, tether_impl.run.tokenizer  # the starting model, never updated
     fns = {"tether": lambda ids, seed: sample_tether(model, tok, ids, seed, tether_impl.cfg.sample_batch_size),
            "generate": lambda ids, seed: sample_generate(model, tok, ids, seed)}
     names = list(fns)
     records = []
     for r in range(rounds + 1):
-        ids = [tether_impl.prompt_ids[i] for i in step_prompts(r, workdir)]
+        ids = [tether_impl.run.prompt_ids[i] for i in step_prompts(r, workdir)]
         for name in names[r % 2:] + names[:r % 2]:
             t0 = time.perf_counter()
             tokens = fns[name](ids, 10_000 + r)

@@ -1,6 +1,18 @@
 """Plumbing shared by the training recipes: seeding, optimizer and schedule, atomic checkpoints, metric logging.
 
-Small functions, no base class: a recipe calls what it needs.
+Small functions and one small class, no base class: a recipe calls what it needs. A training loop reads::
+
+    out_dir = start_run(cfg)                                    # directory, config.json, seeds
+    state = resume_or_fresh(out_dir, resume=cfg.resume, model=policy, optimizer=opt, scheduler=sched, lora=...)
+    log = RunLog(out_dir, total=steps, start=step, ...)         # progress bar, metrics.jsonl, TensorBoard, cadence
+    while step < steps:
+        ... loss.backward() ...
+        grad_norm = optimizer_step(policy, opt, sched, max_grad_norm=cfg.max_grad_norm)
+        step += 1
+        if log.end_step(step, metrics, checkpoint=lambda: save_checkpoint(...)):
+            break                                               # stop_after
+    log.close()
+    save_final(policy, tokenizer, out_dir / "final", lora=cfg.lora)   # LoRA merged into a copy
 
 Checkpoints are directories ``<output_dir>/checkpoints/step-<k>/`` holding the model in Hugging Face format
 (``save_pretrained``, safetensors; only the adapter when training with LoRA), the tokenizer, and
@@ -12,7 +24,9 @@ directory, which is ignored and cleaned up on the next save.
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import dataclasses
 import functools
 import json
 import math
@@ -26,10 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 __all__ = ["set_seed", "make_optimizer", "contiguous_adam_state", "release_freed_memory", "make_scheduler",
            "save_checkpoint", "latest_checkpoint", "load_trainer_state", "load_module_state", "load_weights",
-           "save_pretrained_atomic", "MetricsLogger", "read_metrics"]
+           "save_pretrained_atomic", "MetricsLogger", "read_metrics", "NonFiniteError", "start_run",
+           "resume_or_fresh", "optimizer_step", "RunLog", "save_final", "merged_copy"]
 
 
 def set_seed(seed: int) -> None:
@@ -293,3 +309,110 @@ def save_pretrained_atomic(model, tokenizer, target: Path) -> None:
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The steps every recipe's loop takes.
+# ------------------------------------------------------------------------------------------------------------
+
+
+class NonFiniteError(ValueError):
+    """A loss or gradient became NaN or infinite: the step is refused before it reaches the weights."""
+
+
+def start_run(cfg) -> Path:
+    """Create ``cfg.output_dir``, write the config there as ``config.json``, and seed every RNG with ``cfg.seed``."""
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    set_seed(cfg.seed)
+    return out_dir
+
+
+def resume_or_fresh(out_dir: Path, *, resume: bool, model, optimizer, scheduler, lora: bool,
+                    modules: dict | None = None, total: int | None = None) -> dict | None:
+    """With ``resume``, restore the newest checkpoint — weights (the adapter only with LoRA), optimizer, scheduler,
+    RNG states and the named ``modules`` (e.g. a reference that moves) — and return its state (``step``, ``extra``).
+    Otherwise, or when there is none, return None after removing an earlier run's checkpoints (which would outrank
+    this run's in pruning and in a later resume), saying which."""
+    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
+        load_weights(model, ckpt, lora=lora)
+        state = load_trainer_state(ckpt, optimizer=optimizer, scheduler=scheduler)
+        for name, module in (modules or {}).items():
+            load_module_state(module, ckpt, name)
+        print(f"resumed from {ckpt} at step {state['step']}" + (f"/{total}" if total else ""))
+        return state
+    if removed := remove_checkpoints(out_dir):
+        print(f"fresh run: removed the checkpoints of an earlier run in {Path(out_dir) / 'checkpoints'} "
+              f"({', '.join(removed)}); resume=True continues a run instead")
+    return None
+
+
+def optimizer_step(model, optimizer, scheduler, *, max_grad_norm: float, step: int | None = None) -> float:
+    """Clip the gradient norm to ``max_grad_norm`` (0: no clipping), step optimizer and schedule, zero the gradients;
+    return the gradient norm before clipping. A non-finite norm (a NaN or inf anywhere in the gradient) raises
+    :class:`NonFiniteError` before the optimizer touches the weights."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    if not math.isfinite(norm):
+        where = f"step {step}: " if step is not None else ""
+        raise NonFiniteError(f"{where}the gradient norm is {norm}: the loss or a reward is not finite (or lr is too "
+                             "high); no update was applied — the last checkpoint holds finite weights")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+class RunLog:
+    """What a training loop reports and when it checkpoints: a progress bar showing the ``show`` metrics,
+    ``metrics.jsonl`` and TensorBoard (``MetricsLogger``), a checkpoint every ``save_every`` steps, at the last step
+    and at ``stop_after``, and the stop at ``stop_after``. A ``finite`` metric that is NaN or inf stops the run with
+    :class:`NonFiniteError` before it is logged or checkpointed."""
+
+    def __init__(self, out_dir: Path, *, total: int, start: int, desc: str, show: tuple[str, ...],
+                 finite: tuple[str, ...] = ("loss",), save_every: int = 0, stop_after: int | None = None,
+                 tensorboard: bool = True, progress: bool = True):
+        self.total, self.show, self.finite = total, show, finite
+        self.save_every, self.stop_after = save_every, stop_after
+        self.metrics = MetricsLogger(out_dir, resume_step=start, tensorboard=tensorboard)
+        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+
+    def log(self, step: int, row: dict[str, float]) -> None:
+        """Record metrics without ending a step (e.g. an evaluation before the first step)."""
+        self.metrics.log(step, row)
+
+    def end_step(self, step: int, row: dict[str, float], *, checkpoint) -> bool:
+        """Record step ``step``'s metrics, call ``checkpoint()`` when one is due; True when the loop must stop here
+        (``stop_after``, before the last step)."""
+        bad = [k for k in self.finite if k in row and not math.isfinite(row[k])]
+        if bad:
+            raise NonFiniteError(f"step {step}: {', '.join(f'{k}={row[k]}' for k in bad)} is not finite; stopping "
+                                 "(the last checkpoint holds the weights before this step)")
+        self.metrics.log(step, row)
+        self.bar.set_postfix({k: f"{row[k]:.3g}" for k in self.show if k in row})
+        self.bar.update(1)
+        if (self.save_every and step % self.save_every == 0) or step == self.total or step == self.stop_after:
+            checkpoint()
+        if self.stop_after is not None and self.stop_after <= step < self.total:
+            print(f"stopped after step {step} (stop_after); continue with resume=True")
+            return True
+        return False
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+
+
+def merged_copy(model):
+    """A plain model with the LoRA adapters of ``model`` merged in, leaving ``model`` itself untouched (peft's
+    ``merge_and_unload`` works in place: called on the live policy it would turn the policy and its reference —
+    the same module with adapters off — into one model, and every later KL would read 0)."""
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def save_final(model, tokenizer, target: Path, *, lora: bool) -> Path:
+    """The final model in Hugging Face format at ``target``, written atomically; with LoRA, the adapters merged
+    into a copy (the live model keeps its adapters)."""
+    save_pretrained_atomic(merged_copy(model) if lora else model, tokenizer, target)
+    return target

@@ -1,4 +1,4 @@
-"""Datasets for tether's recipes: TRL-format preference data, validated, tokenized and collated."""
+"""Datasets for tether's recipes: TRL-format preference data, validated, tokenized and collated; prompt files."""
 
 from tether.data.preference import (
     DataError,
@@ -12,6 +12,7 @@ from tether.data.preference import (
     load_rows,
     tokenize_preference_rows,
 )
+from tether.data.prompts import load_prompt_rows, load_prompts
 
 __all__ = [
     "DataError",
@@ -22,6 +23,8 @@ __all__ = [
     "curriculum_order",
     "curriculum_stages",
     "load_preference_dataset",
+    "load_prompt_rows",
+    "load_prompts",
     "load_rows",
     "tokenize_preference_rows",
 ]

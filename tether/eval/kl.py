@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from tether.logprobs import IGNORE_INDEX, hidden_states, lm_head, token_stats
+from tether.logprobs import lm_head, token_stats
+from tether.rollout import backbone_states, collate
 from tether.sampling import render_prompts, sample
 
-__all__ = ["measure_kl", "measure_kl_from_files", "load_prompts"]
+__all__ = ["format_kl_report", "measure_kl", "measure_kl_from_files"]
 
 
 def _mean_ci(values: torch.Tensor) -> dict:
@@ -45,29 +46,19 @@ def measure_kl(policy, reference, tokenizer, prompts, *, samples_per_prompt: int
     done = sample(policy, tokenizer, prompt_ids, n=samples_per_prompt, max_new_tokens=max_new_tokens,
                   temperature=1.0, seed=seed, batch_size=batch_size, progress=progress, desc="KL: sampling")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    weight, bias = lm_head(policy)
+    ref_weight, ref_bias = lm_head(reference)
+    rollout = collate(done, pad, weight.device)
     token_kl, seq_k1, seq_rb, lengths = [], [], [], []
-    for start in range(0, len(done.completion_ids), batch_size):
-        rows = list(zip(done.prompt_ids[start:start + batch_size], done.completion_ids[start:start + batch_size]))
-        T = max(len(p) + len(c) for p, c in rows)
-        ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        for r, (p, c) in enumerate(rows):
-            ids[r, :len(p) + len(c)] = torch.tensor(p + c)
-            mask[r, :len(p) + len(c)] = 1
-            if c:
-                labels[r, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c)
-        weight, bias = lm_head(policy)
-        ref_weight, ref_bias = lm_head(reference)
-        ids, mask, labels = (t.to(weight.device) for t in (ids, mask, labels))
-        stats = token_stats(hidden_states(policy, ids, mask), weight, labels, bias=bias,
-                            ref_hidden=hidden_states(reference, ids, mask), ref_weight=ref_weight, ref_bias=ref_bias,
-                            stats=("logps", "ref_logps", "kl"), chunk_size=chunk_size)
-        valid = labels != IGNORE_INDEX
+    for start in range(0, rollout.size, batch_size):
+        mb = rollout.rows(torch.arange(start, min(rollout.size, start + batch_size)))
+        stats = token_stats(backbone_states(policy, mb, share_prompts=False), weight, mb.labels, bias=bias,
+                            ref_hidden=backbone_states(reference, mb, share_prompts=False), ref_weight=ref_weight,
+                            ref_bias=ref_bias, stats=("logps", "ref_logps", "kl"), chunk_size=chunk_size)
         seq_k1.append((stats["logps"] - stats["ref_logps"]).sum(-1))
         seq_rb.append(stats["kl"].sum(-1))
-        lengths.append(valid.sum(-1))
-        token_kl.append(stats["kl"][valid])
+        lengths.append(mb.mask.sum(-1))
+        token_kl.append(stats["kl"][mb.mask])
     seq_k1, seq_rb, lengths = torch.cat(seq_k1).double(), torch.cat(seq_rb).double(), torch.cat(lengths).double()
     all_tokens = torch.cat(token_kl).double()
     # Ratio estimator Σ KL_t / Σ |y| with a delta-method CI over sequences.
@@ -88,26 +79,12 @@ def measure_kl(policy, reference, tokenizer, prompts, *, samples_per_prompt: int
     }
 
 
-def load_prompts(path: str | Path) -> list:
-    """The ``prompt`` field of every row of a JSONL / Parquet / datasets file; a row without one is an error."""
-    from tether.data import load_rows
-
-    rows = load_rows(path)
-    prompts = []
-    for i, row in enumerate(rows):
-        prompt = row.get("prompt") if isinstance(row, dict) else None
-        if not (isinstance(prompt, str) and prompt.strip()) and not isinstance(prompt, list):
-            raise ValueError(f"{path}: row {i}: field 'prompt': missing or empty; every row needs a prompt "
-                             "(a string or a list of chat messages)")
-        prompts.append(prompt)
-    return prompts
-
-
 def measure_kl_from_files(*, policy: str, reference: str, prompts_file: str, samples_per_prompt: int = 4,
                           max_new_tokens: int = 64, seed: int = 0, output: str | Path | None = None,
                           chunk_size: int = 512, progress: bool = False, device: str = "cpu") -> dict:
     """Load both models from disk (onto ``device``), measure, print a summary and optionally write the report as
     JSON."""
+    from tether.data import load_prompts
     from tether.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(policy)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from tether.rewards.build import REWARD_NAMES, build_reward
 from tether.rewards.format import CombinedRuleReward, TagFormatReward, weighted_sum
 from tether.rewards.math import MathAnswerReward, extract_answer
 from tether.rewards.model import RewardModel
@@ -47,6 +48,8 @@ class RewardFn(Protocol):
 
 
 __all__ = [
+    "REWARD_NAMES",
+    "build_reward",
     "CONSTRAINT_TYPES",
     "AllCaps",
     "CodeTestReward",

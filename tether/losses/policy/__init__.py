@@ -17,7 +17,7 @@ The objectives are built from a few shared pieces (:func:`ppo_clip_per_token`, :
 :func:`kl_penalty`, :func:`grpo_advantages`, the sample KL estimators of ``tether.kl``); the private helpers they
 share are in ``_common``.
 
-Notation (spec §0): a batch holds ``B = Q·G`` responses — ``Q`` prompts × ``G`` responses each, **contiguous**
+Notation: a batch holds ``B = Q·G`` responses — ``Q`` prompts × ``G`` responses each, **contiguous**
 (rows ``q·G … q·G+G−1`` belong to prompt ``q``). For the sampled token ``y_{i,t}`` at state ``s_{i,t}``:
 
 * ``logps``     log π_θ(y_{i,t}|s_{i,t}) under the policy being trained (differentiable), ``Shape: (B, T)``;
@@ -26,7 +26,8 @@ Notation (spec §0): a batch holds ``B = Q·G`` responses — ``Q`` prompts × `
 * ``mask``      1/True on response tokens, 0/False on prompt and padding, ``Shape: (B, T)`` (ragged rows are fine);
 * ``w = ρ = exp(logps − old_logps)`` the per-token importance ratio; ``sg(·)`` stop-gradient;
 * per-sequence ``rewards`` / ``advantages``, ``Shape: (B,)``, broadcast over the tokens of their response;
-* ``logits``    full-vocabulary logits ``(B, T, V)`` for the methods that need distributions (TROLL, Archer, §13).
+* ``logits``    full-vocabulary logits ``(B, T, V)`` for the methods that need distributions (TROLL, Archer, the
+  critical-token KL).
 
 Every objective returns :class:`~tether.losses.policy.PolicyLossOutput` — a differentiable scalar loss (to minimize)
 and a dict of detached float metrics. Per-token matrices are reduced by :func:`~tether.losses.policy.aggregate`,
@@ -61,7 +62,13 @@ from tether.losses.policy.advantages import (
     whiten,
 )
 from tether.losses.policy.kl_objectives import APOShaping, apo, apo_shaping, disco, gvpo, kdrl, rpg
-from tether.losses.policy.registry import ONLINE_OBJECTIVES, OnlineObjective, call_objective, objective_agg_mode
+from tether.losses.policy.registry import (
+    ONLINE_OBJECTIVES,
+    OnlineObjective,
+    call_objective,
+    check_loss_args,
+    objective_agg_mode,
+)
 from tether.losses.policy.shaping import difficulty_filter, grpo_care_bonus
 from tether.losses.policy.surrogates import (
     AGG_MODES,
@@ -102,5 +109,5 @@ __all__ = [
     # shaping
     "difficulty_filter", "grpo_care_bonus",
     # registry
-    "ONLINE_OBJECTIVES", "OnlineObjective", "call_objective", "objective_agg_mode",
+    "ONLINE_OBJECTIVES", "OnlineObjective", "call_objective", "check_loss_args", "objective_agg_mode",
 ]

@@ -1,29 +1,47 @@
-"""The online recipe's table of objectives: how each policy loss is called, and what it needs.
+"""The online recipe's table of objectives: what each policy loss is called with, and what it needs computed.
 
-Every entry names a pure function of ``tether.losses``; the recipe (``tether.recipes.online_rl``) builds the inputs
-listed in ``needs`` and calls it through :func:`call_objective`. Objectives that take raw group rewards (GVPO,
-DisCO, APO, KDRL) do their own group normalisation; the others take advantages from ``tether.losses.policy.advantages``.
+Each entry names a pure function of ``tether.losses.policy`` and declares, by parameter name, which of the
+recipe's per-micro-batch inputs it takes (``inputs``) and which arguments the recipe pins (``fixed``). The recipe
+(``tether.recipes.online_rl``) builds every input an entry declares and calls :func:`call_objective`, which passes
+exactly those by keyword — there is no branching on objective names anywhere. A new objective is one entry here.
 
-Objectives not in the table are still library functions, usable from your own loop: ``troll`` (needs the
-policy's and the old policy's top-k logits), ``critical_token_kl`` (needs the reference's full logits) and A*-PO
-(``astar_po_values``/``astar_po_targets``, which needs an offline pass of reference samples per prompt).
+Inputs the recipe can provide (shapes for a micro-batch of B rows, T positions):
+
+==================  ==========  =========================================================================
+name                shape       what
+==================  ==========  =========================================================================
+``logps``           (B, T)      log π_θ of the sampled tokens (differentiable)
+``old_logps``       (B, T)      log π_old, the policy that sampled (constant)
+``ref_logps``       (B, T)      log π_ref (constant)
+``teacher_logps``   (B, T)      log π_teacher (KDRL; the reference when no teacher is configured)
+``entropy``         (B, T)      entropy of π_θ(·|s_t) (differentiable)
+``advantages``      (B,)/(B,T)  from the run's advantage estimator (``tether.losses.policy.advantages``)
+``rewards``         (B,)        the group's raw (possibly KL-shaped) rewards; the objective normalises them
+``mask``            (B, T)      response tokens that enter the loss
+``group_size``      int         G: rows ``g·G … g·G+G−1`` answer one prompt
+``max_len``         int         the rollout's ``max_new_tokens`` (constant-normaliser aggregation)
+==================  ==========  =========================================================================
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
-
-from torch import Tensor
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 from tether.losses.policy.kl_objectives import apo, disco, gvpo, kdrl, rpg
-from tether.losses.policy.surrogates import PolicyLossOutput, cpgd, dapo, gpg, grpo, ppo_clip
+from tether.losses.policy.surrogates import AGG_MODES, PolicyLossOutput, cpgd, dapo, gpg, grpo, ppo_clip
 from tether.losses.policy.token_selective import archer
 
-__all__ = ["ONLINE_OBJECTIVES", "OnlineObjective", "call_objective", "objective_agg_mode"]
+__all__ = ["OBJECTIVE_INPUTS", "ONLINE_OBJECTIVES", "OnlineObjective", "call_objective", "check_loss_args",
+           "objective_agg_mode"]
 
-OBJECTIVE_INPUTS = frozenset({"ref_logps", "entropy", "teacher_logps"})
+OBJECTIVE_INPUTS = frozenset({"logps", "old_logps", "ref_logps", "teacher_logps", "entropy", "advantages",
+                              "rewards", "mask", "group_size", "max_len"})
+_ADVANTAGE_INPUTS = ("logps", "old_logps", "advantages", "mask", "max_len")
+_REWARD_INPUTS = ("logps", "old_logps", "rewards", "mask", "group_size")
 
 
 @dataclass(frozen=True)
@@ -31,74 +49,86 @@ class OnlineObjective:
     """How the online recipe calls one policy objective.
 
     Fields:
-        fn: the loss function (``tether.losses.<name>``).
-        takes: ``"advantages"`` — called ``fn(logps, old_logps, advantages, mask, ...)``; ``"rewards"`` — called
-            with the group's raw (possibly KL-shaped) rewards and ``group_size`` and normalises them itself.
-        needs: extra per-token inputs from ``OBJECTIVE_INPUTS``.
-        own_kl: True when the objective carries its own regularizer to the reference/teacher (set it through
+        fn: the loss function (``tether.losses.policy.<name>``).
+        inputs: the recipe inputs it takes, by parameter name (see the module docstring).
+        fixed: arguments the recipe pins (GRPO's own KL term is off: the recipe adds ``kl_penalty`` itself, for
+            every objective alike).
+        own_kl: True when the objective carries its own regularizer to the reference / teacher (set its β through
             ``loss_args``); the recipe then adds no KL term of its own.
-        default_advantage: advantage estimator used when the config does not name one.
-        default_kl_coef: β of the recipe's KL term when the config does not set one (GRPO: 0.04, k3 in the loss).
+        default_advantage: advantage estimator used when the config names none (objectives taking ``rewards``
+            normalise within their groups themselves and ignore it).
+        default_kl_coef: β of the recipe's KL term when the config sets none (GRPO: 0.04, k3 in the loss).
         splittable: the mini-batch loss equals the share-weighted mean of its micro-batch losses (means over
             tokens or sequences). False for losses over the whole batch (GVPO sums groups; DisCO's constraint is a
             batch mean): the recipe then never splits a mini-batch into micro-batches.
     """
 
     fn: Callable[..., PolicyLossOutput]
-    takes: str = "advantages"
-    needs: frozenset[str] = frozenset()
+    inputs: tuple[str, ...] = _ADVANTAGE_INPUTS
+    fixed: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     own_kl: bool = False
     default_advantage: str = "grpo"
     default_kl_coef: float = 0.0
     splittable: bool = True
 
+    @property
+    def takes_rewards(self) -> bool:
+        return "rewards" in self.inputs
+
+    def needs(self, name: str) -> bool:
+        return name in self.inputs
+
+    def hyperparameters(self) -> set[str]:
+        """Keyword-only parameters a config may set through ``loss_args``."""
+        params = inspect.signature(self.fn).parameters
+        return {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - set(self.inputs) - set(self.fixed) - {
+            "ref_logps", "entropy", "logits", "token_kl", "kl_coef", "kl_estimator", "kl_importance_weight"}
+
 
 ONLINE_OBJECTIVES: dict[str, OnlineObjective] = {
     "ppo_clip": OnlineObjective(ppo_clip),
-    "grpo": OnlineObjective(grpo, default_kl_coef=0.04),
+    "grpo": OnlineObjective(grpo, fixed=MappingProxyType({"kl_coef": 0.0}), default_kl_coef=0.04),
     "dapo": OnlineObjective(dapo),
     "gpg": OnlineObjective(gpg, default_advantage="gpg"),
     "cpgd": OnlineObjective(cpgd),
-    "rpg": OnlineObjective(rpg, needs=frozenset({"ref_logps"}), own_kl=True),
-    "archer": OnlineObjective(archer, needs=frozenset({"ref_logps", "entropy"}), own_kl=True),
-    "gvpo": OnlineObjective(gvpo, takes="rewards", own_kl=True, splittable=False),
-    "disco": OnlineObjective(disco, takes="rewards", splittable=False),
-    "apo": OnlineObjective(apo, takes="rewards", needs=frozenset({"ref_logps"}), own_kl=True),
-    "kdrl": OnlineObjective(kdrl, takes="rewards", needs=frozenset({"teacher_logps"}), own_kl=True),
+    "rpg": OnlineObjective(rpg, inputs=(*_ADVANTAGE_INPUTS, "ref_logps"), own_kl=True),
+    "archer": OnlineObjective(archer, inputs=(*_ADVANTAGE_INPUTS, "ref_logps", "entropy"), own_kl=True),
+    "gvpo": OnlineObjective(gvpo, inputs=_REWARD_INPUTS, own_kl=True, splittable=False),
+    "disco": OnlineObjective(disco, inputs=_REWARD_INPUTS, splittable=False),
+    "apo": OnlineObjective(apo, inputs=(*_REWARD_INPUTS, "ref_logps", "max_len"), own_kl=True),
+    "kdrl": OnlineObjective(kdrl, inputs=(*_REWARD_INPUTS, "teacher_logps", "max_len"), own_kl=True),
 }
 
 
-def objective_agg_mode(name: str, loss_args: dict) -> str:
-    """The aggregation mode the objective will use (its ``agg``/``loss_agg_mode`` argument or default)."""
+def check_loss_args(name: str, loss_args: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the field when ``loss_args`` sets something objective ``name`` does not take."""
+    if name not in ONLINE_OBJECTIVES:
+        raise ValueError(f"loss: unknown objective {name!r}; choose one of {sorted(ONLINE_OBJECTIVES)}")
+    allowed = ONLINE_OBJECTIVES[name].hyperparameters()
+    unknown = set(loss_args) - allowed
+    if unknown:
+        raise ValueError(f"loss_args: {sorted(unknown)} are not hyperparameters of {name!r}; it accepts "
+                         f"{sorted(allowed)} (the KL term is set by kl_coef / kl_estimator / kl_placement)")
+    for key in ("agg", "loss_agg_mode"):
+        if key in loss_args and loss_args[key] not in AGG_MODES:
+            raise ValueError(f"loss_args.{key}: {loss_args[key]!r} is not one of {AGG_MODES}")
+
+
+def objective_agg_mode(name: str, loss_args: Mapping[str, Any]) -> str:
+    """The aggregation mode the objective will use (its ``agg``/``loss_agg_mode`` argument or default);
+    ``"sequence"`` for GVPO / DisCO, which reduce over groups themselves."""
     params = inspect.signature(ONLINE_OBJECTIVES[name].fn).parameters
     for key in ("agg", "loss_agg_mode"):
         if key in params:
             return str(loss_args.get(key, params[key].default))
-    return "sequence"  # GVPO / DisCO: their own reductions over groups
+    return "sequence"
 
 
-def call_objective(name: str, *, logps: Tensor, old_logps: Tensor, mask: Tensor, advantages: Tensor | None,
-                   rewards: Tensor | None, group_size: int, inputs: dict[str, Tensor], loss_args: dict,
-                   max_len: int) -> PolicyLossOutput:
-    """Call objective ``name`` on one micro-batch (rows grouped prompt-major, ``group_size`` per prompt)."""
+def call_objective(name: str, available: Mapping[str, Any], loss_args: Mapping[str, Any]) -> PolicyLossOutput:
+    """Call objective ``name`` with the inputs its entry declares (taken from ``available`` by name), the arguments
+    it pins, and the config's hyperparameters."""
     spec = ONLINE_OBJECTIVES[name]
-    params = inspect.signature(spec.fn).parameters
-    kwargs = dict(loss_args)
-    if "max_len" in params:
-        kwargs.setdefault("max_len", max_len)
-    if name == "grpo":
-        kwargs["kl_coef"] = 0.0  # the recipe adds the KL term itself (tether.losses.kl_penalty), for every objective
-    if name == "archer":
-        kwargs["entropy"] = inputs["entropy"]
-    if name == "rpg":
-        kwargs["ref_logps"] = inputs["ref_logps"]
-    if spec.takes == "rewards":
-        kwargs["group_size"] = group_size
-        if name == "apo":
-            return spec.fn(logps, old_logps, inputs["ref_logps"], rewards, mask, **kwargs)
-        if name == "kdrl":
-            return spec.fn(logps, old_logps, inputs["teacher_logps"], rewards, mask, **kwargs)
-        return spec.fn(logps, old_logps, rewards, mask, **kwargs)
-    if name == "archer":
-        return spec.fn(logps, old_logps, inputs["ref_logps"], advantages, mask, **kwargs)
-    return spec.fn(logps, old_logps, advantages, mask, **kwargs)
+    missing = [k for k in spec.inputs if available.get(k) is None]
+    if missing:
+        raise ValueError(f"objective {name!r} needs {missing}, which the caller did not compute")
+    return spec.fn(**{k: available[k] for k in spec.inputs}, **spec.fixed, **loss_args)

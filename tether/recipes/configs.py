@@ -1,0 +1,147 @@
+"""One typed config per recipe, each a flat dataclass over the shared parts of ``tether.config``.
+
+A YAML file sets fields, command-line flags override them (``tether.cli``), and ``__post_init__`` validates the
+result, so a bad value fails before any work with a message that names the field. The recipes import their config
+from here; ``tether <command> --help`` lists every field with the documentation written beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tether.config import LoRAConfig, ModelConfig, OptimConfig, RunConfig, check_range
+from tether.losses.policy import ONLINE_OBJECTIVES, check_loss_args
+
+__all__ = ["RLConfig"]
+
+
+@dataclass
+class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
+    """Online RL with group sampling: `tether rl --config x.yaml [--field value ...]`."""
+
+    output_dir: str = "runs/rl"
+    lr: float = 1e-6
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = 0.0
+    teacher_model: str | None = None
+    """KDRL's teacher (a local directory); None = the reference."""
+    task: Literal["instructions", "arithmetic"] = "instructions"
+    """Generated task when prompts_file is not set: IFEval-style instructions, or small arithmetic word problems."""
+    prompts_file: str | None = None
+    """Training prompts: JSONL/Parquet/datasets rows with 'prompt' (string or chat messages) plus whatever the
+    rewards read (e.g. 'answer', 'constraints', 'tests')."""
+    eval_prompts_file: str | None = None
+    """Held-out prompts (same format); None with a generated task = its held-out split."""
+    train_prompts: int = 256
+    """Size of the generated training pool."""
+    eval_prompts: int = 32
+    """Size of the generated held-out set (0 disables held-out evaluation)."""
+    rewards: dict[str, float] | None = None
+    """Reward components and weights, combined as a weighted mean: instructions, math, format, code. None = the
+    task's rule reward."""
+    reward_model: str | None = None
+    """A local sequence-classification model directory added as a reward component 'reward_model'."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model in the combination."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong penalty over the last N tokens before max_new_tokens (added to the reward; 0 = off)."""
+    loss: str = "grpo"
+    """Objective by name: ppo_clip, grpo, dapo, gpg, cpgd, rpg, archer, gvpo, disco, apo, kdrl."""
+    loss_args: dict[str, float | int | str | bool] = field(default_factory=dict)
+    """Hyperparameters of the objective, by keyword (e.g. {clip_eps_high: 0.28}, {beta: 0.1}); checked against its
+    signature."""
+    advantage: Literal["grpo", "drgrpo", "rloo", "reinforce_pp", "gpg"] | None = None
+    """Advantage estimator; None = the objective's default (GPG: gpg, others: grpo)."""
+    kl_coef: float | None = None
+    """β of the KL to the reference; None = the objective's default (GRPO 0.04, others 0)."""
+    kl_estimator: Literal["k1", "k2", "k3", "k3_is", "exact"] = "k3"
+    """Which KL estimate carries the gradient (value and gradient of each: tether.kl, tether.losses.kl_penalty)."""
+    kl_placement: Literal["loss", "reward"] = "loss"
+    """Put β·k in the loss, or subtract it from the reward (k1/k2/k3 only)."""
+    kl_importance_weight: bool = True
+    """In the loss, weight k1/k2/k3 by sg(π/π_old) so off-policy mini-batches keep the on-policy gradient."""
+    target_kl: float | None = None
+    """Adapt β towards this sequence-level KL (nats per completion); None = fixed β."""
+    kl_horizon: float = 10000.0
+    """Adaptive controller horizon (in sequences)."""
+    steps: int = 20
+    """RL steps (rollout + updates)."""
+    prompts_per_step: int = 4
+    """Prompts per rollout."""
+    group_size: int = 8
+    """Completions per prompt (G)."""
+    max_new_tokens: int = 48
+    """Length limit of each completion (and Dr. GRPO's constant normaliser)."""
+    temperature: float = 1.0
+    """Sampling temperature (also used to compute the policy's log-probs)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Completions end at the first of these (kept in the completion)."""
+    engine: Literal["tether", "hf", "vllm"] = "tether"
+    """Rollout engine: tether's KV-cache loop, transformers' generate, or vLLM (GPU machines, optional extra)."""
+    sample_batch_size: int = 64
+    """Completions generated together."""
+    drop_uniform_groups: bool = False
+    """DAPO dynamic sampling (without refill): groups whose rewards are all equal leave the loss (counted)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    mini_batches: int = 1
+    """Optimizer steps per pass (the batch is split into this many mini-batches of whole groups)."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward (memory knob; does not change the gradient)."""
+    ref_reset_every: int = 0
+    """ProRL's reference reset: every N steps the reference becomes the policy and the optimizer state is
+    re-initialized (0 = never)."""
+    share_prompts: bool = True
+    """Run each group's prompt through the backbone once in the scoring and update passes (same values and gradients
+    as running it for every completion; ``tether.prefix``). Ignored under gradient checkpointing."""
+    eval_samples_per_prompt: int = 4
+    """Completions per held-out prompt for the reward before/after."""
+    eval_every: int = 0
+    """Also measure the held-out reward every N steps (0 = only before and after)."""
+    kl_samples_per_prompt: int = 4
+    """Completions per held-out prompt for the final KL measurement (temperature 1)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_loss_args(self.loss, self.loss_args)
+        if ONLINE_OBJECTIVES[self.loss].own_kl and self.kl_coef:
+            raise ValueError(f"kl_coef: {self.loss!r} carries its own KL term (set its β in loss_args); "
+                             "leave kl_coef unset or 0")
+        if self.kl_placement == "reward" and self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"kl_estimator: {self.kl_estimator!r} cannot be placed in the reward; use k1, k2 or "
+                             "k3 there (k1 gives the exact sequence-level reverse-KL gradient)")
+        from tether.rewards import REWARD_NAMES
+
+        for name in (self.rewards or {}):
+            if name not in REWARD_NAMES:
+                raise ValueError(f"rewards: unknown reward {name!r}; choose from {sorted(REWARD_NAMES)} "
+                                 "(or reward_model)")
+        for name, ok in (("steps", self.steps >= 1), ("prompts_per_step", self.prompts_per_step >= 1),
+                         ("group_size", self.group_size >= 2), ("max_new_tokens", self.max_new_tokens >= 1),
+                         ("ppo_epochs", self.ppo_epochs >= 1),
+                         ("mini_batches", 1 <= self.mini_batches <= self.prompts_per_step),
+                         ("micro_batch_size", self.micro_batch_size >= 1),
+                         ("kl_coef", self.kl_coef is None or self.kl_coef >= 0),
+                         ("target_kl", self.target_kl is None or self.target_kl > 0),
+                         ("temperature", self.temperature > 0), ("ref_reset_every", self.ref_reset_every >= 0),
+                         ("overlong_buffer", 0 <= self.overlong_buffer < self.max_new_tokens)):
+            check_range(name, getattr(self, name), ok, "tether rl")
+        if self.prompts_per_step % self.mini_batches:
+            raise ValueError(f"mini_batches={self.mini_batches} must divide prompts_per_step="
+                             f"{self.prompts_per_step} (mini-batches hold whole groups)")
+        if self.ref_reset_every and self.lora:
+            raise ValueError("ref_reset_every needs full fine-tuning: with LoRA the reference is the frozen base")
+
+    @property
+    def beta(self) -> float:
+        """The initial KL coefficient: kl_coef, or the objective's default."""
+        return ONLINE_OBJECTIVES[self.loss].default_kl_coef if self.kl_coef is None else self.kl_coef
+
+    @property
+    def advantage_name(self) -> str:
+        return self.advantage or ONLINE_OBJECTIVES[self.loss].default_advantage

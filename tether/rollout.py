@@ -1,0 +1,248 @@
+"""Rollouts: sampled completions as typed tensor records, their rewards, and their per-token statistics.
+
+Everything that turns the sampler's output into something a loss or a report can read lives here, once, for the
+online recipe, the KL measurement (``tether.eval.kl``) and the quickstart:
+
+* :class:`Rollout` — a batch of prompt + completion rows as right-padded tensors, grouped prompt-major, with the
+  sampler's own per-token log-probs; built by :func:`collate` from ``tether.sampling.Completions``.
+* :func:`score` — one no-grad pass giving :class:`TokenScores`: reference log-probs, and when asked the policy's
+  log-probs, exact full-vocabulary KL(π‖π_ref) and entropy per token, and a teacher's log-probs.
+* :func:`rewarded` — a :class:`RewardedBatch`: the rollout with the reward of every completion (``None`` = no
+  opinion: counted, kept out of the loss) and the rows that enter the loss.
+* :func:`evaluate_reward` — the mean held-out reward of a model with fixed sampling seeds, so two models are compared
+  on paired draws.
+
+Records are frozen: a stage returns a new record (``rollout.rows(idx)``) instead of writing into the one it got.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tether.eval import mean_ci95
+from tether.logprobs import IGNORE_INDEX, hidden_states, lm_head, token_stats
+from tether.prefix import shared_prefix_hidden_states
+from tether.reference import reference_context
+from tether.sampling import Completions, render_prompts, sample
+
+__all__ = ["RewardedBatch", "Rollout", "TokenScores", "backbone_states", "collate", "evaluate_reward",
+           "fill_no_opinion", "rewarded", "score", "score_completions"]
+
+Reward = Callable[[str, str, dict], "float | None"]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """B completions as right-padded (B, T) rows of prompt + completion, grouped prompt-major (the completions of one
+    prompt are consecutive rows). Position t of ``labels``/``mask``/``sampler_logps`` describes the token predicted
+    from position t, so every per-token tensor of this module lines up with them."""
+
+    input_ids: Tensor
+    """(B, T) long: prompt ids, completion ids, then padding."""
+    attention_mask: Tensor
+    """(B, T) long: 1 on prompt and completion tokens."""
+    labels: Tensor
+    """(B, T) long: the next completion token at each position that predicts one, ``IGNORE_INDEX`` elsewhere."""
+    mask: Tensor
+    """(B, T) bool: ``labels != IGNORE_INDEX`` — the response tokens."""
+    prompt_len: Tensor
+    """(B,) long: prompt tokens of each row."""
+    group: Tensor
+    """(B,) long: index of each row's prompt (rows of one group share it)."""
+    sampler_logps: Tensor
+    """(B, T) float: log-probs the sampler recorded for each response token (0 elsewhere)."""
+    finished: Tensor
+    """(B,) bool: False when the completion was cut at ``max_new_tokens``."""
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
+
+    def rows(self, idx: Tensor) -> Rollout:
+        """The sub-batch of rows ``idx`` (in that order), trimmed to its longest row."""
+        idx = idx.to(self.input_ids.device)
+        width = int(self.attention_mask[idx].sum(-1).max())
+        return Rollout(**{f.name: (v[idx, :width] if v.dim() == 2 else v[idx])
+                          for f in dataclasses.fields(self) for v in [getattr(self, f.name)]})
+
+    def to(self, device: str | torch.device) -> Rollout:
+        return Rollout(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """No-grad per-token statistics of a :class:`Rollout`, each (B, T) aligned with its labels (0 at padding);
+    a field is None when it was not asked for."""
+
+    ref_hidden: Tensor
+    """(B, T, H) the reference's final hidden states (kept so an update pass can compute the exact KL)."""
+    ref_logps: Tensor | None = None
+    """log π_ref of each response token."""
+    logps: Tensor | None = None
+    """log π of each response token under the policy as it was when scored (the "old" policy of the updates)."""
+    kl: Tensor | None = None
+    """Exact KL(π(·|s_t) ‖ π_ref(·|s_t)) over the full vocabulary at each response position."""
+    entropy: Tensor | None = None
+    """Entropy of π(·|s_t) at each response position."""
+    teacher_logps: Tensor | None = None
+    """log π_teacher of each response token."""
+
+
+def collate(done: Completions, pad_token_id: int, device: str | torch.device = "cpu") -> Rollout:
+    """The :class:`Rollout` of sampled completions: right-padded rows, labels on completion tokens only."""
+    rows = list(zip(done.prompt_ids, done.completion_ids))
+    T = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    sampler = torch.zeros(len(rows), T)
+    for r, ((p, c), lp) in enumerate(zip(rows, done.logprobs)):
+        ids[r, :len(p) + len(c)] = torch.tensor(p + c)
+        attn[r, :len(p) + len(c)] = 1
+        if c:
+            labels[r, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c)
+            sampler[r, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(lp, dtype=torch.float32)
+    rollout = Rollout(input_ids=ids, attention_mask=attn, labels=labels, mask=labels != IGNORE_INDEX,
+                      prompt_len=torch.tensor([len(p) for p in done.prompt_ids]),
+                      group=torch.tensor(done.prompt_index), sampler_logps=sampler,
+                      finished=torch.tensor(done.finished, dtype=torch.bool))
+    return rollout.to(device)
+
+
+def backbone_states(model, rollout: Rollout, share_prompts: bool, *,
+                    embedding_grad_in_place: bool = False) -> Tensor:
+    """(B, T, H) final hidden states of a rollout: each group's prompt run once when ``share_prompts``
+    (``tether.prefix``), else every row in full. Both give the same values and gradients at every labelled
+    position. ``embedding_grad_in_place``: see ``tether.logprobs.hidden_states`` (the caller runs ``.backward()``)."""
+    if share_prompts:
+        return shared_prefix_hidden_states(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len,
+                                           rollout.group, embedding_grad_in_place=embedding_grad_in_place)
+    return hidden_states(model, rollout.input_ids, rollout.attention_mask,
+                         embedding_grad_in_place=embedding_grad_in_place)
+
+
+@torch.no_grad()
+def score(policy, reference, rollout: Rollout, *, temperature: float, chunk_size: int, micro_batch_size: int,
+          need_policy: bool, need_ref_logps: bool = True, teacher=None, share_prompts: bool = True) -> TokenScores:
+    """One no-grad pass over ``rollout`` in micro-batches of ``micro_batch_size`` rows.
+
+    Always: the reference's hidden states. ``need_ref_logps``: the reference log-probs. ``need_policy``: the
+    policy's log-probs, the exact KL(π‖π_ref) and the entropy per token (and the reference log-probs with them).
+    ``teacher``: a third model's log-probs. An update pass that computes the exact KL from ``ref_hidden`` gets the
+    reference log-probs there too, so a step with one on-policy update runs the reference head once
+    (``need_policy=False, need_ref_logps=False``)."""
+    parts: dict[str, list[Tensor]] = {}
+    w, b = lm_head(policy)
+    for start in range(0, rollout.size, micro_batch_size):
+        mb = rollout.rows(torch.arange(start, min(rollout.size, start + micro_batch_size)))
+        with reference_context(reference):
+            ref_hidden = backbone_states(reference, mb, share_prompts)
+            rw, rb = lm_head(reference)
+        pieces = {"ref_hidden": ref_hidden}
+        if need_policy:
+            hidden = backbone_states(policy, mb, share_prompts)
+            pieces.update(token_stats(hidden, w, mb.labels, bias=b, ref_hidden=ref_hidden, ref_weight=rw,
+                                      ref_bias=rb, stats=("logps", "ref_logps", "kl", "entropy"),
+                                      chunk_size=chunk_size, temperature=temperature))
+        elif need_ref_logps:
+            pieces["ref_logps"] = token_stats(ref_hidden, rw, mb.labels, bias=rb, chunk_size=chunk_size,
+                                              temperature=temperature)["logps"]
+        if teacher is not None:
+            with reference_context(teacher):
+                tw, tb = lm_head(teacher)
+                th = backbone_states(teacher, mb, share_prompts)
+                pieces["teacher_logps"] = token_stats(th, tw, mb.labels, bias=tb, chunk_size=chunk_size,
+                                                      temperature=temperature)["logps"]
+        for k, v in pieces.items():
+            parts.setdefault(k, []).append(v)
+
+    def padded(vs: list[Tensor]) -> Tensor:
+        return torch.cat([torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, rollout.width - v.shape[1]))
+                          for v in vs])
+
+    return TokenScores(**{k: padded(vs) for k, vs in parts.items()})
+
+
+@dataclass(frozen=True)
+class RewardedBatch:
+    """A rollout with its rewards (B rows, Q = B / G groups)."""
+
+    rollout: Rollout
+    rewards: Tensor
+    """(B,) rewards; a no-opinion completion holds its group's mean of the scored ones."""
+    scored: Tensor
+    """(B,) bool: the reward had an opinion."""
+    loss_mask: Tensor
+    """(B, T) bool: response tokens that enter the loss (no-opinion rows and dropped uniform groups are out)."""
+    uniform: Tensor
+    """(Q,) bool: groups whose rewards are all equal."""
+
+
+def rewarded(reward: Reward, rows: Sequence[dict], done: Completions, *, pad: int, group_size: int,
+             drop_uniform_groups: bool = False, device: str | torch.device = "cpu") -> RewardedBatch:
+    """The collated rollout of ``done`` with the reward of every completion and the rows that enter the loss:
+    no-opinion completions never do, and with ``drop_uniform_groups`` (DAPO's dynamic sampling) neither do groups
+    whose rewards are all equal (they carry no group-relative signal)."""
+    rewards, scored = fill_no_opinion(score_completions(reward, rows, done), group_size)
+    rollout = collate(done, pad, device)
+    uniform = rewards.view(-1, group_size).std(dim=1) == 0
+    keep = scored & ~uniform.repeat_interleave(group_size) if drop_uniform_groups else scored
+    return RewardedBatch(rollout, rewards.to(rollout.mask.device), scored,
+                         rollout.mask & keep.to(rollout.mask.device)[:, None], uniform)
+
+
+def _prompt_text(prompt: str | list[dict]) -> str:
+    """What a reward sees as the prompt: the string, or the last message of a chat prompt."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def score_completions(reward: Reward, rows: Sequence[dict], done: Completions) -> list[float | None]:
+    """Reward of every completion (None = no opinion). Each call gets the prompt, the completion's text and the
+    prompt's row (the reward's metadata) plus the completion's token count (``completion_tokens``, for length
+    shaping)."""
+    return [reward(_prompt_text(rows[i]["prompt"]), text, {**rows[i], "completion_tokens": len(ids)})
+            for i, text, ids in zip(done.prompt_index, done.texts, done.completion_ids)]
+
+
+def fill_no_opinion(raw: Sequence[float | None], group_size: int) -> tuple[Tensor, Tensor]:
+    """Rewards (B,) as a float tensor where None is replaced by the mean of its group's scored completions (so it
+    adds nothing to the group's centre), and the bool mask (B,) of scored completions."""
+    scored = torch.tensor([r is not None for r in raw])
+    values = torch.tensor([0.0 if r is None else float(r) for r in raw], dtype=torch.float32)
+    for g in range(0, len(raw), group_size):
+        sl = slice(g, g + group_size)
+        if scored[sl].any():
+            values[sl] = torch.where(scored[sl], values[sl], values[sl][scored[sl]].mean())
+    return values, scored
+
+
+def evaluate_reward(model, tokenizer, rows: Sequence[dict], reward: Reward, *, samples_per_prompt: int,
+                    max_new_tokens: int, temperature: float, seed: int, batch_size: int, top_p: float = 1.0,
+                    top_k: int = 0, stop_strings: Sequence[str] = (), progress: bool = False,
+                    examples: int = 0) -> dict:
+    """Mean reward (with its 95% CI) of ``samples_per_prompt`` completions per prompt, sampled with fixed seeds, so
+    that two models evaluated with the same arguments are compared on paired draws. A completion the reward has no
+    opinion on scores 0 (counted in ``no_opinion``). ``scores`` holds every score in prompt-major order;
+    ``examples`` > 0 adds the first completion of that many prompts."""
+    done = sample(model, tokenizer, render_prompts(tokenizer, [r["prompt"] for r in rows]), n=samples_per_prompt,
+                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                  stop_strings=stop_strings, seed=seed, batch_size=batch_size, progress=progress,
+                  desc="held-out reward")
+    raw = score_completions(reward, rows, done)
+    scores = [0.0 if s is None else float(s) for s in raw]
+    mean, half = mean_ci95(scores)
+    out = {"reward_mean": mean, "reward_ci95_halfwidth": half, "n": len(scores),
+           "no_opinion": sum(s is None for s in raw), "scores": scores}
+    if examples:
+        firsts = list(zip(done.prompt_index, done.texts, scores))[::samples_per_prompt][:examples]
+        out["examples"] = [{"prompt": rows[i]["prompt"], "completion": t, "reward": s} for i, t, s in firsts]
+    return out
