@@ -1,14 +1,14 @@
-"""Shared helpers of the ``tests/test_losses_regularized_*.py`` files (``tether.losses.regularized``).
+"""Shared helpers of ``test_policy_kl_objectives.py`` and ``test_policy_token_selective.py`` (``tether.losses.policy``).
 
 Conventions of those files:
 
-* **Twins.** Every objective of ``tether.losses.regularized`` is re-implemented in its test file, in float64, straight
-  from the spec formula (python loops over groups/positions, explicit ``exp``/``log``, no library helpers; the
-  small twins here — token mean, PPO clip — are shared). :func:`run_against_twin` runs the library in fp32 on the same
-  values (rounded once to fp32, then both sides see identical numbers), on odd shapes (B = 6 or 9, T = 7, V = 11)
-  with ragged masks (random prompt offset and length per row); a gradient of 0.73 (≠ 1) is pushed from above; loss
-  and gradients w.r.t. every differentiable input must agree to ``atol = rtol = 1e-5`` (mismatching indices are
-  printed).
+* **Twins.** Every objective of ``tether.losses.policy.kl_objectives`` and ``token_selective`` is re-implemented in its
+  test file, in float64, straight from the equation in its docstring (python loops over groups/positions, explicit
+  ``exp``/``log``, no library helpers; the small twins here — token mean, PPO clip — are shared).
+  :func:`run_against_twin` runs the library in fp32 on the same values (rounded once to fp32, then both sides see
+  identical numbers), on odd shapes (B = 6 or 9, T = 7, V = 11) with ragged masks (random prompt offset and length per
+  row); a gradient of 0.73 (≠ 1) is pushed from above; loss and gradients w.r.t. every differentiable input must agree
+  to ``atol = rtol = 1e-5`` (mismatching indices are printed).
 * **Stop-gradients.** Inputs the method treats as constants (old/ref/teacher log-probs, old logits) are passed with
   ``requires_grad=True`` and must come back with no (or an all-zero) gradient.
 * **Exact expectations.** Gradient identities are checked by enumerating a small categorical (V = 5 or K = 6 arms)

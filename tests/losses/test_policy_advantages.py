@@ -1,9 +1,9 @@
 """Advantage estimators (``tether.losses.policy.advantages``) against hand-worked oracles and plain float64 twins.
 
-Each twin below is written from the spec formula with explicit Python loops over groups / tokens (no vectorized
-tricks shared with the library); the library runs in fp32 and must match at ``atol 1e-5``.
+Each twin below is written from the equation in the estimator's docstring with explicit Python loops over groups /
+tokens (no vectorized tricks shared with the library); the library runs in fp32 and must match at ``atol 1e-5``.
 
-Hand-worked values (spec §1–§6, §15):
+Hand-worked values:
 
 * GRPO, R = [1, 0, 0, 0]: mean 0.25; unbiased std sqrt((0.75² + 3·0.25²)/3) = sqrt(0.25) = 0.5, so
   Â = (R − 0.25)/0.5 = [1.5, −0.5, −0.5, −0.5] (the population std 0.433 would give [1.732, −0.577, …]).
@@ -204,7 +204,8 @@ def test_group_estimators_match_twins(rewards):
 
 
 def test_gvpo_weights_are_the_gvpo_loss_gradient(rewards):
-    """Twin: the GVPO loss (spec §8) written out; autograd w.r.t. the sequence log-probs gives −w exactly."""
+    """Twin: the GVPO loss (Zhang et al. 2025, arXiv:2504.19599) written out; autograd w.r.t. the sequence log-probs
+    gives −w exactly."""
     beta = 0.1
     g = torch.Generator().manual_seed(1)
     old_lp = -5 * torch.rand(N, G, generator=g, dtype=torch.float64)
@@ -320,7 +321,7 @@ def test_whiten_matches_twin_and_rejects_tiny_batches():
 
 
 def test_reinforce_pp_matches_twin():
-    """Both variants against the spec formula: returns-to-go (or group-centred scores), then global whitening."""
+    """Both variants against the docstring's formula: returns-to-go (or group-centred scores), then global whitening."""
     g = torch.Generator().manual_seed(5)
     mask = _mask()
     token_r = torch.where(mask, 0.05 * torch.randn(B, T, generator=g, dtype=torch.float64), 0.0)  # −β·k1 stand-in

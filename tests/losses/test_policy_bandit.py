@@ -235,7 +235,8 @@ def test_importance_weighted_k3_off_policy_keeps_the_forward_kl_fixed_point():
 
 
 def test_unweighted_k3_off_policy_reaches_neither_fixed_point():
-    """Control for the two tests above: without the weight, k3 from π_old samples follows no KL (RPG §2.2)."""
+    """Control for the two tests above: without the weight, k3 from π_old samples follows no KL (Zhang et al. 2025, RPG,
+    arXiv:2505.17508, §2.2)."""
     pi = train(grpo_loss_off_policy_unweighted, sampler=PI_OLD)
     for name, target in (("reverse", reverse_kl_optimum()), ("forward", forward_kl_optimum())):
         tv = total_variation(pi, target)

@@ -1,4 +1,4 @@
-"""GVPO, DisCO, RPG, KDRL and APO (``tether.losses.regularized.kl_objectives``) against plain float64 twins,
+"""GVPO, DisCO, RPG, KDRL and APO (``tether.losses.policy.kl_objectives``) against plain float64 twins,
 hand-worked oracles, exact expected gradients and exact bandit optima (conventions: ``policy_helpers.py``)."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _expected_grad(loss_fn, theta, p_old):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §8 GVPO
+# GVPO
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -138,7 +138,7 @@ def test_gvpo_expected_loss_is_half_variance_and_bandit_converges():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §9 DisCO
+# DisCO
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -237,7 +237,7 @@ def test_disco_rejects_non_binary_rewards():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §10 RPG
+# RPG
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -305,7 +305,8 @@ def test_rpg_iterative_reference_and_aggregation_modes_match_twin(mode):
 ])  # fmt: skip
 def test_rpg_exact_expected_gradient_is_beta_grad_kl(kl, closed_form, style):
     """On a V = 5 categorical with π_θ ≠ π_old ≠ π_ref and no active clip, E_{π_old}[∇ loss] = β·∇D exactly when A = 0
-    (spec §10 oracle; e.g. Σ π_old·w(log w + 1)·∇log π = ∇KL(π‖π_old) for rkl with the iterative reference)."""
+    (RPG, arXiv:2505.17508, Tables 1–2; e.g. Σ π_old·w(log w + 1)·∇log π = ∇KL(π‖π_old) for rkl with the iterative
+    reference)."""
     g = torch.Generator().manual_seed(9)
     theta = torch.randn(5, dtype=F64, generator=g).requires_grad_()
     old = torch.log_softmax(torch.randn(5, dtype=F64, generator=g), -1)
@@ -397,7 +398,7 @@ def test_rpg_forward_kl_bandit_fixed_point_is_mass_covering():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §14 KDRL
+# KDRL
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -451,7 +452,7 @@ def test_kdrl_exact_gradients_and_reward_mask():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §17 APO
+# APO
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -510,8 +511,8 @@ def test_apo_shaping_oracles():
 
 def test_all_equal_group_rewards_give_zero_advantage():
     """A group whose rewards are all equal carries no signal, so APO's and KDRL's advantages are exactly 0 (both
-    normalize with tether.losses.policy.advantages.grpo_advantages). Eight fp32 rewards of 1.2 have a computed mean 1.2e-7 off,
-    which (R − mean)/(std + 1e-9) would blow up to advantages of 0.93."""
+    normalize with tether.losses.policy.advantages.grpo_advantages). Eight fp32 rewards of 1.2 have a computed mean
+    1.2e-7 off, which (R − mean)/(std + 1e-9) would blow up to advantages of 0.93."""
     rewards = torch.full((8,), 1.2)
     assert (apo_shaping(rewards, torch.full((8,), 10.0), group_size=8).advantages == 0).all()
     logps = torch.zeros(8, 3, requires_grad=True)

@@ -1,8 +1,8 @@
 """Per-token policy objectives (``tether.losses.policy``): plain float64 twins, hand-worked oracles, and exact
 expected-gradient identities on a small categorical.
 
-Twins. Each objective is rewritten below from its spec formula in PIECEWISE form with explicit loops over tokens —
-e.g. PPO-clip as ``−A·min(ρ, 1+ε_high)`` for A ≥ 0 and ``|A|·min(max(ρ, 1−ε_low), c)`` for A < 0 — so that it shares
+Twins. Each objective is rewritten below from its docstring's equation in PIECEWISE form with explicit loops over tokens
+— e.g. PPO-clip as ``−A·min(ρ, 1+ε_high)`` for A ≥ 0 and ``|A|·min(max(ρ, 1−ε_low), c)`` for A < 0 — so that it shares
 no code path with the library's ``max(−Aρ, −A·clip(ρ))``. The library runs in fp32 on B = 7, T = 13 with ragged
 lengths, a hole inside one response and one fully masked row; the twin runs in float64; loss and gradient (pushed
 back with an upstream weight 0.37 ≠ 1) must agree at ``atol 1e-5``.
@@ -387,8 +387,8 @@ def test_cpgd_clip_and_drift_weight():
 
 @pytest.mark.parametrize("estimator", ["k2", "k3", "k3_is"])
 def test_kl_term_vanishes_after_reference_reset(estimator):
-    """ProRL (spec §20): right after π_ref ← π_θ the KL term and its gradient are exactly zero (k1's per-sample
-    gradient is not — it is zero only in expectation)."""
+    """ProRL (Liu et al. 2025, arXiv:2505.24864, reference resets): right after π_ref ← π_θ the KL term and its gradient
+    are exactly zero (k1's per-sample gradient is not — it is zero only in expectation)."""
     batch = make_batch(7)
     lp = batch["logps"].clone().requires_grad_(True)
     out = grpo(lp, lp.detach(), torch.zeros(B), batch["mask"], ref_logps=lp.detach(), kl_estimator=estimator)
@@ -507,7 +507,8 @@ def test_grpo_kl_term_expected_gradients_on_policy(dists):
     assert_close(expected_grad(theta, pi_logp, grpo_kl_only(theta, None, ref_logp, "k1")), zero, "k1", atol=1e-12)
     assert_close(expected_grad(theta, pi_logp, grpo_kl_only(theta, None, ref_logp, "k2")), g_rev, "k2", atol=1e-12)
     assert_close(expected_grad(theta, pi_logp, grpo_kl_only(theta, None, ref_logp, "k3")), g_fwd, "k3", atol=1e-12)
-    assert_close(expected_grad(theta, pi_logp, grpo_kl_only(theta, None, ref_logp, "k3_is")), g_rev, "k3_is", atol=1e-12)
+    assert_close(expected_grad(theta, pi_logp, grpo_kl_only(theta, None, ref_logp, "k3_is")), g_rev, "k3_is",
+                 atol=1e-12)
 
 
 def test_grpo_kl_term_expected_gradients_off_policy(dists):

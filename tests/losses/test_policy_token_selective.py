@@ -1,4 +1,4 @@
-"""TROLL, Archer and the critical-token KL (``tether.losses.regularized.token_selective``) against plain float64
+"""TROLL, Archer and the critical-token KL (``tether.losses.policy.token_selective``) against plain float64
 twins and hand-worked oracles (conventions: ``policy_helpers.py``)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tether import kl as K
 from tether.losses.policy.token_selective import archer, critical_token_kl, troll, troll_project
 
 # ----------------------------------------------------------------------------------------------------------
-# §11 TROLL
+# TROLL
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -143,7 +143,7 @@ def test_troll_sparse_support_lumps_the_tail():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §12 Archer
+# Archer
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -224,7 +224,7 @@ def test_archer_entropy_split_oracle():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §13 prioritized KL on critical tokens
+# prioritized KL on critical tokens
 # ----------------------------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,8 @@
 """Preference objectives against plain float64 twins, hand-worked golden values, and the recipe contract.
 
 Every objective in ``tether.losses.preference`` is compared with a straightforward re-implementation written
-here from the spec's formula (``torch.log(torch.sigmoid(·))``, ``1 − σ``, explicit ratios ``u = e^ρ`` ...), in
-float64, forward AND backward: the library runs in fp32 with an upstream gradient ``w ≠ 1`` on an odd batch of
+here from the equation in its docstring (``torch.log(torch.sigmoid(·))``, ``1 − σ``, explicit ratios ``u = e^ρ`` ...),
+in float64, forward AND backward: the library runs in fp32 with an upstream gradient ``w ≠ 1`` on an odd batch of
 7, the twin in float64 on the same values; losses, rewards and the gradients w.r.t. all four log-prob inputs
 and every differentiable extra must agree to ``atol = rtol = 1e-5`` (fp32; mismatching indices are printed).
 """
@@ -141,7 +141,7 @@ def scalar(fn, pc, pr, rc, rr, **kw):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# plain twins (float64, straight from the spec's formulas)
+# plain twins (float64, straight from the docstrings' equations)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -175,7 +175,7 @@ def twin_robust(pc, pr, rc, rr, beta=0.1, label_smoothing=0.1, **_):
 
 
 def twin_f_dpo(pc, pr, rc, rr, beta=0.1, divergence="reverse_kl", alpha=0.5, **_):
-    """The full f'(u) of the spec's table on the explicit ratio u = π_θ/π_ref (constants kept)."""
+    """The full f'(u) of ``f_dpo``'s table on the explicit ratio u = π_θ/π_ref (constants kept)."""
     f_prime = {
         "reverse_kl": lambda u: 1 + torch.log(u),
         "forward_kl": lambda u: -1 / u,
@@ -291,7 +291,7 @@ def test_aliases_match_tdpo():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# golden values from the spec, worked by hand
+# golden values, worked by hand
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -629,7 +629,7 @@ def recipe_extras(needs, values, dtype):
 
 @pytest.mark.parametrize("name", sorted(PREFERENCE_LOSSES))
 def test_registry_contract(name):
-    """Every registered objective runs from the four positional log-probs plus exactly the extras its spec
+    """Every registered objective runs from the four positional log-probs plus exactly the extras its LossSpec
     names, returns (B,) loss and detached (B,) rewards, and fails with a message naming a missing extra."""
     spec = PREFERENCE_LOSSES[name]
     assert spec.needs <= PREFERENCE_INPUTS

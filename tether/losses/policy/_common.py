@@ -1,4 +1,4 @@
-"""Private helpers shared by the modules of ``tether.losses.regularized`` (notation: see its docstring).
+"""Private helpers shared by the modules of ``tether.losses.policy`` (notation: see its docstring).
 
 The math itself lives elsewhere, once: PPO-clip in :func:`tether.losses.policy.ppo_clip_per_token`, aggregation in
 :func:`tether.losses.policy.aggregate`, the sample KL estimators in ``tether.kl``. What is here adapts them to the

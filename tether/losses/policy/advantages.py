@@ -1,9 +1,9 @@
 """Advantage estimators for group-sampled online RL, as pure functions of reward tensors.
 
-Notation ("spec §N" refers to tether's method notes, ``shared/methods/online-rl.md``): a batch holds ``N`` prompts
-with ``G`` completions each (a *group*); ``R_{n,i}`` is the scalar outcome reward of completion ``i`` of prompt ``n``;
-``mean_G``/``std_G`` are taken over the group. ``B = N·G`` rows of a flat batch are ordered prompt-major: rows
-``n·G … n·G + G − 1`` belong to prompt ``n`` (the order in which ``G`` samples per prompt come out of a sampler).
+Notation: a batch holds ``N`` prompts with ``G`` completions each (a *group*); ``R_{n,i}`` is the scalar outcome reward
+of completion ``i`` of prompt ``n``; ``mean_G``/``std_G`` are taken over the group. ``B = N·G`` rows of a flat batch are
+ordered prompt-major: rows ``n·G … n·G + G − 1`` belong to prompt ``n`` (the order in which ``G`` samples per prompt
+come out of a sampler).
 
 Calling convention shared by the group estimators:
 
@@ -112,12 +112,12 @@ def _check_token_inputs(token_rewards: Tensor, mask: Tensor, fn: str) -> None:
 def grpo_advantages(rewards: Tensor, *, group_size: int | None = None, eps: float = 1e-6, scale: bool = True) -> Tensor:
     """GRPO outcome advantage: group-centred, divided by the group's unbiased std.
 
-    Equation (spec §1)::
+    Equation::
 
         Â_i = (R_i − mean_G R) / (std_G R + ε)        (scale=True)
         Â_i =  R_i − mean_G R                          (scale=False: Dr. GRPO, see drgrpo_advantages)
 
-    Paper: Shao et al. 2024, "DeepSeekMath", §4.1.2 (outcome supervision). Implementation: verl
+    Paper: Shao et al. 2024, "DeepSeekMath", arXiv:2402.03300, §4.1.2 (outcome supervision). Implementation: verl
     ``compute_grpo_outcome_advantage`` (``epsilon=1e-6``, ``torch.std`` = unbiased, ``norm_adv_by_std_in_grpo``).
 
     Shape: ``rewards`` (N, G), or (N·G,) with ``group_size=G``; output the same shape.
@@ -145,11 +145,12 @@ def grpo_advantages(rewards: Tensor, *, group_size: int | None = None, eps: floa
 def drgrpo_advantages(rewards: Tensor, *, group_size: int | None = None) -> Tensor:
     """Dr. GRPO outcome advantage: group-centred rewards, no std division.
 
-    Equation (spec §2)::
+    Equation::
 
         Â_i = R_i − mean_G R
 
-    Paper: Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO), §3.1;
+    Paper: Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO), arXiv:2503.20783,
+    §3.1;
     code: understand-r1-zero ``compute_monte_carlo_advantages`` with ``critic_type=drgrpo``. Pair it with the
     ``seq-mean-token-sum-norm`` aggregation (constant ``max_len``) in ``tether.losses.policy``.
 
@@ -167,12 +168,12 @@ def drgrpo_advantages(rewards: Tensor, *, group_size: int | None = None) -> Tens
 def rloo_advantages(rewards: Tensor, *, group_size: int | None = None) -> Tensor:
     """RLOO: each completion's baseline is the mean reward of the OTHER G − 1 completions of its prompt.
 
-    Equation (spec §4)::
+    Equation::
 
         Â_i = R_i − (1/(G−1)) Σ_{j≠i} R_j  =  (G/(G−1))·(R_i − mean_G R)
 
     Paper: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
-    Feedback in LLMs" (RLOO, after Kool et al. 2019). Code: verl ``compute_rloo_outcome_advantage``.
+    Feedback in LLMs", arXiv:2402.14740 (RLOO, after Kool et al. 2019). Code: verl ``compute_rloo_outcome_advantage``.
 
     Shape: ``rewards`` (N, G), or (N·G,) with ``group_size=G``; output the same shape.
     Example: R = [1, 0, 0, 0] → Â = [1, −1/3, −1/3, −1/3]; each group's advantages sum to 0.
@@ -191,7 +192,7 @@ def rloo_advantages(rewards: Tensor, *, group_size: int | None = None) -> Tensor
 def gpg_advantages(rewards: Tensor, *, group_size: int | None = None, scale: bool = False, eps: float = 1e-4) -> Tensor:
     """GPG advantage: group-centred reward, rescaled by the inverse fraction of groups that carry signal.
 
-    Equation (spec §6)::
+    Equation (α as in the paper's advantage; its code divides the loss by 1/α instead)::
 
         Â_i = α·(R_i − mean_G R) / F_norm,   F_norm = 1 (scale=False) or std_G R + ε (scale=True)
         α   = N / N_valid = B / (B − M)
@@ -200,9 +201,9 @@ def gpg_advantages(rewards: Tensor, *, group_size: int | None = None, scale: boo
     batch and ``M`` the samples in invalid groups. Zero-variance groups have Â = 0, so they dilute a token-mean
     loss; α undoes that dilution.
 
-    Paper: Chu et al. 2025, "GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning"
-    (AMAP-ML/GPG). Code: ``gpg_trainer.py`` divides the loss by ``inverse_alpha = n_valid_groups / n_groups``
-    (identical for equal group sizes); ``--scale_rewards False`` is the recipe default (F_norm = 1).
+    Paper: Chu et al. 2025, "GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning",
+    arXiv:2504.02546 (AMAP-ML/GPG). Code: ``gpg_trainer.py`` divides the loss by ``inverse_alpha = n_valid_groups /
+    n_groups`` (identical for equal group sizes); ``--scale_rewards False`` is the recipe default (F_norm = 1).
 
     Shape: ``rewards`` (N, G), or (N·G,) with ``group_size=G``; output the same shape. α is computed over the
     rewards passed in: pass exactly the groups of one gradient step (the official trainer uses the local batch).
@@ -211,7 +212,7 @@ def gpg_advantages(rewards: Tensor, *, group_size: int | None = None, scale: boo
         scale: divide by the unbiased group std + ``eps`` (TRL-style ``1e-4``).
         eps: see ``scale``.
 
-    Example (spec §6 oracle): groups [1, 0, 0, 0] and [0, 0, 0, 0] → α = 8/(8 − 4) = 2 →
+    Example (worked by hand): groups [1, 0, 0, 0] and [0, 0, 0, 0] → α = 8/(8 − 4) = 2 →
     Â = [1.5, −0.5, −0.5, −0.5, 0, 0, 0, 0].
     Departures: verl's port computes α = B / #(samples with non-zero reward) (= 8 in the example) — not the
     paper's α; we follow the paper and the official code. With no valid group every advantage is 0 (α is moot).
@@ -232,12 +233,12 @@ def gpg_advantages(rewards: Tensor, *, group_size: int | None = None, scale: boo
 def dapo_dynamic_sampling_mask(rewards: Tensor, *, group_size: int | None = None) -> Tensor:
     """DAPO dynamic sampling: which prompt groups to keep — those whose rewards are not all equal.
 
-    Rule (spec §3): keep a group iff ``std_G(R) > 0``, i.e. not all correct and not all wrong. Such groups carry
+    Rule: keep a group iff ``std_G(R) > 0``, i.e. not all correct and not all wrong. Such groups carry
     zero group-relative advantage and only waste batch slots. The refill loop (generate more prompts until the
     batch holds ``train_batch_size`` valid groups, at most ``max_num_gen_batches`` rounds) belongs to the sampler.
 
-    Paper: Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", §3.2 (Eq. 11's
-    constraint ``0 < |{o_i correct}| < G``). Code: verl ``filter_groups`` in the DAPO recipe.
+    Paper: Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", arXiv:2503.14476, §3.2
+    (Eq. 11's constraint ``0 < |{o_i correct}| < G``). Code: verl ``filter_groups`` in the DAPO recipe.
 
     Shape: ``rewards`` (N, G), or (N·G,) with ``group_size=G``; output ``(N,)`` bool, True = keep.
     Departures: equality is tested exactly (no std threshold), so a group like [1, 1, 1, 1] is always dropped
@@ -257,14 +258,15 @@ def dapo_dynamic_sampling_mask(rewards: Tensor, *, group_size: int | None = None
 def astar_po_values(ref_rewards: Tensor, *, group_size: int | None = None, beta: float = 0.5) -> Tensor:
     """A*-PO stage 1: the optimal KL-regularized value V*(x), estimated from reference samples.
 
-    Equation (spec §15)::
+    Equation::
 
         V*(x) = β₁·log( (1/M) Σ_j exp(r_j/β₁) )       r_1..r_M: rewards of M samples from π_ref(·|x)
 
     This is the soft maximum ``β·log E_{π_ref}[exp(r/β)]``, the value of the optimum π* ∝ π_ref·exp(r/β); it lies in
     [mean r, max r], tends to max r as β → 0 and to mean r as β → ∞. Computed with ``logsumexp`` (no overflow).
 
-    Paper: Brantley et al. 2025, "Accelerating RL for LLM Reasoning with Optimal Advantage Regression" (A*-PO).
+    Paper: Brantley et al. 2025, "Accelerating RL for LLM Reasoning with Optimal Advantage Regression" (A*-PO),
+    arXiv:2505.20686.
     Code: ZhaolinGao/A-PO ``rl_dataset.py`` (β₁ = 0.5, M = 8).
 
     Shape: ``ref_rewards`` (N, M), or (N·M,) with ``group_size=M``; output ``(N,)``.
@@ -291,7 +293,7 @@ def astar_po_values(ref_rewards: Tensor, *, group_size: int | None = None, beta:
 def astar_po_targets(rewards: Tensor, values: Tensor) -> Tensor:
     """A*-PO stage 2 regression target: the optimal advantage ``R − V*(x)`` of one on-policy sample per prompt.
 
-    Equation (spec §15)::
+    Equation (A*-PO, Brantley et al. 2025, arXiv:2505.20686, stage 2)::
 
         L = mean_i ( β₂·Σ_t (log π_θ − log π_ref)(y_{i,t}) − (R_i − V*(x_i)) )²
 
@@ -315,7 +317,7 @@ def gvpo_weights(
 ) -> Tensor:
     """GVPO's gradient in closed form: per-sequence weights w with ∇L_GVPO = −Σ_i w_i ∇log π_θ(y_i|x).
 
-    GVPO loss (spec §8), per group of G, with ``u_i = β·Σ_t (log π_θ − log π_old)(y_{i,t})``::
+    GVPO loss (:func:`tether.losses.policy.gvpo`), per group of G, with ``u_i = β·Σ_t (log π_θ − log π_old)(y_{i,t})``::
 
         L = (1/(G−1)) Σ_i ½ [ (u_i − ū) − (R_i − R̄) ]²
 
@@ -328,8 +330,8 @@ def gvpo_weights(
     "advantage" is the group-centred reward minus the group-centred implicit reward β·ℓ. At θ = θ_old (ℓ = 0) the
     weights are ``β/(G−1)·(R − R̄)``, a Dr. GRPO-like sequence-level gradient scaled by β/(G−1).
 
-    Paper: Zhang et al. 2025, "GVPO: Group Variance Policy Optimization for LLM Post-Training"; code: jszkc/GVPO
-    README (``gvpo_beta = 0.1``).
+    Paper: Zhang et al. 2025, "GVPO: Group Variance Policy Optimization for LLM Post-Training", arXiv:2504.19599; code:
+    jszkc/GVPO README (``gvpo_beta = 0.1``).
 
     Shape: ``rewards`` and ``seq_log_ratios`` (N, G), or (N·G,) with ``group_size=G``; output the same shape.
     ``seq_log_ratios`` is the CURRENT sequence log-ratio ``Σ_t (log π_θ − log π_old)`` over response tokens (its
@@ -397,7 +399,8 @@ def token_returns(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Te
 
     Needed when a KL penalty sits in the reward (per token): with returns-to-go, the REINFORCE gradient of
     ``−β·Σ_t k1_t`` is the exact gradient of the SEQUENCE-level reverse KL, ``E[Σ_t ∇log π(y_t|s_t)·Σ_{t'≥t} k1_{t'}]``
-    (spec §0.1).
+    (score-function identity: k1 of a token before t does not depend on y_t, so only the return from t on multiplies
+    ∇log π(y_t|s_t); Schulman 2020, "Approximating KL Divergence", for k1).
 
     Shape: ``token_rewards`` (B, T), ``mask`` (B, T); output (B, T), zero at masked positions.
     Departures: masked positions inside a response (e.g. tool output in multi-turn) are skipped: they add no
@@ -446,7 +449,7 @@ def reinforce_pp_advantages(
 ) -> Tensor:
     """REINFORCE++ token advantages: returns-to-go, whitened over all valid tokens of the batch.
 
-    Equation (spec §5)::
+    Equation (Hu 2025, REINFORCE++, arXiv:2501.03262; as verl implements it)::
 
         r_{i,t} = −β·k1_{i,t} (+ R_i at the last valid token)         # build with kl_in_reward
         G_{i,t} = Σ_{t'≥t} γ^{t'−t} r_{i,t'}                            # token_returns

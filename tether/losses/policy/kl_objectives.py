@@ -1,14 +1,13 @@
-"""Objectives that carry their own KL regularizer in the loss: GVPO (§8), DisCO (§9), RPG (§10), KDRL (§14), APO (§17).
+"""Objectives that carry their own KL regularizer in the loss: GVPO, DisCO, RPG, KDRL, APO.
 
-Notation, aggregation and the departures shared by every method here: see ``tether.losses.regularized``.
-``spec §N`` = section N of tether's online-RL method notes (``methods/online-rl.md``).
+Notation, aggregation and the departures shared by every method here: see ``tether.losses.policy``.
 
 What each one regularizes toward: GVPO, the anchor passed as ``old_logps`` (rollout policy or a fixed reference);
 DisCO, the rollout policy (a squared-hinge trust region on a batch KL); RPG, a reference (or the rollout policy) under
 any of four KLs with exact off-policy gradients; KDRL, a teacher; APO, the reference with difficulty-adaptive weights.
 GVPO, DisCO, KDRL and APO take raw group rewards and normalize them themselves (KDRL and APO with
-:func:`tether.losses.policy.advantages.grpo_advantages`); RPG takes advantages. The PPO-clip term of RPG, KDRL and APO is
-:func:`tether.losses.policy.ppo_clip_per_token`.
+:func:`tether.losses.policy.advantages.grpo_advantages`); RPG takes advantages. The PPO-clip term of RPG, KDRL and APO
+is :func:`tether.losses.policy.ppo_clip_per_token`.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ __all__ = ["APOShaping", "apo", "apo_shaping", "disco", "gvpo", "kdrl", "rpg"]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §8 GVPO
+# GVPO
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -50,7 +49,7 @@ def gvpo(
     group_size: int,
     beta: float = 0.1,
 ) -> PolicyLossOutput:
-    """GVPO: regress the group-centred implicit reward onto the group-centred reward (spec §8).
+    """GVPO: regress the group-centred implicit reward onto the group-centred reward.
 
     Equation (official README, ``compute_policy_loss_gvpo``)::
 
@@ -98,7 +97,7 @@ def gvpo(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §9 DisCO
+# DisCO
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -142,7 +141,7 @@ def disco(
     delta: float = 1e-4,
     kl_type: str = "kl",
 ) -> PolicyLossOutput:
-    """DisCO: discriminative objective on binary rewards with a squared-hinge KL trust region (spec §9).
+    """DisCO: discriminative objective on binary rewards with a squared-hinge KL trust region.
 
     Equation (per prompt q with both classes; pos = {R=1}, neg = {R=0})::
 
@@ -176,7 +175,7 @@ def disco(
     Departures: (1) the loss *value* is the true objective — the code's value-free surrogate for the log-mean-exp
     (value ≈ τ, not τ·log mean exp) and its ``sg(·)·D`` penalty have the same gradients but misleading values;
     (2) ``score="Lratio"`` uses the Lratio score with the DRO term — the snapshot's ``disco_Lratio`` dispatches to
-    the DisCO-b function with a ``tau`` argument, which would raise (spec §9 pitfall); (3) no all-gather.
+    the DisCO-b function with a ``tau`` argument, which would raise; (3) no all-gather.
     """
     if score not in _DISCO_SCORES:
         raise ValueError(f"disco: unknown score {score!r}; choose 'logL' (log-likelihood) or 'Lratio' (ratio)")
@@ -220,7 +219,7 @@ def disco(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §10 RPG
+# RPG
 # ----------------------------------------------------------------------------------------------------------
 # w = π_θ/π_old (IS weight), l = log(π_θ/π_ref), r = π_ref/π_old (constant). With the reference = old policy
 # (the paper's iterative reference, ref_logps=None) r ≡ 1 and l = log w.
@@ -284,7 +283,7 @@ def rpg(
     loss_agg_mode: str = "token-mean",
     max_len: int | None = None,
 ) -> PolicyLossOutput:
-    """RPG: off-policy surrogates whose gradient is exactly that of ``E_π[R] − β·D`` for four KLs (spec §10).
+    """RPG: off-policy surrogates whose gradient is exactly that of ``E_π[R] − β·D`` for four KLs.
 
     The two switches are the method's hyperparameters: ``kl`` ∈ {rkl, urkl, fkl, ufkl} (reverse/forward ×
     normalized/unnormalized) and ``style`` ∈ {differentiable, reinforce}. With ``w = π_θ/π_old``,
@@ -311,9 +310,9 @@ def rpg(
 
     Shapes: ``(B, T)`` log-probs and mask, ``advantages`` ``(B,)`` (RPG uses ``R − mean_G R``, no std).
 
-    Defaults (RPG scripts, spec §10): ``beta=1e-4``, ``(clip_low, clip_high) = (0.2, 0.28)`` (or (0.1, 0.1)),
-    ``clip_c=10``, token-mean. ``kl="rkl"`` / ``style="reinforce"`` are our choice of default (the code's own default
-    string is ``rpg_rf_ufkl``).
+    Defaults (RPG scripts ``recipe/rpg/7b/*.sh``): ``beta=1e-4``, ``(clip_low, clip_high) = (0.2, 0.28)`` (or (0.1,
+    0.1)), ``clip_c=10``, token-mean. ``kl="rkl"`` / ``style="reinforce"`` are our choice of default (the code's own
+    default string is ``rpg_rf_ufkl``).
 
     Gradient / fixed points (verified on exact expectations in the tests): for every ``kl`` and both styles, while no
     clip is active, ``E_{π_old}[∇ loss] = −∇E_{π_θ}[A] + β·∇D``. Hence with a fixed reference the fixed point is the
@@ -364,7 +363,7 @@ def rpg(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §14 KDRL
+# KDRL
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -386,7 +385,7 @@ def kdrl(
     loss_agg_mode: str = "token-mean",
     max_len: int | None = None,
 ) -> PolicyLossOutput:
-    """KDRL: GRPO on the student's rollouts plus reverse-KL distillation to a teacher, one objective (spec §14).
+    """KDRL: GRPO on the student's rollouts plus reverse-KL distillation to a teacher, one objective.
 
     Equation (secondary sources: arXiv HTML abstract + reviews)::
 
@@ -403,13 +402,13 @@ def kdrl(
     Args:
         beta: KD coefficient; the paper anneals it from 5e-3 to 1e-3 [secondary] — schedule it in the recipe.
         estimator: "k2" (default; on-policy its gradient is exactly ∇KL(π_θ ‖ π_T), the reverse KL) or "k3" (whose
-            gradient is the *forward* KL(π_T ‖ π_θ) — spec §14 pitfall), or "k1" (no gradient in expectation).
+            gradient is the *forward* KL(π_T ‖ π_θ), see ``tether.kl.k3``), or "k1" (no gradient in expectation).
         kd_on_correct: False = reward-guided KD: no KD on responses with ``reward ≥ correct_reward``.
         correct_reward: threshold for "rewarded" (binary verifier: 1.0). Masking granularity UNVERIFIED.
 
     Stop-gradient: ``old_logps``, ``teacher_logps``, the advantages.
     Off-policy caveat: the k2 term has no importance weight, so with several mini-batches per rollout it follows the
-    reverse-KL gradient only approximately (spec §0.1).
+    reverse-KL gradient only approximately (Zhang et al. 2025, RPG, arXiv:2505.17508, §2.2).
     Departures / UNVERIFIED: masking granularity (response-level here), the KD term shares GRPO's token-mean
     denominator (masked responses just contribute zero), symmetric clip 0.2 (GRPO default), no reference KL. Â is
     :func:`tether.losses.policy.advantages.grpo_advantages`, so a group whose rewards are all equal gets exactly 0.
@@ -434,7 +433,7 @@ def kdrl(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §17 APO
+# APO
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -455,7 +454,7 @@ class APOShaping(NamedTuple):
 
 
 def apo_shaping(rewards: Tensor, lengths: Tensor, *, group_size: int, std_eps: float = 1e-9) -> APOShaping:
-    """APO's difficulty-adaptive KL weights (DADS) and length-penalized negative advantages (STCR), spec §17.
+    """APO's difficulty-adaptive KL weights (DADS) and length-penalized negative advantages (STCR).
 
     Equations (code ``openrlhf/trainer/ppo_utils/experience_maker.py`` and ``trainer/ray/ppo_actor.py``)::
 
@@ -468,9 +467,9 @@ def apo_shaping(rewards: Tensor, lengths: Tensor, *, group_size: int, std_eps: f
     Shapes: ``rewards`` ``(B,)``, ``lengths`` ``(B,)`` valid response lengths (``mask.sum(-1)``).
     Departures: (1) the code weights correct lengths by ``trunc(R)`` and uses ``1 − trunc(R)`` as the incorrect flag; we
     use the indicator ``R ≥ 1`` — identical for rewards in [0, 2), different (and saner) above. (2) Â is
-    :func:`tether.losses.policy.advantages.grpo_advantages`: a group whose rewards are all equal gets exactly 0, where the code's
-    formula turns the fp32 rounding residual of the mean into order-1 advantages through the 1e-9 (eight rewards of 1.2
-    would get 0.93 each); a group of one keeps its raw reward (no baseline: use G ≥ 2).
+    :func:`tether.losses.policy.advantages.grpo_advantages`: a group whose rewards are all equal gets exactly 0, where
+    the code's formula turns the fp32 rounding residual of the mean into order-1 advantages through the 1e-9 (eight
+    rewards of 1.2 would get 0.93 each); a group of one keeps its raw reward (no baseline: use G ≥ 2).
     """
     r = groups(rewards.detach(), group_size, "apo_shaping")
     length = groups(lengths.detach().to(r.dtype), group_size, "apo_shaping")
@@ -505,14 +504,15 @@ def apo(
     loss_agg_mode: str = "seq-mean-token-mean",
     max_len: int | None = None,
 ) -> PolicyLossOutput:
-    """APO: asymmetric treatment of positive (DADS KL weights) and negative (STCR length) responses (spec §17).
+    """APO: asymmetric treatment of positive (DADS KL weights) and negative (STCR length) responses.
 
     Equation::
 
         (Â, w_KL) = apo_shaping(R, |y|)                        see apo_shaping
         L = agg( L^clip_{i,t}(Â_i; ε = 0.2) ) + β · mean_i [ w_KL,i · mean_t k3_{i,t} ]
 
-    Paper: "Asymmetric Policy Optimization" (View-R1). Code: ``Indolent-Kawhi/View-R1`` (read:
+    Paper: Hong et al. 2025, "APO: Enhancing Reasoning Ability of MLLMs via Asymmetric Policy Optimization",
+    arXiv:2506.21655. Code: ``Indolent-Kawhi/View-R1`` (read:
     ``experience_maker.py`` group_norm branch — difficulty, STCR; ``ppo_actor.py`` — ``calculate_kl_weight``, KL weights
     chosen by the sign of the first-token advantage, per-sequence masked-mean KL × weights, batch mean,
     ``× kl_ctl.value``).
@@ -520,11 +520,11 @@ def apo(
     Shapes: ``(B, T)`` log-probs and mask (lengths = ``mask.sum(-1)``); ``rewards`` ``(B,)`` (total reward; "correct"
     means reward ≥ 1, the integer part of an accuracy + format reward).
 
-    Defaults (``examples/scripts/train_grpo.sh`` per spec): ``beta=1e-3`` with k3, ``G=8``; ``clip_eps=0.2`` (OpenRLHF
+    Defaults (``examples/scripts/train_grpo.sh``): ``beta=1e-3`` with k3, ``G=8``; ``clip_eps=0.2`` (OpenRLHF
     default). ``loss_agg_mode`` of OpenRLHF's PolicyLoss in this fork: UNVERIFIED (seq-mean-token-mean assumed).
     Divergence: k3 in the loss → on-policy gradient of KL(π_ref ‖ π_θ) (forward), per sequence weighted by w_KL: easy
     prompts keep (nearly) the full KL on positive responses, hard prompts (d → 1) almost none — the opposite of a
-    naive guess (spec pitfall).
+    naive guess.
     Stop-gradient: advantages, weights, ``old_logps``, ``ref_logps``.
     Departures: see :func:`apo_shaping`; KL values not clamped.
     """

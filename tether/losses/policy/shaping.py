@@ -24,7 +24,7 @@ def grpo_care_bonus(
     confidence_cap: float | None = 0.95,
     margin: float = 0.01,
 ) -> Tensor:
-    """GRPO-CARE's consistency bonus: reward correct answers that the EMA reference finds likely (spec §18).
+    """GRPO-CARE's consistency bonus: reward correct answers that the EMA reference finds likely.
 
     Equation (code ``src/r1-v/src/open_r1/trainer/grpo_trainer_ref_ema.py``, ``use_care``)::
 
@@ -61,7 +61,7 @@ def grpo_care_bonus(
 
 
 def difficulty_filter(pass_rates: Tensor, low: float, high: float) -> Tensor:
-    """Balanced online difficulty filtering: keep prompts with ``low ≤ p̂ ≤ high`` (spec §19).
+    """Balanced online difficulty filtering: keep prompts with ``low ≤ p̂ ≤ high``.
 
     ``p̂ = #correct/G`` over a prompt's G rollouts, ``Shape: (Q,)`` → boolean keep mask ``(Q,)``. The caller refills the
     batch with new prompts until it is full ("stack" rollout) and should log how many were dropped.

@@ -1,9 +1,8 @@
 """Per-token policy-gradient objectives for online RL, as pure functions of log-prob tensors.
 
-Notation ("spec §N" refers to tether's method notes, ``shared/methods/online-rl.md``): for response token t of
-sequence i, ``log π_θ`` (``logps``) is the trained policy's log-prob of the sampled token, ``log π_old``
-(``old_logps``) that of the policy that generated the rollouts, ``log π_ref`` (``ref_logps``) that of the frozen
-reference. ``ℓ = log π_θ − log π_old`` is the log-ratio and ``ρ = exp(ℓ)`` the ratio; ``A`` the advantage;
+Notation: for response token t of sequence i, ``log π_θ`` (``logps``) is the trained policy's log-prob of the sampled
+token, ``log π_old`` (``old_logps``) that of the policy that generated the rollouts, ``log π_ref`` (``ref_logps``) that
+of the frozen reference. ``ℓ = log π_θ − log π_old`` is the log-ratio and ``ρ = exp(ℓ)`` the ratio; ``A`` the advantage;
 ``m`` the response mask; ``sg(·)`` stop-gradient. On the first mini-batch of an on-policy step ``old_logps`` equals
 ``logps.detach()`` numerically, so ρ ≡ 1.
 
@@ -24,8 +23,9 @@ Departures shared by every function here:
 3. Inputs keep their dtype; pass fp32 log-probs (the ratio ``exp(ℓ)`` of bf16 log-probs is coarse). Tests compare
    each objective with a float64 twin at fp32 ``atol 1e-5``.
 
-Which divergence the gradient follows (spec §0.1; proved by exact enumeration in ``tests/test_losses_policy.py``
-and ``tests/test_bandit_rl_oracle.py``):
+Which divergence the gradient follows (k1/k2/k3 are the estimators of Schulman 2020, "Approximating KL Divergence";
+the gradients are derived in ``tether.kl`` and proved by exact enumeration in ``tests/losses/test_policy_surrogates.py``
+and by bandit fixed points in ``tests/losses/test_policy_bandit.py``):
 
 ==========================  ===========================  ============================================
 KL placement                expected gradient            fixed point on a bandit (reward r, coef β)
@@ -53,8 +53,8 @@ import torch
 from torch import Tensor
 
 from tether import kl
-from tether.losses.policy.advantages import (  # dapo_dynamic_sampling_mask is re-exported: DAPO's filter sits beside dapo()
-    dapo_dynamic_sampling_mask,
+from tether.losses.policy.advantages import (
+    dapo_dynamic_sampling_mask,  # re-exported: DAPO's filter sits beside dapo()
     outcome_to_token_rewards,
 )
 
@@ -104,7 +104,7 @@ class PolicyLossOutput(NamedTuple):
 def aggregate(per_token: Tensor, mask: Tensor, mode: AggMode = "token-mean", max_len: int | None = None) -> Tensor:
     """Reduce a ``(B, T)`` per-token loss matrix ``M`` to a scalar. The mode changes the GRADIENT, not only its scale.
 
-    Modes (spec §0; ``m`` the mask, ``|y_i| = Σ_t m_{i,t}``, ``S`` the sequences with ``|y_i| > 0``)::
+    Modes (``m`` the mask, ``|y_i| = Σ_t m_{i,t}``, ``S`` the sequences with ``|y_i| > 0``)::
 
         token-mean               Σ_{i,t} m·M / Σ_{i,t} m             every token weighs the same (DAPO; verl default)
         seq-mean-token-mean      (1/|S|) Σ_i (1/|y_i|) Σ_t m·M        every SEQUENCE weighs the same (GRPO paper)
@@ -211,7 +211,7 @@ def ppo_clip_per_token(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The per-token PPO-clip loss from the ratio, before masking and aggregation (no checks, no metrics).
 
-    Equation (spec §0; elementwise, minimized)::
+    Equation (Schulman et al. 2017, arXiv:1707.06347, Eq. 7; elementwise, minimized)::
 
         L = max( −A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high) )          = −min(ρA, clip(ρ)A)
         L = min( L, −c·A )   where A < 0                             (dual-clip, if ``dual_clip`` = c is given)
@@ -244,7 +244,8 @@ def _clipped_surrogate(
     dual_clip: float | None,
     log_ratio_clamp: float,
 ) -> tuple[Tensor, dict[str, float], Tensor]:
-    """PPO clipped per-token loss (spec §0) with optional dual-clip; returns (per_token, metrics, valid)."""
+    """PPO clipped per-token loss (see :func:`ppo_clip`) with optional dual-clip; returns (per_token, metrics,
+    valid)."""
     _check_inputs(fn, logps, mask, old_logps=old_logps)
     if clip_eps_low < 0 or clip_eps_high < 0:
         raise ValueError(f"{fn}: clip ranges must be ≥ 0, got ε_low={clip_eps_low}, ε_high={clip_eps_high}.")
@@ -285,7 +286,7 @@ def ppo_clip(
 ) -> PolicyLossOutput:
     """PPO clipped surrogate per token, with clip-higher (ε_low ≠ ε_high) and dual-clip for negative advantages.
 
-    Equation (spec §0; minimized)::
+    Equation (minimized)::
 
         ℓ = clamp(log π_θ − log π_old, −20, 20),   ρ = exp(ℓ)
         L_t = max( −A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high) )             = −min(ρA, clip(ρ)A)
@@ -296,8 +297,8 @@ def ppo_clip(
     ``L = |A|·min(max(ρ, 1−ε_low), c)`` (gradient zero for ρ < 1 − ε_low and for ρ > c). At ρ = 1 the loss is
     ``aggregate(−A)`` and its gradient ``−A·∇log π_θ`` (REINFORCE with baseline).
 
-    Papers: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", Eq. 7; dual-clip: Ye et al. 2020,
-    "Mastering Complex Control in MOBA Games with Deep RL", Eq. 5; clip-higher: DAPO (Yu et al. 2025) Eq. 10.
+    Papers: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv:1707.06347, Eq. 7; dual-clip: Ye et
+    al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", Eq. 5; clip-higher: DAPO (Yu et al. 2025) Eq. 10.
     Code: verl ``compute_policy_loss_vanilla``.
 
     Shape: ``logps``, ``old_logps``, ``mask`` (B, T); ``advantages`` (B,) or (B, T); loss 0-dim.
@@ -344,7 +345,7 @@ def kl_penalty(
         c_t = sg(w) when importance_weight (k1/k2/k3), else 1
 
     Expected gradient for samples from π_old (table in the module docstring; bandit proofs in
-    ``tests/test_bandit_rl_oracle.py``). ``importance_weight=True`` multiplies k1/k2/k3 by the detached ratio so
+    ``tests/losses/test_policy_bandit.py``). ``importance_weight=True`` multiplies k1/k2/k3 by the detached ratio so
     that off-policy mini-batches (several updates per rollout) keep the ON-POLICY gradient of each estimator:
     sg(w)·k2 follows ∇KL(π‖π_ref), sg(w)·k3 follows ∇KL(π_ref‖π), sg(w)·k1 still has expected gradient 0.
     ``k3_is`` (RPG) has a differentiable weight and follows ∇KL(π‖π_ref) for any π_old — the same gradient as
@@ -407,7 +408,7 @@ def grpo(
 ) -> PolicyLossOutput:
     """GRPO: PPO-clip on group-relative advantages plus a per-token KL penalty to π_ref in the LOSS.
 
-    Equation (spec §1; minimized)::
+    Equation (DeepSeekMath Eq. 3 with the Eq. 4 estimator as ``k3``; minimized)::
 
         L_t  = PPO-clip per-token loss (see ppo_clip)  +  β·k_t
         k_t  = k1: ℓ_ref                     ℓ_ref = log π_θ − log π_ref
@@ -421,16 +422,17 @@ def grpo(
     * ``k1``: expected gradient 0 — the term regularizes nothing (its value still estimates KL(π‖π_ref)).
     * ``k2``: ∇KL(π_θ‖π_ref) on-policy — the exact reverse-KL gradient (biased VALUE).
     * ``k3``: ∇KL(π_ref‖π_θ) on-policy — the FORWARD KL, although its value estimates the reverse KL; off-policy
-      (several updates per batch) it follows no KL at all (RPG §2.2). This is the paper's choice.
+      (several updates per batch) it follows no KL at all (Zhang et al. 2025, RPG, arXiv:2505.17508, §2.2). This is the
+      paper's choice.
     * ``k3_is``: ∇KL(π_θ‖π_ref) for samples from any π_old (on- or off-policy) — the reverse KL, exactly.
 
     These are token-level statements; none of the in-loss estimators reproduces the sequence-level KL gradient
     (that needs the KL in the reward with returns-to-go: :func:`kl_in_reward`).
 
     Paper: Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
-    Eq. 3–4 (β = 0.04, seq-mean-token-mean; the β value is recalled, spec §25). verl's GRPO example instead uses
-    ``kl_coef=0.001, agg="token-mean", dual_clip=3.0``. Importance-corrected k3: Zhang et al. 2025, "On the Design
-    of KL-Regularized Policy Gradient Algorithms for LLM Reasoning" (RPG).
+    arXiv:2402.03300, Eq. 3–4 (β = 0.04, seq-mean-token-mean; the β value is recalled, not re-read). verl's GRPO
+    example instead uses ``kl_coef=0.001, agg="token-mean", dual_clip=3.0``. Importance-corrected k3: Zhang et al.
+    2025, "On the Design of KL-Regularized Policy Gradient Algorithms for LLM Reasoning" (RPG), arXiv:2505.17508.
 
     Shape: as :func:`ppo_clip`; ``ref_logps`` (B, T).
 
@@ -487,7 +489,7 @@ def dapo(
 ) -> PolicyLossOutput:
     """DAPO: PPO-clip with decoupled clip range (clip-higher), token-level mean, no KL term.
 
-    Equation (spec §3; minimized)::
+    Equation (DAPO Eq. 8–10; minimized)::
 
         loss = (1/Σ_i |y_i|) Σ_i Σ_t −min( ρ_{i,t}·Â_i, clip(ρ_{i,t}, 1 − ε_low, 1 + ε_high)·Â_i )
 
@@ -495,7 +497,7 @@ def dapo(
     are GRPO's (``grpo_advantages``) on rule rewards ±1, usually after dynamic sampling
     (:func:`dapo_dynamic_sampling_mask`) and with the overlong penalty added to the reward.
 
-    Paper: Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", Eq. 8–10
+    Paper: Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", arXiv:2503.14476, Eq. 8–10
     (ε_low = 0.2, ε_high = 0.28). Code: verl ``docs/algo/dapo.md``, ``recipe/dapo``.
 
     Shape: as :func:`ppo_clip`.
@@ -526,15 +528,16 @@ def gpg(
 ) -> PolicyLossOutput:
     """GPG: plain policy gradient on (rescaled) group-centred advantages — no ratio, no clip, no KL.
 
-    Equation (spec §6; minimized)::
+    Equation (minimized)::
 
         loss = −(1/Σ_{i,t} m) Σ_{i,t} m·Â_i·log π_θ(y_{i,t})
 
-    with ``Â`` from :func:`tether.losses.policy.advantages.gpg_advantages` (the α rescaling lives there). The loss VALUE is
-    ``−Â·log π`` (not meaningful on its own); its gradient ``−Â·∇log π_θ`` is REINFORCE with a group baseline. At
+    with ``Â`` from :func:`tether.losses.policy.advantages.gpg_advantages` (the α rescaling lives there). The loss VALUE
+    is ``−Â·log π`` (not meaningful on its own); its gradient ``−Â·∇log π_θ`` is REINFORCE with a group baseline. At
     θ = θ_old it equals the gradient of :func:`ppo_clip` (ρ = 1, clip inactive) on the same advantages.
 
-    Paper: Chu et al. 2025, "GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning";
+    Paper: Chu et al. 2025, "GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning",
+    arXiv:2504.02546;
     code: AMAP-ML/GPG ``gpg_trainer.py`` (token-mean over the local batch, β = 0 in all recipes).
 
     Shape: ``logps``, ``mask`` (B, T); ``advantages`` (B,) or (B, T); ``old_logps`` (B, T) or None.
@@ -573,7 +576,7 @@ def cpgd(
 ) -> PolicyLossOutput:
     """CPGD: policy gradient on the CLIPPED LOG-ratio plus a gradient-clipped policy-drift penalty KL(π_old‖π_θ).
 
-    Equation (spec §7; minimized)::
+    Equation (CPGD Eq. 1–2 and §4.3; minimized)::
 
         ℓ    = log π_θ − log π_old
         Φ_t  = min( ℓ·A, clip(ℓ, log(1−ε), log(1+ε))·A )
@@ -588,7 +591,7 @@ def cpgd(
     ``−A·∇log π_θ`` (= GRPO/GPG).
 
     Paper: Liu et al. 2025, "CPGD: Toward Stable Rule-based Reinforcement Learning for Language Models",
-    Eq. 1–2 and §4.3; code: MM-EUREKA ``openrlhf/models/loss.py`` (``policy_drift_coef 0.01``,
+    arXiv:2505.12504, Eq. 1–2 and §4.3; code: MM-EUREKA ``openrlhf/models/loss.py`` (``policy_drift_coef 0.01``,
     ``policy_drift_clip_eps 2.0``, ``eps_clip 0.2``). Advantages: ``drgrpo_advantages`` (ω = 1),
     ``grpo_advantages`` (ω = 1/std, the example script's ``group_norm``), or the clip-filter-like weight.
 
@@ -602,8 +605,9 @@ def cpgd(
     Metrics: ``clip_frac`` (Φ's clipped branch active and different), ``ratio_mean``, ``ppo_kl``,
     ``drift_weight_mean`` (mean of min(ρ − 1, c)).
     Stop-gradient: ``old_logps``, ``advantages``, and ρ inside the drift weight.
-    Departures: the drift term's VALUE is ``min(ρ−1, c)·log π_θ`` as written in the spec (only its gradient is
-    meaningful); the tight-to-loose clip schedule of the paper is not included.
+    Departures: the drift term's VALUE is the surrogate ``min(ρ−1, c)·log π_θ``, built for its gradient (CPGD §4.3's
+    clipped drift gradient); the value itself means nothing; the tight-to-loose clip schedule of the paper is not
+    included.
     """
     _check_inputs("cpgd", logps, mask, old_logps=old_logps)
     if not 0.0 < clip_eps < 1.0:
@@ -645,7 +649,7 @@ def kl_in_reward(
 ) -> Tensor:
     """Token rewards with a KL penalty: ``r_t − β·k_t`` at every valid token (outcome on the last valid token).
 
-    Equation (spec §0.1, §5)::
+    Equation (Ziegler et al. 2019, arXiv:1909.08593, §2.2; Hu 2025, REINFORCE++, arXiv:2501.03262)::
 
         r'_{i,t} = r_{i,t} − β·k_{i,t}        r_{i,t} = R_i·[t = last valid token]   (outcome input)
 
@@ -655,7 +659,9 @@ def kl_in_reward(
     * ``k1`` (default): ``E[k1·∇log π_θ] = ∇KL(π_θ‖π_ref)`` per token; with returns-to-go
       (:func:`tether.losses.policy.advantages.token_returns`) it is the exact gradient of the SEQUENCE-level reverse KL.
       This is PPO-RLHF's (Ziegler et al. 2019; Ouyang et al. 2022) and REINFORCE++'s placement.
-    * ``k3``: ``∇KL(π‖π_ref) − ∇KL(π_ref‖π)`` — neither KL (spec §0.1); offered for comparison only.
+    * ``k3``: ``∇KL(π‖π_ref) − ∇KL(π_ref‖π)`` — neither KL: ``E_π[k3·∇log π] = Σ_a π_ref(a)·∇log π(a) +
+      Σ_a π(a)·log(π(a)/π_ref(a))·∇log π(a)``, the first sum −∇KL(π_ref‖π), the second ∇KL(π‖π_ref) (Σ_a ∇π(a) = 0
+      drops the constant); offered for comparison only.
     * ``k2``: ``E[k2·∇log π] = ∇E_π[½ℓ²] − E_π[ℓ∇ℓ]`` — a biased surrogate; offered for comparison only.
 
     Shape: ``rewards`` (B,) outcome or (B, T) token rewards; ``logps``, ``ref_logps``, ``mask`` (B, T); output
@@ -663,7 +669,7 @@ def kl_in_reward(
 
     Args:
         logps: log-probs of the sampled tokens under the SAMPLING policy (π_old; verl uses ``old_log_prob``).
-        coef: β, e.g. ``AdaptiveKLController.value``; 0.01 is OpenRLHF's ``init_kl_coef`` (spec §5).
+        coef: β, e.g. ``AdaptiveKLController.value``; 0.01 is OpenRLHF's ``init_kl_coef`` default.
         estimator: ``k1`` (default), ``k2`` or ``k3``.
     Departures: none; rows with no valid token must carry zero reward (see ``outcome_to_token_rewards``).
     """

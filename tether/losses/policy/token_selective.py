@@ -1,14 +1,13 @@
-"""Per-token trust regions and token-selective KL: TROLL (§11), Archer (§12), prioritized KL on critical tokens (§13).
+"""Per-token trust regions and token-selective KL: TROLL, Archer, prioritized KL on critical tokens.
 
-Notation, aggregation and the departures shared by every method here: see ``tether.losses.regularized``.
-``spec §N`` = section N of tether's online-RL method notes (``methods/online-rl.md``).
+Notation, aggregation and the departures shared by every method here: see ``tether.losses.policy``.
 
 Each method decides token by token how hard to hold the policy: TROLL projects every next-token distribution into a
 KL ball around the rollout policy's (in place of PPO's ratio clip), Archer splits each response's tokens at an entropy
-quantile (tight clip + KL on the low-entropy ones, loose clip on the rest), and §13 relaxes the reference KL where the
-reference is uncertain. They need full-vocabulary logits (TROLL; §13's reference) or per-token entropies (Archer).
-Archer's clip is :func:`tether.losses.policy.ppo_clip_per_token` with per-token clip ranges, its KL terms
-:func:`tether.losses.policy.kl_penalty` over each token class.
+quantile (tight clip + KL on the low-entropy ones, loose clip on the rest), and the critical-token KL relaxes the
+reference KL where the reference is uncertain. They need full-vocabulary logits (TROLL; the critical-token KL's
+reference) or per-token entropies (Archer). Archer's clip is :func:`tether.losses.policy.ppo_clip_per_token` with
+per-token clip ranges, its KL terms :func:`tether.losses.policy.kl_penalty` over each token class.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ __all__ = ["TrustRegionProjection", "archer", "critical_token_kl", "troll", "tro
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §11 TROLL
+# TROLL
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -86,9 +85,9 @@ def troll_project(
     support_mass: float | None = 1.0 - 1e-5,
     iters: int = 60,
 ) -> TrustRegionProjection:
-    """TROLL's per-token KL trust-region projection of the new distribution toward the old one (spec §11).
+    """TROLL's per-token KL trust-region projection of the new distribution toward the old one.
 
-    Equation (what the spec derives; [derived], details UNVERIFIED against the paper)::
+    Equation (our derivation from the abstract's description; details UNVERIFIED against the paper)::
 
         p̃ = argmin_p KL(p ‖ p_θ)  s.t.  KL(p ‖ p_old) ≤ ε
         ⇒ log p̃ = (log p_θ + η·log p_old)/(1 + η) − log Z(η)     (η = 0 if KL(p_θ ‖ p_old) ≤ ε)
@@ -102,7 +101,7 @@ def troll_project(
     Sparsification: the support S is the smallest set of p_old's most probable tokens with mass ≥ ``support_mass``,
     capped at ``max_support`` (paper: "typically 5–10 tokens capturing > 99.999% of the mass" — secondary summary).
     Tokens outside S are lumped into one "rest" atom for the projection; inside the rest, p̃ keeps p_θ's proportions
-    (``p̃(v) = p̃(rest)·p_θ(v)/p_θ(rest)``), so the sampled token always has a projected probability (spec pitfall).
+    (``p̃(v) = p̃(rest)·p_θ(v)/p_θ(rest)``), so the sampled token always has a projected probability.
     ``max_support=None, support_mass=None`` projects over the full vocabulary.
 
     Paper: Becker, Freymuth, Thilges, Otto, Neumann 2025, "TROLL: Trust Regions improve Reinforcement Learning for
@@ -176,7 +175,7 @@ def troll(
     loss_agg_mode: str = "token-mean",
     max_len: int | None = None,
 ) -> PolicyLossOutput:
-    """TROLL: the ratio objective with the projected policy in place of PPO's clipped ratio (spec §11).
+    """TROLL: the ratio objective with the projected policy in place of PPO's clipped ratio.
 
     Equation (structure from the abstract/project page; exact form UNVERIFIED)::
 
@@ -197,7 +196,7 @@ def troll(
     Defaults: ``eps=0.05``, ``alpha=1.0``, ``max_support=16`` — all UNVERIFIED (no paper text or code available).
     Stop-gradient: the regression target p̃; ``old_logits``.
     Departures: everything beyond "differentiable KL projection on a sparse top-token support replacing the clip" is
-    our derivation (spec §11); revisit when the paper or code can be read.
+    our derivation (see :func:`troll_project`); revisit when the paper or code can be read.
     """
     proj = troll_project(logits, old_logits, eps=eps, max_support=max_support, support_mass=support_mass)
     idx = tokens.long().unsqueeze(-1)
@@ -218,7 +217,7 @@ def troll(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §12 Archer
+# Archer
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -240,7 +239,7 @@ def archer(
     loss_agg_mode: str = "token-mean",
     max_len: int | None = None,
 ) -> PolicyLossOutput:
-    """Archer: entropy-quantile split of tokens, tight clip + KL on low-entropy tokens, loose clip on the rest (§12).
+    """Archer: entropy-quantile split of tokens, tight clip + KL on low-entropy tokens, loose clip on the rest.
 
     Equation (code ``verl/workers/actor/dp_actor.py``, ``use_token_entropy_separate``)::
 
@@ -251,7 +250,7 @@ def archer(
         k3_{i,t} = π_ref/π_θ − 1 − log(π_ref/π_θ) at the sampled token (verl low_var_kl)
 
     Paper: Wang et al. 2025, "Stabilizing Knowledge, Promoting Reasoning: Dual-Token Constraints for RLVR" (Archer).
-    Code: ``wizard-III/ArcherCodeR`` per spec; read here in the fork ``Jinxiaolong1129/ArcherCodeR``
+    Code: ``wizard-III/ArcherCodeR`` (official); read here in the fork ``Jinxiaolong1129/ArcherCodeR``
     ``verl/workers/actor/dp_actor.py``: ``nanquantile`` per row over valid tokens, ``<= q`` is the low class (the
     code's variable names are swapped: its ``high_entropy_mask`` marks the low-entropy tokens), each class's KL
     aggregated with ``loss_agg_mode`` over that class's tokens, coefficients ``kl_loss_coef`` (low) and
@@ -264,7 +263,7 @@ def archer(
     Defaults [code/scripts]: quantile 0.8, clips 0.2/0.5, ``clip_c=10``, ``β_low=0.001``, ``β_high=0``, token-mean.
     Divergence: k3 in the loss on samples from π_old; on-policy its gradient is ∇KL(π_ref ‖ π_θ) (forward KL, see
     tether.kl), applied to low-entropy tokens only; off-policy (Archer runs 3 PPO epochs) it lacks the importance
-    weight and follows no KL exactly (spec §0.1).
+    weight and follows no KL exactly (Zhang et al. 2025, RPG, arXiv:2505.17508, §2.2).
     Stop-gradient: the entropy (the split is not differentiated); ``old_logps``, ``ref_logps``.
     Departures: KL values are not clamped to ±10 (package note 3). A class with no token contributes 0 (verl's
     masked mean divides by count + 1e-8, same value).
@@ -295,7 +294,7 @@ def archer(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §13 Prioritized KL on critical tokens
+# Prioritized KL on critical tokens
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -313,7 +312,7 @@ def critical_token_kl(
     loss_agg_mode: str = "token-mean",
     max_len: int | None = None,
 ) -> PolicyLossOutput:
-    """KL penalty relaxed on "critical" tokens, where the reference is uncertain (spec §13).
+    """KL penalty relaxed on "critical" tokens, where the reference is uncertain.
 
     Equation (code ``compute_certainty_coeff`` / ``compute_kl_div_penalty``)::
 
@@ -331,8 +330,8 @@ def critical_token_kl(
     Shapes: ``logps``, ``ref_logps``, ``mask`` ``(B, T)``; ``ref_logits`` ``(B, T, V)`` (only its max probability is
     used; detached).
 
-    Defaults (``src/rl_train.py``, spec §13): ``λ_KL = 5``, k2, ``ρ = 150``, ``b = 0``, ``T' = 4`` — tuned for a small
-    GPT-2 with a reduced vocabulary: with |V| ≈ 50k, ``c`` is close to 1 almost everywhere and ρ must be re-tuned.
+    Defaults (the official ``src/rl_train.py``): ``λ_KL = 5``, k2, ``ρ = 150``, ``b = 0``, ``T' = 4`` — tuned for a
+    small GPT-2 with a reduced vocabulary: with |V| ≈ 50k, ``c`` is close to 1 almost everywhere and ρ must be re-tuned.
     Divergence: with ``estimator="k2"`` on on-policy samples the gradient is a per-token ``w_t``-weighted
     ∇KL(π_θ ‖ π_ref) (reverse KL); k3 would give the forward-KL gradient, k1 no regularization (tether.kl).
     Stop-gradient: ``w_t`` (a function of the reference only); ``ref_logps``.

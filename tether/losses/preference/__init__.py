@@ -1,10 +1,11 @@
 """Offline preference-optimization objectives, as pure functions of per-sequence log-probs.
 
 Modules: ``dpo`` (DPO, IPO, hinge, robust DPO, f-DPO), ``token_level`` (TDPO 1/2, Ra-DPO), ``variants`` (H-DPO,
-LongPO), ``reference_free`` (SimPO, ORPO), ``kto``; ``registry`` maps config names to objectives (``PREFERENCE_LOSSES``); ``_common`` holds the output record and shared helpers.
-Everything is re-exported here and from ``tether.losses``.
+LongPO), ``reference_free`` (SimPO, ORPO), ``kto``; ``registry`` maps config names to objectives
+(``PREFERENCE_LOSSES``); ``_common`` holds the output record and shared helpers. Everything is re-exported here and from
+``tether.losses``.
 
-Notation (shared by every objective here; "spec §N" refers to tether's method notes): for a response
+Notation (shared by every objective here): for a response
 ``y`` to a prompt ``x``, ``LP_θ(y)`` is the SUM of the policy's per-token log-probs over response tokens,
 ``LP_ref(y)`` the same under the frozen reference, ``ρ(y) = LP_θ(y) − LP_ref(y)`` the sequence log-ratio,
 ``Δ = ρ(y_w) − ρ(y_l)`` the DPO margin, ``|y|`` the number of response tokens, ``mLP(y) = LP(y)/|y|``.

@@ -33,14 +33,14 @@ def dpo(
 ) -> PreferenceLossOutput:
     """DPO (sigmoid loss), with conservative DPO (label smoothing) and the reference-free variant.
 
-    Equation (spec §1)::
+    Equation::
 
         Δ = ρ(y_w) − ρ(y_l),   ρ(y) = LP_θ(y) − LP_ref(y)
         L = (1 − ε)·softplus(−βΔ) + ε·softplus(βΔ)        # = −(1−ε) log σ(βΔ) − ε log σ(−βΔ)
 
     Paper: Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward
-    Model", Eq. 7. Conservative DPO (ε > 0): Mitchell 2023, "A note on DPO with noisy preferences" (cDPO),
-    Eq. 3.
+    Model", arXiv:2305.18290, Eq. 7. Conservative DPO (ε > 0): Mitchell 2023, "A note on DPO with noisy preferences"
+    (cDPO), Eq. 3.
 
     Shape: all inputs ``(B,)`` (summed response log-probs); outputs ``(B,)``.
 
@@ -84,14 +84,14 @@ def ipo(
 ) -> PreferenceLossOutput:
     """IPO: squared loss pulling the log-ratio margin to ``1/(2τ)``.
 
-    Equation (spec §1)::
+    Equation::
 
         Δ' = ρ(y_w)/|y_w| − ρ(y_l)/|y_l|     (average_log_prob=True, default)
         Δ' = ρ(y_w) − ρ(y_l)                 (average_log_prob=False)
         L  = (Δ' − 1/(2β))²
 
     Paper: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
-    Eq. 17 (the sampled IPO loss); β plays the role of the paper's τ.
+    arXiv:2310.12036, Eq. 17 (the sampled IPO loss); β plays the role of the paper's τ.
 
     Shape: inputs ``(B,)``; ``chosen_lengths``/``rejected_lengths`` ``(B,)`` (int or float response-token
     counts, required when ``average_log_prob``); outputs ``(B,)``.
@@ -99,7 +99,7 @@ def ipo(
     Args:
         beta: τ; 0.1 as TRL (and our DPO default).
         average_log_prob: use per-token averages of ρ (TRL's form, which TRL says the IPO authors confirmed);
-            False gives the eric-mitchell repo's summed form. Default True per the spec.
+            False gives the eric-mitchell repo's summed form. Default True (TRL's).
 
     Implicit regularizer: IPO's ``τ·KL(π_θ ‖ π_ref)``-regularized objective on preference probabilities (no
     Bradley–Terry assumption); the logged reward is ``β·ρ(y)/|y|`` (averaged form, as TRL) or ``β·ρ(y)``.
@@ -243,7 +243,7 @@ def f_dpo(
 ) -> PreferenceLossOutput:
     """f-DPO: DPO with an f-divergence ``D_f(π_θ ‖ π_ref)`` in place of reverse KL.
 
-    Equation (spec §2)::
+    Equation::
 
         u = π_θ(y)/π_ref(y) = exp(ρ(y)),   s(y) = f'(u) with additive constants dropped
         L = softplus(−β·[s(y_w) − s(y_l)])
@@ -255,10 +255,11 @@ def f_dpo(
         alpha          (1 − u^{−α})/α      −exp(−αρ)/α                   1/α
 
     Paper: Wang et al. 2023/ICLR 2024, "Beyond Reverse KL: Generalizing Direct Preference Optimization with
-    Diverse Divergence Constraints" (the loss with ``β f'`` in place of ``β log``; their Eq. 11 [UNVERIFIED
-    number]). The f′ table is the spec's (TRL code comments, two TRL versions).
+    Diverse Divergence Constraints", arXiv:2309.16240 (the loss with ``β f'`` in place of ``β log``; their Eq. 11
+    [UNVERIFIED number]). The f′ column is TRL's (code comments of two TRL versions); the scores are f′ minus
+    constants, which cancel in the score difference.
 
-    α convention (the spec's "parameter-convention trap"): ``alpha`` is in the PAPER convention — α → 0 is
+    α convention (a trap: two TRL versions disagree): ``alpha`` is in the PAPER convention — α → 0 is
     reverse KL (DPO), α = 1 is forward KL. Current TRL's ``f_alpha_divergence_coef`` is α' = 1 − α; the older
     TRL used the paper convention. α = 0.5 is the same divergence in both conventions. Any α > 0 gives a valid
     (increasing) f′; the paper studies α ∈ (0, 1).
@@ -276,8 +277,9 @@ def f_dpo(
     fp64) or 11 (fp16) before ``exp``, as TRL's ``cap_exp`` does. Where the clamp is active (ρ < −80, a policy
     that has all but dropped the sequence) the score saturates and its gradient is zero.
     Implicit regularizer: ``β·D_f(π_θ ‖ π_ref)``; logged reward ``β·s(y)``. Stop-gradient: none.
-    Departures: no reference-free mode (the spec advises against it: forward-KL/α scores would depend on raw
-    sequence probabilities); bounded rewards saturate once the policy over-concentrates — expected, not a bug.
+    Departures: no reference-free mode (forward-KL/α scores would then depend on raw sequence probabilities,
+    ``exp(−LP_θ)`` of a long response overflows); bounded rewards saturate once the policy over-concentrates — expected,
+    not a bug.
     """
     if divergence not in _F_SCORES:
         raise ValueError(f"f_dpo: unknown divergence {divergence!r}; choose one of {list(_F_SCORES)}.")

@@ -42,7 +42,7 @@ def tdpo(
 ) -> PreferenceLossOutput:
     """TDPO (token-level DPO), variants TDPO1 and TDPO2.
 
-    Equation (spec §3)::
+    Equation::
 
         SeqKL(y) = Σ_{t∈resp} KL(π_ref(·|s_t) ‖ π_θ(·|s_t))          # reference FIRST
         TDPO1:  z = ρ(y_w) − ρ(y_l) − [SeqKL(y_l) − SeqKL(y_w)]
@@ -51,9 +51,9 @@ def tdpo(
 
     β multiplies the whole ``z``, so the KL term carries ``α·β``.
 
-    Paper: Zeng et al. 2024, "Token-level Direct Preference Optimization" (ICML), Eq. 19 (TDPO1) and Eq. 20
-    (TDPO2) [equation numbers UNVERIFIED]; matches the official ``tdpo_loss`` (Vance0124/Token-level-Direct-
-    Preference-Optimization @ 2a736ec) as read for the spec.
+    Paper: Zeng et al. 2024, "Token-level Direct Preference Optimization" (ICML), arXiv:2404.11999, Eq. 19 (TDPO1) and
+    Eq. 20 (TDPO2) [equation numbers UNVERIFIED]; matches the official ``tdpo_loss`` (Vance0124/Token-level-Direct-
+    Preference-Optimization @ 2a736ec, ``trainers.py``).
 
     Shape: the four log-prob inputs and ``chosen_seq_kl``/``rejected_seq_kl`` are ``(B,)`` (token SUMS over
     the response); outputs ``(B,)``. ``SeqKL`` needs the policy's and the reference's full-vocabulary
@@ -147,7 +147,7 @@ def ra_dpo(
 ) -> PreferenceLossOutput:
     """Ra-DPO (risk-aware DPO), variants Ra-DPO1 and Ra-DPO2: TDPO with the sequential KL replaced by a risk.
 
-    Equation (spec §5)::
+    Equation::
 
         d_v = log π_ref(v|s_t) − log π_θ(v|s_t),   q_t = Quantile_{1−c}({d_v}_v)
         R_t = Σ_v π_ref(v|s_t)·d_v·1[d_v > q_t],     SeqRisk(y) = Σ_{t∈resp} R_t

@@ -21,14 +21,15 @@ def hdpo(
 ) -> PreferenceLossOutput:
     """H-DPO: DPO with the entropy part of the reverse KL scaled by α.
 
-    Equation (spec §4)::
+    Equation (the objective as the paper states it; the optimum and the loss follow as for DPO)::
 
         objective  max_π E_π[r] − β·[−α·H(π) + CE(π, π_ref)]
         optimum    π*(y) ∝ π_ref(y)^{1/α}·exp(r(y)/(αβ))
         L = softplus(−{αβ·[LP_θ(y_w) − LP_θ(y_l)] − β·[LP_ref(y_w) − LP_ref(y_l)]})
 
-    Paper: Omura et al. 2024, "Entropy Controllable Direct Preference Optimization" (no official code found;
-    loss derived in the spec from the paper's stated objective, matching a third-party implementation).
+    Paper: Omura et al. 2024, "Entropy Controllable Direct Preference Optimization", arXiv:2411.07595 (no
+    official code found; the loss is derived from the paper's stated objective and matches a third-party
+    implementation).
 
     Shape: inputs ``(B,)``; outputs ``(B,)``.
 
@@ -63,7 +64,7 @@ def longpo(
 ) -> PreferenceLossOutput:
     """LongPO: NLL on the chosen long-context sequence plus a short-to-long DPO term.
 
-    Equation (spec §8)::
+    Equation::
 
         L_PO = softplus(−β·{[LP_θ(y_w|x_L) − LP_ref(y_w|x_S)] − [LP_θ(y_l|x_L) − LP_ref(y_l|x_S)]})
         L    = NLL(y_w | x_L) + λ·L_PO           # λ multiplies the PREFERENCE term; NLL is unweighted
@@ -74,8 +75,9 @@ def longpo(
     short-to-long KL ``KL(π_θ(·|x_L) ‖ π_ref(·|x_S))``.
 
     Paper: Chen et al. 2025, "LongPO: Long Context Self-Evolution of Large Language Models through
-    Short-to-Long Preference Optimization" (ICLR); loss read in the official trainer
-    (``LongPOMTLMUlyssesTrainer.get_batch_loss_metrics``, DAMO-NLP-SG/LongPO @ 47b60a5) for the spec.
+    Short-to-Long Preference Optimization" (ICLR), arXiv:2502.13922; loss read in the
+    official trainer (``LongPOMTLMUlyssesTrainer.get_batch_loss_metrics``, DAMO-NLP-SG/LongPO @ 47b60a5,
+    ``train/longdpo_trainer.py``).
 
     Shape: inputs ``(B,)``; ``chosen_nll`` ``(B,)`` = token-mean NLL of each chosen long sequence; outputs
     ``(B,)``.
