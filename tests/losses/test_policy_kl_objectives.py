@@ -476,21 +476,67 @@ def apo_shaping_twin(rewards, lengths, G):
     return adv, w_kl
 
 
-def apo_twin(logps, old_logps, ref_logps, rewards, mask, group_size, beta):
+def apo_twin(logps, old_logps, ref_logps, rewards, mask, group_size, beta, loss_agg_mode="token-mean"):
     adv, w_kl = apo_shaping_twin(rewards.tolist(), mask.sum(-1).tolist(), group_size)
     ratio = torch.exp(logps - old_logps)
     pg = twin_ppo_clip(ratio, torch.tensor(adv, dtype=F64)[:, None].expand_as(ratio), 0.2, 0.2)
     log_r = ref_logps - logps
     k3 = torch.exp(log_r) - 1 - log_r
-    pg_loss = torch.stack([pg[i][mask[i]].mean() for i in range(pg.shape[0])]).mean()
+    if loss_agg_mode == "token-mean":
+        pg_loss = twin_token_mean(pg, mask)
+    else:
+        pg_loss = torch.stack([pg[i][mask[i]].mean() for i in range(pg.shape[0])]).mean()
     kl = torch.stack([k3[i][mask[i]].mean() * w_kl[i] for i in range(pg.shape[0])]).mean()
     return pg_loss + beta * kl
 
 
-def test_apo_matches_twin():
+@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean"])
+def test_apo_matches_twin(loss_agg_mode):
     b = token_batch(8, seed=19)
     b["rewards"] = torch.tensor([1.2, 0.0, 0.3, 1.0, 0.0, 0.0, 1.0, 0.2], dtype=F64)  # G = 4
-    run_against_twin(apo, apo_twin, b, diff=("logps",), const=("old_logps", "ref_logps"), group_size=4, beta=0.5)
+    run_against_twin(apo, apo_twin, b, diff=("logps",), const=("old_logps", "ref_logps"), group_size=4, beta=0.5,
+                     loss_agg_mode=loss_agg_mode)
+
+
+def test_apo_default_aggregation_is_the_official_token_mean():
+    """The official code (View-R1 ``PolicyLoss(eps_clip)``, ``token_level_loss=True``) averages the clipped loss over
+    every valid token of the micro-batch. Worked by hand on one group of G = 2 with ragged rows:
+
+    * rewards [1, 0]: mean ½, unbiased std √½, so Â = ±½/(√½ + 1e-9) = ±κ, κ = 0.70710678; difficulty d = ½, so the
+      positive row's DADS weight is w = 1 − e^{−e/2} = 0.743119 and the negative row keeps 1; row 0 has 3 valid tokens,
+      row 1 has 1 (STCR is off: the wrong answer is shorter than the right one);
+    * ρ = 1 everywhere (``old_logps = logps``), so L^clip = −Â_i on every valid token;
+    * ``ref_logps = logps − log 2`` on row 0 (ℓ = log 2: k3 = e^{−ℓ} − 1 + ℓ = log 2 − ½ = 0.193147, ∂k3/∂log π =
+      1 − e^{−ℓ} = ½) and ``= logps`` on row 1 (k3 = 0, ∂k3 = 0); β = 0.5.
+
+    token-mean (the default):      pg = (3·(−κ) + κ)/4 = −κ/2 = −0.353553,
+    seq-mean-token-mean:           pg = (−κ + κ)/2 = 0;
+    KL term (same for both):       β·(w·(log 2 − ½) + 0)/2 = 0.035883   [per-sequence token mean, then batch mean]
+    total (token-mean):            −0.353553 + 0.035883 = −0.317671
+    ∂loss/∂log π, row 0 tokens:    −κ/4 + β·w/(2·3)·½ = −0.145813   (seq-mean-token-mean: −κ/6 + 0.030963 = −0.086888)
+    ∂loss/∂log π, row 1 token:     +κ/4 = 0.176777                    (seq-mean-token-mean: +κ/2 = 0.353553)
+    """
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    logps = torch.tensor([[-1.0, -0.5, -2.0], [-0.7, 0.0, 0.0]], dtype=F64)
+    ref = logps - torch.tensor([[math.log(2.0)] * 3, [0.0] * 3], dtype=F64)
+    rewards = torch.tensor([1.0, 0.0], dtype=F64)
+    kappa = 0.5 / (math.sqrt(0.5) + 1e-9)
+    w = 1.0 - math.exp(-math.e / 2)
+    kl_term = 0.5 * (w * (math.log(2.0) - 0.5)) / 2
+    kl_grad = 0.5 * w / (2 * 3) * 0.5
+    expected = {
+        "token-mean": (-kappa / 2 + kl_term, [[-kappa / 4 + kl_grad] * 3, [kappa / 4, 0.0, 0.0]]),
+        "seq-mean-token-mean": (0.0 + kl_term, [[-kappa / 6 + kl_grad] * 3, [kappa / 2, 0.0, 0.0]]),
+    }
+    assert abs(-kappa / 2 + kl_term - (-0.317671)) < 1e-6  # the numbers of the docstring
+    for mode, kwargs in (("token-mean", {}), ("token-mean", {"loss_agg_mode": "token-mean"}),
+                         ("seq-mean-token-mean", {"loss_agg_mode": "seq-mean-token-mean"})):
+        x = logps.clone().requires_grad_()
+        out = apo(x, logps, ref, rewards, mask, group_size=2, beta=0.5, **kwargs)
+        out.loss.backward()
+        value, grad = expected[mode]
+        assert_close(out.loss, torch.tensor(value, dtype=F64), f"apo loss ({mode}, {kwargs})", atol=1e-12, rtol=0)
+        assert_close(x.grad, torch.tensor(grad, dtype=F64), f"apo grad ({mode}, {kwargs})", atol=1e-12, rtol=0)
 
 
 def test_apo_shaping_oracles():

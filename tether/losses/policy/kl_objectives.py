@@ -501,7 +501,7 @@ def apo(
     clip_eps: float = 0.2,
     use_dads: bool = True,
     use_stcr: bool = True,
-    loss_agg_mode: str = "seq-mean-token-mean",
+    loss_agg_mode: str = "token-mean",
     max_len: int | None = None,
 ) -> PolicyLossOutput:
     """APO: asymmetric treatment of positive (DADS KL weights) and negative (STCR length) responses.
@@ -510,6 +510,7 @@ def apo(
 
         (Â, w_KL) = apo_shaping(R, |y|)                        see apo_shaping
         L = agg( L^clip_{i,t}(Â_i; ε = 0.2) ) + β · mean_i [ w_KL,i · mean_t k3_{i,t} ]
+        agg = token-mean:  Σ_{i,t} m·L^clip / Σ_{i,t} m   (every token of the batch weighs the same)
 
     Paper: Hong et al. 2025, "APO: Enhancing Reasoning Ability of MLLMs via Asymmetric Policy Optimization",
     arXiv:2506.21655. Code: ``Indolent-Kawhi/View-R1`` (read:
@@ -520,13 +521,20 @@ def apo(
     Shapes: ``(B, T)`` log-probs and mask (lengths = ``mask.sum(-1)``); ``rewards`` ``(B,)`` (total reward; "correct"
     means reward ≥ 1, the integer part of an accuracy + format reward).
 
-    Defaults (``examples/scripts/train_grpo.sh``): ``beta=1e-3`` with k3, ``G=8``; ``clip_eps=0.2`` (OpenRLHF
-    default). ``loss_agg_mode`` of OpenRLHF's PolicyLoss in this fork: UNVERIFIED (seq-mean-token-mean assumed).
+    Defaults (``examples/scripts/train_grpo.sh``): ``beta=1e-3`` (``--init_kl_coef``) with k3, ``G=8``;
+    ``clip_eps=0.2`` (``--eps_clip`` default). ``loss_agg_mode="token-mean"``: the fork's ``ppo_trainer.py`` builds
+    ``PolicyLoss(eps_clip)`` with the default ``token_level_loss=True``, i.e. ``masked_mean(loss, action_mask,
+    dim=None)`` — one mean over every valid token of the micro-batch (``openrlhf/models/loss.py``). The KL term is
+    the other way round in the code (``masked_mean(kl, mask, dim=-1)`` per sequence, × w_KL, ``.mean()`` over the
+    batch), and so it is here whatever ``loss_agg_mode`` says. On ragged rows the two modes differ in the gradient,
+    not only in scale: token-mean gives each token of a 3-token and of a 1-token response the weight 1/4,
+    seq-mean-token-mean gives them 1/6 and 1/2 (see :func:`tether.losses.policy.aggregate`).
     Divergence: k3 in the loss → on-policy gradient of KL(π_ref ‖ π_θ) (forward), per sequence weighted by w_KL: easy
     prompts keep (nearly) the full KL on positive responses, hard prompts (d → 1) almost none — the opposite of a
     naive guess.
     Stop-gradient: advantages, weights, ``old_logps``, ``ref_logps``.
-    Departures: see :func:`apo_shaping`; KL values not clamped.
+    Departures: see :func:`apo_shaping`; KL values not clamped; the token mean is over the batch this call is given
+    (OpenRLHF's micro-batch: pass the same rows to reproduce it).
     """
     m = mask.to(torch.bool)
     shaping = apo_shaping(rewards, m.sum(-1), group_size=group_size)
