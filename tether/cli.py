@@ -8,7 +8,7 @@ fails before any work with a message that names the field. `tether <command> --h
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 USAGE = """usage: tether <command> [--config FILE.yaml] [--field value ...]
@@ -22,33 +22,7 @@ commands:
 `tether <command> --help` shows every field of that command's config."""
 
 
-@dataclass
-class KLConfig:
-    """Measure how far a policy moved from a reference: `tether kl --policy DIR --prompts_file FILE`."""
-
-    policy: str = ""
-    """The trained model directory."""
-    reference: str = "smollm2-135m-instruct"
-    """The reference model: the embedded model or a local directory."""
-    prompts_file: str = ""
-    """Held-out prompts: JSONL/Parquet/datasets with a 'prompt' field."""
-    samples_per_prompt: int = 4
-    """Completions sampled from the policy per prompt (temperature 1)."""
-    max_new_tokens: int = 64
-    """Length limit of each completion."""
-    seed: int = 0
-    """Sampling seed."""
-    output: str | None = None
-    """Write the JSON report here."""
-    device: str = "cpu"
-    """Where both models run ('cpu' or 'cuda')."""
-
-    def __post_init__(self) -> None:
-        if self.samples_per_prompt < 1 or self.max_new_tokens < 1:
-            raise ValueError("samples_per_prompt and max_new_tokens must be ≥ 1")
-
-
-def _run_kl(cfg: KLConfig):
+def _run_kl(cfg):
     from tether.eval.kl import measure_kl_from_files
 
     if not cfg.policy or not cfg.prompts_file:
@@ -59,10 +33,10 @@ def _run_kl(cfg: KLConfig):
 
 
 def _commands():
-    from tether.recipes.online_rl import RLConfig
+    from tether.recipes.configs import KLConfig, PreferenceConfig, QuickstartConfig, RLConfig
     from tether.recipes.online_rl import train as train_rl
-    from tether.recipes.preference import PreferenceConfig, train
-    from tether.recipes.quickstart import QuickstartConfig, run
+    from tether.recipes.preference import train
+    from tether.recipes.quickstart import run
 
     return {"quickstart": (QuickstartConfig, run), "dpo": (PreferenceConfig, train), "rl": (RLConfig, train_rl),
             "kl": (KLConfig, _run_kl)}

@@ -13,7 +13,7 @@ from typing import Literal
 from tether.config import LoRAConfig, ModelConfig, OptimConfig, RunConfig, check_range
 from tether.losses.policy import ONLINE_OBJECTIVES, check_loss_args
 
-__all__ = ["RLConfig"]
+__all__ = ["KLConfig", "PreferenceConfig", "QuickstartConfig", "RLConfig"]
 
 
 @dataclass
@@ -145,3 +145,149 @@ class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     @property
     def advantage_name(self) -> str:
         return self.advantage or ONLINE_OBJECTIVES[self.loss].default_advantage
+
+
+_PREFERENCE_INPUT_KWARGS = {"chosen_lengths", "rejected_lengths", "chosen_seq_kl", "rejected_seq_kl",
+                            "chosen_seq_risk", "rejected_seq_risk", "kl_reference", "chosen_nll"}
+
+
+@dataclass
+class PreferenceConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
+    """Offline preference optimization: `tether dpo --config x.yaml [--field value ...]`."""
+
+    output_dir: str = "runs/dpo"
+    train_file: str = ""
+    """Preference data with prompt/chosen/rejected (strings or chat messages): JSONL, Parquet, or a directory
+    written by `datasets.Dataset.save_to_disk`."""
+    loss: str = "dpo"
+    """Objective, by name: one of tether.losses.PREFERENCE_LOSSES (dpo, ipo, hinge_dpo, robust_dpo, f_dpo, tdpo,
+    tdpo1, tdpo2, hdpo, ra_dpo, longpo, simpo, orpo, kto)."""
+    beta: float | None = None
+    """β, the KL coefficient (for SimPO its reward scale, for ORPO its λ); None = the objective's own default
+    (0.1 for DPO, 2.0 for SimPO, 0.01 for LongPO — see each function's docstring)."""
+    loss_args: dict[str, float | int | str | bool] = field(default_factory=dict)
+    """Other hyperparameters of the objective, by keyword (e.g. {label_smoothing: 0.1}, {divergence: js},
+    {alpha: 0.5}); checked against the objective's signature."""
+    ref_prompt_field: str = "ref_prompt"
+    """LongPO: the row field holding the short context the reference is scored on."""
+    max_length: int = 512
+    """Most tokens of prompt + one completion; longer completions are truncated (and counted)."""
+    max_prompt_length: int = 256
+    """Most prompt tokens after the chat template; a longer prompt is a bad row."""
+    use_chat_template: bool = True
+    """Wrap string rows in the tokenizer's chat template as one user and one assistant turn."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad rows: stop with the list of problems ('raise'), or drop them, counted and reported ('skip')."""
+    truncation: Literal["truncate", "drop", "error"] = "truncate"
+    """Completions longer than max_length: truncate (counted), drop the row (counted), or stop."""
+    curriculum_key: str | None = None
+    """Order training pairs by this numeric row field, ascending (e.g. n_constraints), instead of shuffling."""
+    epochs: int = 1
+    """Passes over the data."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (the schedule is planned for it); None = epochs × steps/epoch."""
+    batch_size: int = 4
+    """Pairs per micro-batch (each pair = chosen + rejected in one forward pass)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    risk_confidence: float = 0.95
+    """Ra-DPO's confidence level c: the per-token risk keeps log-ratios above the (1−c) vocabulary quantile."""
+    eval_prompts_file: str | None = None
+    """Held-out prompts (JSONL/Parquet with a 'prompt' field) for the KL measurement after training."""
+    kl_samples_per_prompt: int = 4
+    """Completions sampled per held-out prompt for the KL measurement."""
+    kl_max_new_tokens: int = 64
+    """Length limit of those completions."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        import inspect
+
+        from tether.losses.preference import PREFERENCE_LOSSES
+
+        if self.loss not in PREFERENCE_LOSSES:
+            raise ValueError(f"loss: unknown objective {self.loss!r}; choose one of {sorted(PREFERENCE_LOSSES)}")
+        params = inspect.signature(PREFERENCE_LOSSES[self.loss].fn).parameters
+        allowed = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - _PREFERENCE_INPUT_KWARGS - {"beta"}
+        unknown = set(self.loss_args) - allowed
+        if unknown:
+            raise ValueError(f"loss_args: {sorted(unknown)} are not hyperparameters of {self.loss!r}; "
+                             f"it accepts {sorted(allowed)} (and beta as its own field)")
+        for name, ok in (("batch_size", self.batch_size >= 1), ("grad_accum", self.grad_accum >= 1),
+                         ("epochs", self.epochs >= 1), ("max_steps", self.max_steps is None or self.max_steps >= 1),
+                         ("beta", self.beta is None or self.beta > 0),
+                         ("max_prompt_length", 0 < self.max_prompt_length < self.max_length),
+                         ("kl_samples_per_prompt", self.kl_samples_per_prompt >= 1),
+                         ("kl_max_new_tokens", self.kl_max_new_tokens >= 1)):
+            check_range(name, getattr(self, name), ok, "tether dpo")
+
+
+@dataclass
+class QuickstartConfig:
+    """Self-generated DPO on a verifiable instruction-following task: `tether quickstart [--field value ...]`."""
+
+    output_dir: str = "runs/quickstart"
+    """Where pairs, the trained model, metrics, the report and the plot go."""
+    model: str = "smollm2-135m-instruct"
+    """Starting policy (and reference): the embedded model or a local HF directory."""
+    train_prompts: int = 64
+    """Training prompts (each gets samples_per_prompt completions)."""
+    heldout_prompts: int = 32
+    """Held-out prompts (unseen requests) for reward and KL."""
+    samples_per_prompt: int = 4
+    """Completions sampled per prompt, for pairs and for evaluation."""
+    max_new_tokens: int = 48
+    """Length limit of every sampled completion."""
+    temperature: float = 0.8
+    """Sampling temperature for pair construction and reward evaluation."""
+    sample_batch_size: int = 64
+    """Completions generated together."""
+    seed: int = 0
+    """Seeds prompts, sampling and training."""
+    beta: float = 0.1
+    """DPO β."""
+    lr: float = 5e-5
+    """DPO learning rate."""
+    epochs: int = 3
+    """DPO passes over the pairs."""
+    batch_size: int = 8
+    """Pairs per optimizer step."""
+    kl_samples_per_prompt: int = 4
+    """Samples per held-out prompt for the KL measurement (at temperature 1)."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        for name, ok in (("train_prompts", self.train_prompts >= 1), ("heldout_prompts", self.heldout_prompts >= 1),
+                         ("samples_per_prompt", self.samples_per_prompt >= 2),
+                         ("max_new_tokens", self.max_new_tokens >= 1), ("temperature", self.temperature > 0),
+                         ("beta", self.beta > 0), ("lr", self.lr > 0), ("epochs", self.epochs >= 1),
+                         ("batch_size", self.batch_size >= 1),
+                         ("kl_samples_per_prompt", self.kl_samples_per_prompt >= 1)):
+            check_range(name, getattr(self, name), ok, "tether quickstart")
+
+
+@dataclass
+class KLConfig:
+    """Measure how far a policy moved from a reference: `tether kl --policy DIR --prompts_file FILE`."""
+
+    policy: str = ""
+    """The trained model directory."""
+    reference: str = "smollm2-135m-instruct"
+    """The reference model: the embedded model or a local directory."""
+    prompts_file: str = ""
+    """Held-out prompts: JSONL/Parquet/datasets with a 'prompt' field."""
+    samples_per_prompt: int = 4
+    """Completions sampled from the policy per prompt (temperature 1)."""
+    max_new_tokens: int = 64
+    """Length limit of each completion."""
+    seed: int = 0
+    """Sampling seed."""
+    output: str | None = None
+    """Write the JSON report here."""
+    device: str = "cpu"
+    """Where both models run ('cpu' or 'cuda')."""
+
+    def __post_init__(self) -> None:
+        check_range("samples_per_prompt", self.samples_per_prompt, self.samples_per_prompt >= 1, "tether kl")
+        check_range("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, "tether kl")

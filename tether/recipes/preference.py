@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -40,141 +38,31 @@ from tqdm.auto import tqdm
 
 from tether.data import collate_preference, curriculum_order, load_preference_dataset
 from tether.logprobs import hidden_states, lm_head, sequence_sums, token_stats
-from tether.losses import PREFERENCE_LOSSES
+from tether.losses.preference import PREFERENCE_LOSSES
 from tether.models import (
     apply_lora,
     enable_gradient_checkpointing,
     load_model,
     load_tokenizer,
 )
+from tether.recipes.configs import PreferenceConfig
 from tether.reference import frozen_copy, reference_context
+from tether.sampling import render_prompts
 from tether.training import (
-    MetricsLogger,
-    latest_checkpoint,
-    load_trainer_state,
-    load_weights,
+    RunLog,
     make_optimizer,
     make_scheduler,
+    optimizer_step,
+    read_metrics,
     release_freed_memory,
-    remove_checkpoints,
+    resume_or_fresh,
     save_checkpoint,
-    save_pretrained_atomic,
-    set_seed,
+    save_final,
+    start_run,
 )
 
 log = logging.getLogger(__name__)
 SHORT_CONTEXT_REFERENCE = {"longpo"}  # objectives whose reference sees a different (short) prompt
-_INPUT_KWARGS = {"chosen_lengths", "rejected_lengths", "chosen_seq_kl", "rejected_seq_kl", "chosen_seq_risk",
-                 "rejected_seq_risk", "kl_reference", "chosen_nll"}
-
-
-@dataclass
-class PreferenceConfig:
-    """Offline preference optimization: `tether dpo --config x.yaml [--field value ...]`."""
-
-    train_file: str = ""
-    """Preference data with prompt/chosen/rejected (strings or chat messages): JSONL, Parquet, or a directory
-    written by `datasets.Dataset.save_to_disk`."""
-    output_dir: str = "runs/dpo"
-    """Where checkpoints, metrics.jsonl, TensorBoard logs, the final model and reports go."""
-    model: str = "smollm2-135m-instruct"
-    """Policy to train: 'smollm2-135m-instruct' (embedded) or a local Hugging Face model directory."""
-    ref_model: str | None = None
-    """Reference model (a local directory); None = the starting policy. May differ from the policy."""
-    loss: str = "dpo"
-    """Objective, by name: one of tether.losses.PREFERENCE_LOSSES (dpo, ipo, hinge_dpo, robust_dpo, f_dpo, tdpo,
-    tdpo1, tdpo2, hdpo, ra_dpo, longpo, simpo, orpo, kto)."""
-    beta: float | None = None
-    """β, the KL coefficient (for SimPO its reward scale, for ORPO its λ); None = the objective's own default
-    (0.1 for DPO, 2.0 for SimPO, 0.01 for LongPO — see each function's docstring)."""
-    loss_args: dict[str, float | int | str | bool] = field(default_factory=dict)
-    """Other hyperparameters of the objective, by keyword (e.g. {label_smoothing: 0.1}, {divergence: js},
-    {alpha: 0.5}); checked against the objective's signature."""
-    ref_prompt_field: str = "ref_prompt"
-    """LongPO: the row field holding the short context the reference is scored on."""
-    max_length: int = 512
-    """Most tokens of prompt + one completion; longer completions are truncated (and counted)."""
-    max_prompt_length: int = 256
-    """Most prompt tokens after the chat template; a longer prompt is a bad row."""
-    use_chat_template: bool = True
-    """Wrap string rows in the tokenizer's chat template as one user and one assistant turn."""
-    on_error: Literal["raise", "skip"] = "raise"
-    """Bad rows: stop with the list of problems ('raise'), or drop them, counted and reported ('skip')."""
-    truncation: Literal["truncate", "drop", "error"] = "truncate"
-    """Completions longer than max_length: truncate (counted), drop the row (counted), or stop."""
-    curriculum_key: str | None = None
-    """Order training pairs by this numeric row field, ascending (e.g. n_constraints), instead of shuffling."""
-    epochs: int = 1
-    """Passes over the data."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (the schedule is planned for it); None = epochs × steps/epoch."""
-    batch_size: int = 4
-    """Pairs per micro-batch (each pair = chosen + rejected in one forward pass)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
-    lr: float = 5e-6
-    """Peak learning rate."""
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    """Learning-rate decay after warm-up."""
-    warmup_ratio: float = 0.1
-    """Fraction of optimizer steps of linear warm-up."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (not applied to biases/norms)."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clipping threshold (0 disables)."""
-    lora: bool = False
-    """Train LoRA adapters (peft) instead of all weights; the reference is then the base with adapters off."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling α."""
-    risk_confidence: float = 0.95
-    """Ra-DPO's confidence level c: the per-token risk keeps log-ratios above the (1−c) vocabulary quantile."""
-    chunk_size: int = 512
-    """Response tokens per chunk of the LM head (memory ∝ chunk_size × vocab)."""
-    gradient_checkpointing: bool = False
-    """Recompute the backbone's activations in the backward pass (less memory, one more forward pass)."""
-    device: str = "cpu"
-    """Where the models and batches live ('cpu' or 'cuda'), the final KL measurement included."""
-    seed: int = 0
-    """Seeds data order and everything random."""
-    save_every: int = 0
-    """Checkpoint every N optimizer steps (0 = only at the end)."""
-    resume: bool = False
-    """Continue from the newest checkpoint in output_dir."""
-    stop_after: int | None = None
-    """Stop (as if interrupted) after this optimizer step, after checkpointing; the schedule is unchanged."""
-    tensorboard: bool = True
-    """Also log metrics to TensorBoard (output_dir/tensorboard)."""
-    progress: bool = True
-    """Show a progress bar."""
-    eval_prompts_file: str | None = None
-    """Held-out prompts (JSONL/Parquet with a 'prompt' field) for the KL measurement after training."""
-    kl_samples_per_prompt: int = 4
-    """Completions sampled per held-out prompt for the KL measurement."""
-    kl_max_new_tokens: int = 64
-    """Length limit of those completions."""
-
-    def __post_init__(self) -> None:
-        if self.loss not in PREFERENCE_LOSSES:
-            raise ValueError(f"loss: unknown objective {self.loss!r}; choose one of {sorted(PREFERENCE_LOSSES)}")
-        params = inspect.signature(PREFERENCE_LOSSES[self.loss].fn).parameters
-        allowed = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - _INPUT_KWARGS - {"beta"}
-        unknown = set(self.loss_args) - allowed
-        if unknown:
-            raise ValueError(f"loss_args: {sorted(unknown)} are not hyperparameters of {self.loss!r}; "
-                             f"it accepts {sorted(allowed)} (and beta as its own field)")
-        for name, value, ok in (("batch_size", self.batch_size, self.batch_size >= 1),
-                                ("grad_accum", self.grad_accum, self.grad_accum >= 1),
-                                ("epochs", self.epochs, self.epochs >= 1),
-                                ("lr", self.lr, self.lr > 0),
-                                ("beta", self.beta, self.beta is None or self.beta > 0),
-                                ("warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio < 1),
-                                ("chunk_size", self.chunk_size, self.chunk_size >= 1),
-                                ("max_prompt_length", self.max_prompt_length,
-                                 0 < self.max_prompt_length < self.max_length)):
-            if not ok:
-                raise ValueError(f"{name}={value!r} is out of range; see `tether dpo --help` for its meaning")
 
 
 @dataclass
@@ -228,26 +116,22 @@ def _kl_pairs(examples):
 
 
 def _short_context_examples(cfg: PreferenceConfig, examples, tokenizer):
-    """LongPO: the reference scores each completion given the row's short context (field ``ref_prompt``) instead
-    of the long prompt the policy sees. Rows without the field are an error (a LongPO reference on the long prompt
-    would silently turn the method into NLL + DPO)."""
-    from tether.data import load_rows, tokenize_preference_rows
-
-    rows = load_rows(cfg.train_file)
+    """LongPO: the reference scores each completion given the row's short context (field ``ref_prompt``, kept in
+    each example's metadata) instead of the long prompt the policy sees; only the prompt ids change. A row without
+    the field is an error (a LongPO reference on the long prompt would silently turn the method into NLL + DPO)."""
     field = cfg.ref_prompt_field
-    short_rows = []
+    short = []
     for ex in examples:
-        row = rows[ex.index]
-        if field not in row:
-            raise ValueError(f"{cfg.train_file}: row {ex.index}: field '{field}': missing; {cfg.loss} scores the "
-                             f"reference on a short context — add '{field}' to every row")
-        short_rows.append({"prompt": row[field], "chosen": row["chosen"], "rejected": row["rejected"]})
-    short, _ = tokenize_preference_rows(
-        short_rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-        source=f"{cfg.train_file} ({field})", use_chat_template=cfg.use_chat_template, on_error="raise",
-        truncation="error")
-    # The policy's completion ids (possibly truncated) are the ones scored; only the prompt changes.
-    return [dataclasses.replace(ex, prompt_ids=s.prompt_ids) for ex, s in zip(examples, short)]
+        value = ex.metadata.get(field)
+        where = f"{cfg.train_file}: row {ex.index}: field '{field}'"
+        if not (isinstance(value, str) and value.strip()) and not (isinstance(value, list) and value):
+            raise ValueError(f"{where}: missing or empty; {cfg.loss} scores the reference on a short context — add "
+                             f"'{field}' (a string or chat messages) to every row")
+        ids = render_prompts(tokenizer, [value], use_chat_template=cfg.use_chat_template)[0]
+        if len(ids) > cfg.max_prompt_length:
+            raise ValueError(f"{where}: is {len(ids)} tokens, more than max_prompt_length={cfg.max_prompt_length}")
+        short.append(dataclasses.replace(ex, prompt_ids=ids))
+    return short
 
 
 def _cached_reference(cfg: PreferenceConfig, examples, ref, tokenizer, out_dir: Path, need_kl_pairs: bool):
@@ -371,16 +255,10 @@ def _micro_batches(n_examples: int, cfg: PreferenceConfig, order: list[int] | No
 def train(cfg: PreferenceConfig) -> TrainResult:
     if not cfg.train_file:
         raise ValueError("train_file is required: a JSONL/Parquet file or datasets directory of preference pairs")
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    set_seed(cfg.seed)
+    out_dir = start_run(cfg)
     spec = PREFERENCE_LOSSES[cfg.loss]
 
-    # 1. Models. The reference is the starting policy unless ref_model names another model. For objectives that
-    # only need summed reference log-probs, the starting policy itself scores them before its first update (no
-    # copy in memory); objectives that need the reference online get a frozen copy (or, with LoRA, the base
-    # model with adapters disabled — no copy either).
+    # 1. Models. Gradient checkpointing is enabled before LoRA wraps the model (tether.models).
     tokenizer = load_tokenizer(cfg.model)
     policy = load_model(cfg.model).to(cfg.device)
     if cfg.gradient_checkpointing:
@@ -394,11 +272,12 @@ def train(cfg: PreferenceConfig) -> TrainResult:
         cfg.train_file, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         use_chat_template=cfg.use_chat_template, on_error=cfg.on_error, truncation=cfg.truncation)
     print(report.summary())
-    if not examples:
-        raise ValueError(f"{cfg.train_file}: no usable preference pairs (see the report above)")
     order = curriculum_order(examples, key=cfg.curriculum_key, seed=cfg.seed) if cfg.curriculum_key else None
 
-    # 3. Reference log-probs (cached), or an online reference for full-vocabulary objectives.
+    # 3. Reference: summed log-probs computed once and cached, or a model kept online for full-vocabulary
+    # objectives. The reference is the starting policy unless ref_model names another model: the policy itself
+    # scores the cache before its first update (no copy in memory); objectives that need it online get a frozen
+    # copy (or, with LoRA, the base model with adapters disabled — no copy either).
     ref = ref_logps = kl_ref_logps = None
     if spec.uses_reference:
         if cfg.ref_model is not None:
@@ -420,18 +299,19 @@ def train(cfg: PreferenceConfig) -> TrainResult:
     optimizer = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=int(cfg.warmup_ratio * total_steps),
                                total_steps=total_steps)
-    step = 0
-    if cfg.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        load_weights(policy, ckpt, lora=cfg.lora)
-        step = load_trainer_state(ckpt, optimizer=optimizer, scheduler=scheduler)["step"]
-        print(f"resumed from {ckpt} at step {step}/{total_steps}")
-    elif removed := remove_checkpoints(out_dir):
-        print(f"fresh run: removed the checkpoints of an earlier run in {out_dir / 'checkpoints'} "
-              f"({', '.join(removed)}); resume=True continues a run instead")
-    logger = MetricsLogger(out_dir, resume_step=step, tensorboard=cfg.tensorboard)
+    state = resume_or_fresh(out_dir, resume=cfg.resume, model=policy, optimizer=optimizer, scheduler=scheduler,
+                            lora=cfg.lora, total=total_steps)
+    step = 0 if state is None else state["step"]
+    log = RunLog(out_dir, total=total_steps, start=step, desc=cfg.loss,
+                 show=("loss", "margin", "accuracy", "logratio", "token_kl"), finite=("loss", "grad_norm"),
+                 save_every=cfg.save_every, stop_after=cfg.stop_after, tensorboard=cfg.tensorboard,
+                 progress=cfg.progress)
 
-    # 5. The loop.
-    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.loss}", disable=not cfg.progress, dynamic_ncols=True)
+    def checkpoint() -> None:
+        save_checkpoint(out_dir, step, model=policy, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                        extra={"total_steps": total_steps})
+
+    # 5. The loop: each optimizer step accumulates grad_accum micro-batches; the loss is the mean over its pairs.
     t_start = time.perf_counter()
     while step < total_steps:
         micro = batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
@@ -451,38 +331,20 @@ def train(cfg: PreferenceConfig) -> TrainResult:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
             n_tokens += int(batch["attention_mask"].sum())
-        grad_norm = (torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                     if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(policy, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm, step=step + 1)
         step += 1
-
         row = {k: v / n_pairs for k, v in sums.items()}
-        row.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0], tokens=n_tokens)
-        logger.log(step, row)
-        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "margin", "accuracy", "logratio", "token_kl")
-                         if k in row})
-        bar.update(1)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or step == cfg.stop_after:
-            save_checkpoint(out_dir, step, model=policy, tokenizer=tokenizer, optimizer=optimizer,
-                            scheduler=scheduler, extra={"total_steps": total_steps})
-        if cfg.stop_after is not None and step >= cfg.stop_after and step < total_steps:
-            print(f"stopped after step {step} (stop_after); continue with resume=True")
+        row.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], tokens=n_tokens)
+        if log.end_step(step, row, checkpoint=checkpoint):
             break
-    bar.close()
-    logger.close()
+    log.close()
     elapsed = time.perf_counter() - t_start
-    metrics = _read_metrics(out_dir)
-
-    result = TrainResult(out_dir, step, metrics)
+    result = TrainResult(out_dir, step, read_metrics(out_dir))
     if step < total_steps:
         return result
 
-    # 6. Final model and KL measurement.
-    final = out_dir / "final"
-    to_save = policy.merge_and_unload() if cfg.lora else policy
-    save_pretrained_atomic(to_save, tokenizer, final)
+    # 6. Final model (LoRA merged into a copy) and KL measurement.
+    final = save_final(policy, tokenizer, out_dir / "final", lora=cfg.lora)
     print(f"trained {step} steps in {elapsed:.0f}s; final model in {final}")
     if cfg.eval_prompts_file:
         from tether.eval.kl import measure_kl_from_files
@@ -492,9 +354,3 @@ def train(cfg: PreferenceConfig) -> TrainResult:
             samples_per_prompt=cfg.kl_samples_per_prompt, max_new_tokens=cfg.kl_max_new_tokens, seed=cfg.seed,
             output=out_dir / "kl_report.json", chunk_size=cfg.chunk_size, progress=cfg.progress, device=cfg.device)
     return result
-
-
-def _read_metrics(out_dir: Path) -> list[dict]:
-    from tether.training import read_metrics
-
-    return read_metrics(out_dir)

@@ -19,68 +19,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from tether.eval import mean_ci95
 from tether.eval.kl import format_kl_report, measure_kl
 from tether.models import load_model, load_tokenizer
-from tether.recipes.preference import PreferenceConfig, train
+from tether.recipes.configs import PreferenceConfig, QuickstartConfig
+from tether.recipes.preference import train
 from tether.rewards import InstructionFollowingReward
+from tether.rollout import evaluate_reward, score_completions
 from tether.sampling import render_prompts, sample
 from tether.tasks import make_instruction_prompts, write_jsonl
 
 
-@dataclass
-class QuickstartConfig:
-    """Self-generated DPO on a verifiable instruction-following task: `tether quickstart [--field value ...]`."""
-
-    output_dir: str = "runs/quickstart"
-    """Where pairs, the trained model, metrics, the report and the plot go."""
-    model: str = "smollm2-135m-instruct"
-    """Starting policy (and reference): the embedded model or a local HF directory."""
-    train_prompts: int = 64
-    """Training prompts (each gets samples_per_prompt completions)."""
-    heldout_prompts: int = 32
-    """Held-out prompts (unseen requests) for reward and KL."""
-    samples_per_prompt: int = 4
-    """Completions sampled per prompt, for pairs and for evaluation."""
-    max_new_tokens: int = 48
-    """Length limit of every sampled completion."""
-    temperature: float = 0.8
-    """Sampling temperature for pair construction and reward evaluation."""
-    sample_batch_size: int = 64
-    """Completions generated together."""
-    seed: int = 0
-    """Seeds prompts, sampling and training."""
-    beta: float = 0.1
-    """DPO β."""
-    lr: float = 5e-5
-    """DPO learning rate."""
-    epochs: int = 3
-    """DPO passes over the pairs."""
-    batch_size: int = 8
-    """Pairs per optimizer step."""
-    kl_samples_per_prompt: int = 4
-    """Samples per held-out prompt for the KL measurement (at temperature 1)."""
-    progress: bool = True
-    """Show progress bars."""
-
-
-def _score(completions, rows, reward) -> list[float]:
-    return [reward(rows[i]["prompt"], text, rows[i]) for i, text in zip(completions.prompt_index, completions.texts)]
-
-
 def _evaluate(model, tokenizer, rows, cfg: QuickstartConfig, reward) -> dict:
-    prompt_ids = render_prompts(tokenizer, [r["prompt"] for r in rows])
-    done = sample(model, tokenizer, prompt_ids, n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-                  temperature=cfg.temperature, seed=cfg.seed + 1, batch_size=cfg.sample_batch_size,
-                  progress=cfg.progress, desc="held-out sampling")
-    scores = _score(done, rows, reward)
-    mean, half = mean_ci95(scores)
-    first_samples = list(zip(done.prompt_index, done.texts, scores))[:: cfg.samples_per_prompt][:6]
-    return {"reward_mean": mean, "reward_ci95_halfwidth": half, "n": len(scores), "scores": scores,
-            "examples": [{"prompt": rows[i]["prompt"], "completion": t, "reward": s} for i, t, s in first_samples]}
+    """Held-out reward with fixed seeds: the same draws before and after training (paired)."""
+    return evaluate_reward(model, tokenizer, rows, reward, samples_per_prompt=cfg.samples_per_prompt,
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + 1,
+                           batch_size=cfg.sample_batch_size, progress=cfg.progress, examples=6)
 
 
 def run(cfg: QuickstartConfig) -> dict:
@@ -98,7 +54,8 @@ def run(cfg: QuickstartConfig) -> dict:
     done = sample(model, tokenizer, render_prompts(tokenizer, [r["prompt"] for r in train_rows]),
                   n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                   seed=cfg.seed, batch_size=cfg.sample_batch_size, progress=cfg.progress, desc="sampling pairs")
-    scores = _score(done, train_rows, reward)
+    raw = score_completions(reward, train_rows, done)
+    scores = [0.0 if r is None else float(r) for r in raw]  # no opinion: no constraint could be checked
 
     # 3. Best-vs-worst pairs.
     # An empty (or whitespace-only) sample cannot be a side of a preference pair: it is counted and left out.
@@ -125,7 +82,8 @@ def run(cfg: QuickstartConfig) -> dict:
     print(f"pairs: {len(pairs)} from {len(train_rows)} prompts ({ties} skipped: fewer than two non-empty samples or "
           f"all scored the same; {empty} empty samples left out); mean sampled reward {sum(scores) / len(scores):.3f}")
     if not pairs:
-        raise RuntimeError("no preference pairs: every prompt's samples scored the same; raise samples_per_prompt")
+        raise ValueError(f"no preference pairs from {len(train_rows)} prompts: every prompt's samples scored the "
+                         "same (or were empty); raise samples_per_prompt, train_prompts or temperature")
 
     # Held-out reward before training (same prompts and seeds as after).
     before = _evaluate(model, tokenizer, heldout_rows, cfg, reward)
