@@ -47,6 +47,8 @@ PER_SEQUENCE = {
     "rejected_seq_kl",
     "chosen_seq_risk",
     "rejected_seq_risk",
+    "chosen_seq_risk_split",
+    "rejected_seq_risk_split",
     "chosen_nll",
 }
 
@@ -80,6 +82,8 @@ def make_inputs(seed: int = 0, ratio_scale: float = 2.0) -> dict[str, torch.Tens
         "chosen_nll": 0.5 + 2.0 * torch.rand(B, generator=g, dtype=torch.float64),
         "kl_reference": torch.tensor(0.7, dtype=torch.float64),
         "w": torch.randn(B, generator=g, dtype=torch.float64),
+        "chosen_seq_risk_split": 3.0 * torch.rand(B, generator=g, dtype=torch.float64) - 0.5,
+        "rejected_seq_risk_split": 3.0 * torch.rand(B, generator=g, dtype=torch.float64) - 0.5,
     }
 
 
@@ -201,6 +205,13 @@ def twin_ra_dpo(pc, pr, rc, rr, chosen_seq_risk, rejected_seq_risk, variant=1, a
     return twin_tdpo(pc, pr, rc, rr, chosen_seq_risk, rejected_seq_risk, variant, alpha, beta)
 
 
+def twin_ra_dpo_split(pc, pr, rc, rr, chosen_seq_risk_split, rejected_seq_risk_split, split_risk_ratio, variant=1,
+                      alpha=0.5, beta=0.1, **_):
+    """split_risk_ratio=True: the margin takes the per-half-quantile risks (computed by the caller)."""
+    assert split_risk_ratio
+    return twin_tdpo(pc, pr, rc, rr, chosen_seq_risk_split, rejected_seq_risk_split, variant, alpha, beta)
+
+
 def twin_hdpo(pc, pr, rc, rr, alpha=1.0, beta=0.1, **_):
     r_w, r_l = alpha * beta * pc - beta * rc, alpha * beta * pr - beta * rr
     return nls(r_w - r_l), r_w, r_l
@@ -254,6 +265,10 @@ TWIN_CASES = [
     ("tdpo2-a0.8", tdpo, twin_tdpo, ("chosen_seq_kl", "rejected_seq_kl"), {"alpha": 0.8, "beta": 0.3}, 2.0),
     ("ra_dpo1", ra_dpo, twin_ra_dpo, ("chosen_seq_risk", "rejected_seq_risk"), {}, 2.0),
     ("ra_dpo2", ra_dpo, twin_ra_dpo, ("chosen_seq_risk", "rejected_seq_risk"), {"variant": 2}, 2.0),
+    ("ra_dpo1-split", ra_dpo, twin_ra_dpo_split, ("chosen_seq_risk_split", "rejected_seq_risk_split"),
+     {"split_risk_ratio": True}, 2.0),
+    ("ra_dpo2-split", ra_dpo, twin_ra_dpo_split, ("chosen_seq_risk_split", "rejected_seq_risk_split"),
+     {"split_risk_ratio": True, "variant": 2}, 2.0),
     ("hdpo-1", hdpo, twin_hdpo, (), {}, 2.0),
     ("hdpo-0.7", hdpo, twin_hdpo, (), {"alpha": 0.7}, 2.0),
     ("longpo", longpo, twin_longpo, ("chosen_nll",), {}, 2.0),

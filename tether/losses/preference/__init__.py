@@ -1,7 +1,7 @@
 """Offline preference-optimization objectives, as pure functions of per-sequence log-probs.
 
-Modules: ``dpo`` (DPO, IPO, hinge, robust DPO, f-DPO), ``token_level`` (TDPO 1/2, Ra-DPO), ``variants`` (H-DPO,
-LongPO), ``reference_free`` (SimPO, ORPO), ``kto``; ``registry`` maps config names to objectives
+Modules: ``dpo`` (DPO, IPO, hinge, robust DPO, f-DPO), ``token_level`` (TDPO 1/2, Ra-DPO and its risk), ``variants``
+(H-DPO, LongPO), ``reference_free`` (SimPO, ORPO), ``kto``; ``registry`` maps config names to objectives
 (``PREFERENCE_LOSSES``); ``_common`` holds the output record and shared helpers. Everything is re-exported here and from
 ``tether.losses``.
 
@@ -17,8 +17,8 @@ Calling convention (the preference recipe relies on it exactly):
   ``Shape: (B,)``. Objectives without a reference (SimPO, ORPO) still take all four and ignore the last two
   (``None`` is accepted for them);
 * keyword-only: extra per-sequence inputs (``chosen_lengths``/``rejected_lengths``, ``chosen_seq_kl``/
-  ``rejected_seq_kl``, ``chosen_seq_risk``/``rejected_seq_risk``, ``kl_reference``, ``chosen_nll``) and
-  hyperparameters, with the defaults documented on each function;
+  ``rejected_seq_kl``, ``chosen_seq_risk``/``rejected_seq_risk`` or their ``*_split`` twins, ``kl_reference``,
+  ``chosen_nll``) and hyperparameters, with the defaults documented on each function;
 * returns a :class:`PreferenceLossOutput`: the per-example loss ``(B,)`` (the recipe takes the mean) and the
   detached implicit rewards the method defines, for logging margins and reward accuracy.
 
@@ -37,7 +37,7 @@ from tether.losses.preference.dpo import F_DIVERGENCES, dpo, f_dpo, hinge_dpo, i
 from tether.losses.preference.kto import kto
 from tether.losses.preference.reference_free import orpo, simpo
 from tether.losses.preference.registry import PREFERENCE_INPUTS, PREFERENCE_LOSSES, LossSpec
-from tether.losses.preference.token_level import ra_dpo, tdpo, tdpo1, tdpo2
+from tether.losses.preference.token_level import ra_dpo, sequential_risk, tdpo, tdpo1, tdpo2, token_risk
 from tether.losses.preference.variants import hdpo, longpo
 
 __all__ = [
@@ -56,8 +56,10 @@ __all__ = [
     "orpo",
     "ra_dpo",
     "robust_dpo",
+    "sequential_risk",
     "simpo",
     "tdpo",
     "tdpo1",
     "tdpo2",
+    "token_risk",
 ]

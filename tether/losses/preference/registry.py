@@ -20,9 +20,10 @@ __all__ = ["PREFERENCE_INPUTS", "PREFERENCE_LOSSES", "LossSpec"]
 
 #: Keyword inputs a preference objective may need beyond the four positional log-prob tensors.
 #: "lengths" -> chosen_lengths/rejected_lengths, "seq_kl" -> chosen_seq_kl/rejected_seq_kl,
-#: "seq_risk" -> chosen_seq_risk/rejected_seq_risk, "kl_reference" -> kl_reference,
+#: "seq_risk" -> chosen_seq_risk/rejected_seq_risk, "seq_risk_split" -> chosen_seq_risk_split/rejected_seq_risk_split
+#: (Ra-DPO with ``split_risk_ratio=True``; no entry needs it by default), "kl_reference" -> kl_reference,
 #: "chosen_nll" -> chosen_nll.
-PREFERENCE_INPUTS = frozenset({"lengths", "seq_kl", "seq_risk", "kl_reference", "chosen_nll"})
+PREFERENCE_INPUTS = frozenset({"lengths", "seq_kl", "seq_risk", "seq_risk_split", "kl_reference", "chosen_nll"})
 
 
 @dataclass(frozen=True)
