@@ -43,6 +43,9 @@ Departures shared by everything here:
    ``tether.losses.policy.LOG_RATIO_CLAMP``); this only bites at ratios beyond e^±20, far outside any trust region.
 3. KL-estimator *values* are not clamped to [−10, 10] as verl does: a clamped value has zero gradient, which
    silently switches the regularizer off exactly where it is needed.
+4. Padding is inert: every per-token input (log-probs, entropies, logits, token ids, token rewards) is replaced by 0
+   at masked positions before any arithmetic, so NaN, ±inf or ``IGNORE_INDEX`` there reach neither the loss, nor
+   the metrics, nor the gradient (exactly zero at masked positions; ``tests/losses/test_padding_inert.py``).
 """
 
 from __future__ import annotations

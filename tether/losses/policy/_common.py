@@ -51,6 +51,24 @@ def ppo_clip(
     return loss, clipped | dual_clipped
 
 
+def inert(mask: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Padding made inert: every per-token input with 0 at the masked positions, before any arithmetic.
+
+    ``mask`` is ``(B, T)``; each tensor is ``(B, T)`` or ``(B, T, V)`` (masked over its last axis), any dtype (token ids
+    too); None passes through. ``torch.where`` sends exactly zero gradient to the replaced entries, so NaN, ±inf or
+    an ``IGNORE_INDEX`` id there can reach neither the loss, nor the metrics, nor the gradient.
+    """
+    m = mask.to(torch.bool)
+    out = []
+    for x in tensors:
+        if x is None:
+            out.append(None)
+            continue
+        keep = m if x.dim() == m.dim() else m[..., None]
+        out.append(torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)))
+    return tuple(out)
+
+
 def seq_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of each row over its valid tokens, ``(B, T)`` → ``(B,)``; a row with no valid token gives 0."""
     m = mask.to(torch.bool)

@@ -23,6 +23,7 @@ from tether import kl as _kl
 from tether.losses.policy._common import (
     frac,
     groups,
+    inert,
     ppo_clip,
     ratio,
     sample_kl,
@@ -84,7 +85,8 @@ def gvpo(
     if group_size < 2:
         raise ValueError(f"gvpo: group_size must be ≥ 2 (the loss divides by G−1), got {group_size}")
     m = mask.to(torch.bool)
-    u = beta * torch.where(m, logps - old_logps.detach(), torch.zeros_like(logps)).sum(-1)
+    logps, old_logps = inert(m, logps, old_logps.detach())
+    u = beta * torch.where(m, logps - old_logps, torch.zeros_like(logps)).sum(-1)
     u_g = groups(u, group_size, "gvpo")
     r_g = groups(rewards.detach().to(u.dtype), group_size, "gvpo")
     centred = (u_g - u_g.detach().mean(-1, keepdim=True)) - (r_g - r_g.mean(-1, keepdim=True))
@@ -189,7 +191,7 @@ def disco(
             "binarize the reward (e.g. correctness only) before calling"
         )
     tau = _DISCO_TAU[score] if tau is None else tau
-    old_logps = old_logps.detach()
+    logps, old_logps = inert(mask, logps, old_logps.detach())
     s = groups(_DISCO_SCORES[score](logps, old_logps, mask), group_size, "disco")
     r_g = groups(r, group_size, "disco")
     pos, neg = r_g == 1, r_g == 0
@@ -335,8 +337,8 @@ def rpg(
     if style not in _RPG_STYLES:
         raise ValueError(f"rpg: unknown style {style!r}; choose one of {_RPG_STYLES}")
     adv = advantages.detach().to(logps.dtype)[:, None]
-    old = old_logps.detach()
-    ref = old if ref_logps is None else ref_logps.detach()
+    logps, old, ref_logps = inert(mask, logps, old_logps.detach(), None if ref_logps is None else ref_logps.detach())
+    ref = old if ref_logps is None else ref_logps
     w = ratio(logps, old)
     r = ratio(ref, old)
     if style == "differentiable":
@@ -414,6 +416,7 @@ def kdrl(
     :func:`tether.losses.policy.advantages.grpo_advantages`, so a group whose rewards are all equal gets exactly 0.
     """
     k = sample_kl(estimator, "kdrl")
+    logps, old_logps, teacher_logps = inert(mask, logps, old_logps.detach(), teacher_logps.detach())
     adv = grpo_advantages(groups(rewards.detach(), group_size, "kdrl"), eps=adv_eps).reshape(-1).to(logps.dtype)
     pg, clipped = ppo_clip(logps, old_logps.detach(), adv[:, None], clip_low, clip_high, None)
     kd = k(logps, teacher_logps.detach())
@@ -537,6 +540,7 @@ def apo(
     (OpenRLHF's micro-batch: pass the same rows to reproduce it).
     """
     m = mask.to(torch.bool)
+    logps, old_logps, ref_logps = inert(m, logps, old_logps.detach(), ref_logps.detach())
     shaping = apo_shaping(rewards, m.sum(-1), group_size=group_size)
     adv = shaping.advantages if use_stcr else shaping.advantages / shaping.length_weights
     adv = adv.to(logps.dtype)

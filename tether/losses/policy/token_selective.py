@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from tether import kl as _kl
-from tether.losses.policy._common import frac, ppo_clip, ratio, sample_kl, token_mean
+from tether.losses.policy._common import frac, inert, ppo_clip, ratio, sample_kl, token_mean
 from tether.losses.policy.surrogates import PolicyLossOutput, aggregate, kl_penalty
 
 __all__ = ["TrustRegionProjection", "archer", "critical_token_kl", "troll", "troll_project"]
@@ -198,6 +198,7 @@ def troll(
     Departures: everything beyond "differentiable KL projection on a sparse top-token support replacing the clip" is
     our derivation (see :func:`troll_project`); revisit when the paper or code can be read.
     """
+    logits, old_logits, tokens = inert(mask, logits, old_logits.detach(), tokens)
     proj = troll_project(logits, old_logits, eps=eps, max_support=max_support, support_mass=support_mass)
     idx = tokens.long().unsqueeze(-1)
     logp_tilde = proj.logprobs.gather(-1, idx).squeeze(-1)
@@ -270,6 +271,9 @@ def archer(
     """
     if (logits is None) == (entropy is None):
         raise ValueError("archer: pass exactly one of logits= (B, T, V) or entropy= (B, T) of the current policy")
+    logps, old_logps, ref_logps, logits, entropy = inert(
+        mask, logps, old_logps.detach(), ref_logps.detach(), None if logits is None else logits.detach(),
+        None if entropy is None else entropy.detach())
     h = (_kl.entropy(logits.detach()) if logits is not None else entropy.detach()).to(logps.dtype)
     m = mask.to(torch.bool)
     with torch.no_grad():
@@ -338,6 +342,7 @@ def critical_token_kl(
     Departures: none in the math.
     """
     k = sample_kl(estimator, "critical_token_kl")
+    logps, ref_logps, ref_logits = inert(mask, logps, ref_logps.detach(), ref_logits.detach())
     with torch.no_grad():
         vocab = ref_logits.shape[-1]
         log_p_max = torch.log_softmax(ref_logits.detach().to(logps.dtype) / ref_temperature, -1).amax(-1)
