@@ -1,11 +1,11 @@
-"""``tether.sampling.decode.LlamaDecoder`` (the optimized one-token step) against its plain twin, the model's own forward
-with a ``DynamicCache``: logits step by step, row dropping, and whole sampling runs through either path."""
+"""``tether.sampling.decode.LlamaDecoder`` (the optimized one-token step) against its plain twin, the model's own
+forward with a ``DynamicCache``: logits step by step, row dropping, and whole sampling runs through either path
+(``sample(..., lean_decode=True / False)``)."""
 
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-import tether.sampling.sampler
 from tether.models import apply_lora
 from tether.sampling import render_prompts, sample
 from tether.sampling.decode import LlamaDecoder, supports
@@ -56,6 +56,11 @@ def test_supports():
     assert not supports(apply_lora(odd_llama(), r=2))
     with pytest.raises(ValueError, match="LlamaDecoder: .* not a plain LlamaForCausalLM"):
         LlamaDecoder(odd_llama(mlp_bias=True))
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="lean_decode=True needs"):
+        sample(odd_llama(mlp_bias=True, vocab_size=len(tok)), tok, [[1, 2]], lean_decode=True)
+    with pytest.raises(ValueError, match="lean_decode=True needs engine='tether'"):
+        sample(odd_llama(vocab_size=len(tok)), tok, [[1, 2]], lean_decode=True, engine="hf")
 
 
 def test_steps_match_model_forward_with_row_dropping():
@@ -102,14 +107,8 @@ def test_decoder_sees_in_place_weight_updates():
     assert torch.allclose(decoder.step(torch.tensor([4]), pos), ref, atol=1e-5)
 
 
-@pytest.fixture()
-def plain_steps(monkeypatch):
-    """Make ``sample`` run its one-token steps through the model's forward (the plain twin)."""
-    monkeypatch.setattr(tether.sampling.sampler, "supports", lambda model: False)
-
-
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_sampling_same_with_and_without_decoder(temperature, request):
+def test_sampling_same_with_and_without_decoder(temperature):
     """Whole sampling runs (prompts of different lengths, rows leaving the batch at a stop string) give the same
     tokens and, within 1e-5, the same log-probs through either step implementation."""
     tok = tiny_tokenizer()
@@ -117,9 +116,8 @@ def test_sampling_same_with_and_without_decoder(temperature, request):
                       initializer_range=0.02)  # near-uniform next-token distributions: the vowels do come up
     prompts = render_prompts(tok, ["hi", "a much longer prompt here", "z"])
     kwargs = dict(n=3, max_new_tokens=14, temperature=temperature, seed=7, batch_size=9, stop_strings=tuple("aeiou"))
-    fast = sample(model, tok, prompts, **kwargs)
-    request.getfixturevalue("plain_steps")
-    plain = sample(model, tok, prompts, **kwargs)
+    fast = sample(model, tok, prompts, lean_decode=True, **kwargs)
+    plain = sample(model, tok, prompts, lean_decode=False, **kwargs)  # the model's own forward for every step
     assert fast.completion_ids == plain.completion_ids
     assert fast.finished == plain.finished
     if temperature > 0:  # rows finished early (so rows left the batch) and rows ran to the length cap

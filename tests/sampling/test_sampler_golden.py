@@ -22,8 +22,10 @@ that noise (``test_golden_cases_exercise_what_they_claim``):
 ``model.generate``'s multinomial draws cannot be measured this way; instead every case is also replayed with the
 model in float64 (``test_recorded_tokens_are_those_of_exact_arithmetic``) and gives the recorded tokens, so they
 follow from the model's exact logits rather than this CPU's rounding. Log-probs: the recorded fp32 values are
-within 4e-6 of float64 ones, so another CPU's are within 1e-5 of the record. The hf cases' draws also follow torch's ``multinomial`` and transformers' seeding: after an upgrade of
-either, check them against ``test_sampler.py`` (greedy = ``generate``, log-probs = teacher forcing) and re-record.
+within 4e-6 of float64 ones, so another CPU's are within 1e-5 of the record. (The refactored sampler reproduced
+them exactly, difference 0, on the recording machine.) The hf cases' draws also follow torch's ``multinomial``
+and transformers' seeding: after an upgrade of either, check them against ``test_sampler.py`` (greedy =
+``generate``, log-probs = teacher forcing) and re-record.
 
 Re-record (only when a change is *meant* to alter what is sampled): ``python tests/sampling/test_sampler_golden.py``.
 """
@@ -87,18 +89,7 @@ def golden_model():
 
 
 def run_case(model, tok, prompts, spec: dict):
-    """``sample(**spec)``; ``lean_decode=False`` forces the model's own forward for the one-token steps (at this
-    commit by replacing ``supports``, as ``test_decode.py`` does; the refactor makes it a keyword of ``sample``)."""
-    import tether.sampling.sampler as sampler
-
-    spec = dict(spec)
-    supports = sampler.supports
-    if spec.pop("lean_decode", None) is False:
-        sampler.supports = lambda model: False
-    try:
-        return sample(model, tok, prompts, **spec)
-    finally:
-        sampler.supports = supports
+    return sample(model, tok, prompts, **spec)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ for Llama-architecture models, logits processors, and the vLLM engine for GPU ma
 * ``vllm``       — ``VLLMEngine`` (optional extra, CUDA machines).
 """
 
+from tether.sampling.processors import LogitsProcessor, StatefulLogitsProcessor, TopK, TopP
 from tether.sampling.sampler import Completions, render_prompts, sample
 
-__all__ = ["Completions", "render_prompts", "sample"]
+__all__ = ["Completions", "LogitsProcessor", "StatefulLogitsProcessor", "TopK", "TopP", "render_prompts", "sample"]

@@ -10,10 +10,16 @@ recorded while sampling, and for Llama-architecture models the one-token steps r
 1.6× the tokens/s of ``model.generate`` (86.2 vs 54.0, ``bench/grpo_vs_trl.py``, same process, interleaved);
 at 16 prompts × 4 samples it measured 2.3× already before ``tether.sampling.decode`` (103–112 vs 45–47 tokens/s).
 ``engine="hf"`` runs ``model.generate`` and recomputes the log-probs with one teacher-forced pass. Both agree
-with ``model.generate`` on greedy output and with teacher forcing on log-probs (``tests/test_sampling.py``).
+with ``model.generate`` on greedy output and with teacher forcing on log-probs (``tests/sampling/test_sampler.py``).
 
 A completion ends at the tokenizer's end-of-sequence token (kept in its ids), at a stop string (the token that
-completes it is kept), or at ``max_new_tokens`` (``finished=False``; callers count these, nothing is hidden).
+completes it is kept), when a logits processor finishes it, or at ``max_new_tokens`` (``finished=False``; callers
+count these, nothing is hidden).
+
+Between the logits and the draw, every step runs a chain of logits processors (``tether.sampling.processors``):
+the caller's ``processors``, then top-k and top-p. Which of them the recorded log-probs see is declared by each
+(``changes_logprobs``); by default the log-probs are the policy's own, softmax(logits / temperature), before any
+truncation.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tether.sampling.decode import LlamaDecoder, supports
+from tether.sampling.processors import LogitsProcessor, TopK, TopP, check_processors, is_stateful
 
 __all__ = ["Completions", "render_prompts", "sample"]
 
@@ -41,12 +48,14 @@ class Completions:
     completion_ids: list[list[int]] = field(default_factory=list)
     """Generated ids up to and including the end-of-sequence token / stop token, no padding."""
     logprobs: list[list[float]] = field(default_factory=list)
-    """log π(y_t | s_t) of each generated token under the sampling distribution softmax(logits / temperature)
-    before top-k/top-p truncation (temperature 0 → temperature 1)."""
+    """log π(y_t | s_t) of each generated token: log_softmax(C(logits / temperature))[y_t], where C are the logits
+    processors that declare ``changes_logprobs`` (constraints; none by default) — so by default the policy's own
+    distribution at the sampling temperature, before top-k/top-p truncation (temperature 0 → temperature 1)."""
     texts: list[str] = field(default_factory=list)
     """Decoded completions without special tokens."""
     finished: list[bool] = field(default_factory=list)
-    """False when the completion was cut at max_new_tokens."""
+    """False when the completion was cut at max_new_tokens (True at end-of-sequence, a stop string, or when a
+    logits processor finished it)."""
 
 
 def render_prompts(tokenizer, prompts: Sequence[str | list[dict]], *,
@@ -76,35 +85,43 @@ def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int = 64,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings: Sequence[str] = (),
            seed: int = 0, batch_size: int = 32, progress: bool = False, desc: str = "sampling",
-           engine: str = "tether") -> Completions:
+           engine: str = "tether", processors: Sequence[LogitsProcessor] = (),
+           lean_decode: bool | None = None) -> Completions:
     """``n`` completions for each prompt (``batch_size`` completions generated together; ``temperature=0`` is
     greedy). Deterministic for a given (seed, batch_size): batch b draws from its own RNG stream seeded by (seed, b).
 
     ``engine="tether"`` runs tether's own loop (prefill once per prompt, finished rows leave the batch, log-probs
     recorded while sampling); ``engine="hf"`` runs ``model.generate`` and recomputes the sampler log-probs with one
-    teacher-forced forward pass. Both return the same kind of result."""
+    teacher-forced forward pass. Both return the same kind of result.
+
+    ``processors``: logits processors run at every step on the temperature-scaled logits, in order, before top-k
+    and top-p (``tether.sampling.processors`` has the contract). Those with ``changes_logprobs=True`` (constraints)
+    come first and the recorded log-probs are taken after them; the others only shape the draw. ``top_k``/``top_p``
+    become ``TopK``/``TopP`` at the end of the chain (draw-only; not applied at temperature 0). ``engine="hf"``
+    accepts only stateless, draw-only processors.
+
+    ``lean_decode``: run the one-token steps of ``engine="tether"`` through ``tether.sampling.decode`` (True), through
+    the model's own forward (False, the plain twin), or the former whenever the model qualifies (None)."""
     if engine not in ("hf", "tether"):
         raise ValueError(f"sample: engine must be 'hf' or 'tether', got {engine!r}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or n < 1 or max_new_tokens < 1:
         raise ValueError(f"sample: need temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0, n ≥ 1, max_new_tokens ≥ 1; got "
                          f"temperature={temperature}, top_p={top_p}, top_k={top_k}, n={n}, "
                          f"max_new_tokens={max_new_tokens}")
+    if lean_decode and (engine == "hf" or not supports(model)):
+        raise ValueError(f"sample: lean_decode=True needs engine='tether' and a plain LlamaForCausalLM with silu MLP, "
+                         f"no biases and default RoPE (got engine={engine!r}, {type(model).__name__}); pass "
+                         "lean_decode=None to use it where it applies")
+    processors = list(processors)
+    n_reporting = check_processors(processors)
+    if engine == "hf":
+        _check_hf_processors(processors)
+    chain = processors + ([TopK(top_k)] if temperature > 0 and top_k else []) \
+        + ([TopP(top_p)] if temperature > 0 and top_p < 1 else [])
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompts_per_batch = max(1, batch_size // n)
@@ -115,10 +132,15 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
     for b, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
         batch_prompts = [list(p) for p in prompt_ids[start:start + prompts_per_batch]]
         gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        batch_fn = _sample_batch if engine == "tether" else _sample_batch_hf
-        for k, (tokens, logps, finished) in enumerate(batch_fn(
-                model, batch_prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                top_k=top_k, eos=eos, pad=pad, stop_strings=tuple(stop_strings), tokenizer=tokenizer, gen=gen)):
+        common = dict(n=n, max_new_tokens=max_new_tokens, temperature=temperature, processors=chain,
+                      first_row=len(out.prompt_index), eos=eos, pad=pad, stop_strings=tuple(stop_strings),
+                      tokenizer=tokenizer, gen=gen)
+        if engine == "tether":
+            batch = _sample_batch(model, batch_prompts, n_reporting=n_reporting, checked=bool(processors),
+                                  lean_decode=supports(model) if lean_decode is None else lean_decode, **common)
+        else:
+            batch = _sample_batch_hf(model, batch_prompts, **common)
+        for k, (tokens, logps, finished) in enumerate(batch):
             i = start + k // n
             out.prompt_index.append(i)
             out.prompt_ids.append(list(prompt_ids[i]))
@@ -130,8 +152,69 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
     return out
 
 
-def _sample_batch_hf(model, prompts, *, n, max_new_tokens, temperature, top_p, top_k, eos, pad, stop_strings,
-                     tokenizer, gen):
+def _choose(logits: torch.Tensor, temperature: float, processors: list, n_reporting: int, rows: torch.Tensor | None,
+            gen: torch.Generator, checked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token of each live row and its recorded log-prob, both (R,), from the step's logits (R, V): temperature,
+    the processors that change the recorded log-probs, the log-softmax that is recorded, the draw-only processors,
+    then the inverse-CDF draw (arg-max at temperature 0). ``checked``: fail on a row the processors left without
+    an allowed token, or a drawn token the recorded distribution gives probability 0."""
+    scores = logits.float()
+    if temperature > 0:
+        scores = scores / temperature
+    for p in processors[:n_reporting]:
+        scores = p(scores, rows)
+    reported = scores
+    logp_all = F.log_softmax(reported, dim=-1)
+    for p in processors[n_reporting:]:
+        scores = p(scores, rows)
+    if checked and not torch.isfinite(scores.amax(-1)).all():
+        bad = (~torch.isfinite(scores.amax(-1))).nonzero().flatten()
+        raise ValueError(f"sample: the logits processors left completion(s) {rows[bad].tolist()} with no allowed "
+                         "token (every score -inf)")
+    if temperature > 0:
+        nxt = _draw(logp_all.exp() if scores is reported else scores.softmax(-1), gen)
+    else:
+        nxt = scores.argmax(-1)
+    chosen = logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+    if checked and torch.isneginf(chosen).any():
+        bad = torch.isneginf(chosen).nonzero().flatten()
+        raise ValueError(f"sample: completion(s) {rows[bad].tolist()} drew a token that a processor with "
+                         "changes_logprobs=True had banned: a later processor raised a -inf score")
+    return nxt, chosen
+
+
+def _check_hf_processors(processors: list) -> None:
+    for i, p in enumerate(processors):
+        why = ("changes the recorded log-probs" if p.changes_logprobs
+               else "keeps per-row state (start/accept)" if is_stateful(p) else None)
+        if why:
+            raise ValueError(f"sample(engine='hf'): processors[{i}] ({type(p).__name__}) {why}; model.generate keeps "
+                             "finished rows in the batch and the log-probs are recomputed by teacher forcing without "
+                             "processors, so only stateless, draw-only processors are supported there: use "
+                             "engine='tether'")
+
+
+class _HFChain:
+    """Temperature scaling and a draw-only processor chain as one ``transformers`` logits processor, so
+    ``model.generate`` draws from the same distribution as tether's loop. ``generate`` keeps finished rows in the
+    batch, so every call sees all rows: ``rows`` are the batch's completions."""
+
+    def __init__(self, processors: list, temperature: float, rows: torch.Tensor):
+        self.processors, self.temperature, self.rows = processors, temperature, rows
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float()
+        if self.temperature > 0:
+            scores = scores / self.temperature
+        for p in self.processors:
+            scores = p(scores, self.rows)
+        return scores
+
+
+def _sample_batch_hf(model, prompts, *, n, max_new_tokens, temperature, processors, first_row, eos, pad,
+                     stop_strings, tokenizer, gen):
+    from transformers import LogitsProcessorList
+
     from tether.logprobs import IGNORE_INDEX, hidden_states, lm_head, token_stats
 
     rows = [p for p in prompts for _ in range(n)]
@@ -141,12 +224,17 @@ def _sample_batch_hf(model, prompts, *, n, max_new_tokens, temperature, top_p, t
     for r, p in enumerate(rows):
         ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[r, width - len(p):] = 1
+    device = next(model.parameters()).device
     kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-    kwargs.update(dict(temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0
+    # Temperature, top-k and top-p run in tether's chain (generate's own warpers off: it would apply them after
+    # the chain, and the model's generation config may set them).
+    kwargs.update(dict(temperature=1.0, top_p=1.0, top_k=0) if temperature > 0
                   else dict(temperature=None, top_p=None, top_k=None))
+    if temperature > 0 or processors:
+        completions = torch.arange(first_row, first_row + len(rows), device=device)
+        kwargs.update(logits_processor=LogitsProcessorList([_HFChain(processors, temperature, completions)]))
     if stop_strings:
         kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-    device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)[:, width:].tolist()
@@ -177,8 +265,8 @@ def _sample_batch_hf(model, prompts, *, n, max_new_tokens, temperature, top_p, t
     return [(c, logps[r][labels[r] != IGNORE_INDEX].tolist(), f) for r, (c, f) in enumerate(results)]
 
 
-def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, top_p, top_k, eos, pad, stop_strings,
-                  tokenizer, gen):
+def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, processors, n_reporting, checked, first_row,
+                  lean_decode, eos, pad, stop_strings, tokenizer, gen):
     from transformers import DynamicCache
 
     P, width = len(prompts), max(len(p) for p in prompts)
@@ -201,7 +289,7 @@ def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, top_p, top_
         logits, mask, positions = (t.repeat_interleave(n, dim=0) for t in (logits, mask, positions))
     rows = P * n
     decoder = None
-    if supports(model):  # one-token steps through tether.decode (same logits, faster on small batches)
+    if lean_decode:  # one-token steps through tether.sampling.decode (same logits, faster on small batches)
         decoder = LlamaDecoder(model)
         decoder.start(cache, mask, max_new_tokens)
         cache = None
@@ -211,23 +299,22 @@ def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, top_p, top_
     logps: list[list[float]] = [[] for _ in range(rows)]
     finished = [False] * rows
     stop_window = max((len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings), default=0) + 2
+    stateful = [p for p in processors if is_stateful(p)]
+    for p in stateful:
+        p.start(alive + first_row)
     for _ in range(max_new_tokens):
-        logits = logits.float()
-        scaled = logits / temperature if temperature > 0 else logits
-        logp_all = F.log_softmax(scaled, dim=-1)
-        if temperature > 0:
-            filtered = top_k and top_k < scaled.shape[-1] or top_p < 1.0
-            probs = _filter_logits(scaled, top_k, top_p).softmax(-1) if filtered else logp_all.exp()
-            nxt = _draw(probs, gen)
-        else:
-            nxt = logits.argmax(-1)
-        chosen_logp = logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+        completions = alive + first_row if processors else None  # what the processors call rows
+        nxt, chosen_logp = _choose(logits, temperature, processors, n_reporting, completions, gen, checked)
+        ended = [False] * len(alive)  # rows a processor finishes
+        for p in stateful:
+            if (done := p.accept(nxt, completions)) is not None:
+                ended = [a or bool(d) for a, d in zip(ended, done.tolist())]
         keep = []
         for j, row in enumerate(alive.tolist()):
             tok = int(nxt[j])
             tokens[row].append(tok)
             logps[row].append(float(chosen_logp[j]))
-            done = tok == eos
+            done = tok == eos or ended[j]
             if not done and stop_strings:
                 tail = tokenizer.decode(tokens[row][-stop_window:], skip_special_tokens=True)
                 done = any(s in tail for s in stop_strings)
