@@ -22,7 +22,8 @@ def test_ema_reference_updates_every_k_steps():
     ema = EMAReference(decay=0.9, every=3)
     assert [ema.step(ref.state_dict(), pol.state_dict()) for _ in range(3)] == [False, False, True]
     for name in ("weight", "bias"):
-        assert_close(ref.state_dict()[name], 0.9 * before[name] + 0.1 * pol.state_dict()[name], name, atol=1e-7, rtol=1e-6)
+        expected = 0.9 * before[name] + 0.1 * pol.state_dict()[name]
+        assert_close(ref.state_dict()[name], expected, name, atol=1e-7, rtol=1e-6)
     assert ref.count.item() == 7  # integer buffers are copied
     ema_update_(ref.state_dict(), pol.state_dict(), decay=0.0)  # decay 0 = hard copy
     assert all(torch.equal(ref.state_dict()[k], pol.state_dict()[k]) for k in before)

@@ -50,3 +50,26 @@ def test_longpo_without_ref_prompt_names_the_field(tmp_path, tiny):
                            max_steps=1, tensorboard=False, progress=False)
     with pytest.raises(ValueError, match=r"row 0: field 'ref_prompt'"):
         train(cfg)
+
+
+def test_longpo_reads_the_training_file_once(tmp_path, tiny, monkeypatch):
+    """The short contexts are already in each example's metadata: the reference pass must not re-read (and
+    re-tokenize) the training file to find them."""
+    import tether.data
+    import tether.data.preference
+
+    calls = []
+    original = tether.data.preference.load_rows
+
+    def counting(path):
+        calls.append(str(path))
+        return original(path)
+
+    monkeypatch.setattr(tether.data.preference, "load_rows", counting)
+    monkeypatch.setattr(tether.data, "load_rows", counting)
+    rows = [{"prompt": f"A long document {i}. Question?", "ref_prompt": f"Chunk {i}. Question?",
+             "chosen": f"good {i}", "rejected": f"bad {i}!"} for i in range(2)]
+    data = _write(tmp_path / "longpo.jsonl", rows)
+    train(PreferenceConfig(train_file=str(data), model=str(tiny), output_dir=str(tmp_path / "run"), loss="longpo",
+                           max_steps=1, batch_size=2, tensorboard=False, progress=False))
+    assert calls == [str(data)]

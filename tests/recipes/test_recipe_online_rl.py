@@ -23,8 +23,8 @@ from tether.logprobs import IGNORE_INDEX
 from tether.losses.policy.registry import ONLINE_OBJECTIVES
 from tether.models import load_model, load_tokenizer
 from tether.recipes.online_rl import RLConfig, prompt_schedule, train
-from tether.rollout import collate
 from tether.rewards import CodeTestReward
+from tether.rollout import collate
 from tether.sampling import render_prompts, sample
 from tether.tasks import make_instruction_prompts
 from tether.testing import make_tiny_model_dir
@@ -53,37 +53,51 @@ def trajectory(metrics: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in metrics]
 
 
-def test_logged_kl_is_the_exact_kl_of_the_sampling_policy(model_dir, tmp_path):
-    """Step 2 logs the exact token-level KL(π‖π_ref) of the policy that sampled it (the weights after step 1).
-    Oracle: reload those weights, redraw the same completions (same seed), and compute the KL from full logits in
-    float64, one unpadded sequence at a time."""
-    for off_policy in (False, True):  # the KL comes from the update pass (one update) or the scoring pass
+def step_oracle(cfg: RLConfig, policy, ref, step: int) -> list[dict[str, torch.Tensor]]:
+    """Redraw step ``step``'s completions with ``policy`` (the weights that sampled them: same seeds) and compute,
+    per completion and in float64 from full logits one unpadded sequence at a time, the sampled tokens' log-probs
+    under policy and reference (``lp``, ``lr``), the exact KL(π‖π_ref) and the entropy of π at each position."""
+    tok = load_tokenizer(cfg.model)
+    rows = make_instruction_prompts(cfg.train_prompts, seed=cfg.seed, split="train")
+    chosen = prompt_schedule(len(rows), step, per_step=cfg.prompts_per_step, seed=cfg.seed)
+    ids = render_prompts(tok, [rows[i]["prompt"] for i in chosen])
+    done = sample(policy.float(), tok, ids, n=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                  temperature=cfg.temperature, seed=cfg.seed * 100_003 + step, batch_size=cfg.sample_batch_size)
+    policy, ref = policy.double(), ref.double()
+    out = []
+    with torch.no_grad():
+        for p, c in zip(done.prompt_ids, done.completion_ids):
+            x = torch.tensor([p + c])
+            lp = F.log_softmax(policy(x).logits[0, len(p) - 1:-1].double(), -1)
+            lr = F.log_softmax(ref(x).logits[0, len(p) - 1:-1].double(), -1)
+            y = torch.tensor(c)[:, None]
+            out.append({"lp": lp.gather(-1, y)[:, 0], "lr": lr.gather(-1, y)[:, 0],
+                        "kl": (lp.exp() * (lp - lr)).sum(-1), "entropy": -(lp.exp() * lp).sum(-1)})
+    return out
+
+
+def per_token_mean(parts: list[dict], key: str) -> float:
+    return float(sum(p[key].sum() for p in parts) / sum(p[key].numel() for p in parts))
+
+
+def test_logged_kl_and_entropy_are_those_of_the_sampling_policy(model_dir, tmp_path):
+    """Step 2 logs the exact token-level KL(π‖π_ref) and the entropy of the policy that sampled it (the weights
+    after step 1), on the one-update path (both from the update pass) and the off-policy path (the scoring pass).
+    Oracle: reload those weights, redraw the same completions (same seed), and compute both from full logits in
+    float64. fp32 forward passes of the tiny model agree with float64 to ~1e-6 per log-prob, hence rel 1e-3 on a
+    KL of ~1e-3."""
+    for off_policy in (False, True):
         extra = dict(ppo_epochs=2, mini_batches=2) if off_policy else {}
         out = tmp_path / f"kl{off_policy}"
         cfg = tiny(model_dir, out, steps=2, save_every=1, **extra)
         metrics = train(cfg, reward=vowel_share).metrics
-        policy = load_model(out / "checkpoints" / "step-1").double()
-        ref = load_model(model_dir).double()
-        tok = load_tokenizer(model_dir)
-        rows = make_instruction_prompts(cfg.train_prompts, seed=cfg.seed, split="train")
-        chosen = prompt_schedule(len(rows), 1, per_step=cfg.prompts_per_step, seed=cfg.seed)
-        ids = render_prompts(tok, [rows[i]["prompt"] for i in chosen])
-        done = sample(policy.float(), tok, ids, n=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.temperature, seed=cfg.seed * 100_003 + 1, batch_size=cfg.sample_batch_size)
-        policy.double()
-        total, n_tokens = 0.0, 0
-        with torch.no_grad():
-            for p, c in zip(done.prompt_ids, done.completion_ids):
-                x = torch.tensor([p + c])
-                lp = F.log_softmax(policy(x).logits[0, len(p) - 1:-1].double(), -1)
-                lr = F.log_softmax(ref(x).logits[0, len(p) - 1:-1].double(), -1)
-                total += float((lp.exp() * (lp - lr)).sum())
-                n_tokens += len(c)
-        expected = total / n_tokens
-        logged = metrics[-1]["token_kl"]
-        print(f"off_policy={off_policy}: logged token KL {logged:.6e}, float64 oracle {expected:.6e}")
-        assert expected > 1e-4, "the policy must have moved for this test to mean anything"
-        assert logged == pytest.approx(expected, rel=1e-3, abs=1e-6)
+        parts = step_oracle(cfg, load_model(out / "checkpoints" / "step-1"), load_model(model_dir), step=1)
+        expected_kl, expected_h = per_token_mean(parts, "kl"), per_token_mean(parts, "entropy")
+        print(f"off_policy={off_policy}: token KL {metrics[-1]['token_kl']:.6e} vs {expected_kl:.6e}, "
+              f"entropy {metrics[-1]['entropy']:.6f} vs {expected_h:.6f}")
+        assert expected_kl > 1e-4, "the policy must have moved for this test to mean anything"
+        assert metrics[-1]["token_kl"] == pytest.approx(expected_kl, rel=1e-3, abs=1e-6)
+        assert metrics[-1]["entropy"] == pytest.approx(expected_h, rel=1e-5)
 
 
 def test_resume_gives_the_uninterrupted_trajectory(model_dir, tmp_path):
@@ -174,17 +188,45 @@ def test_every_objective_trains(model_dir, tmp_path, loss):
     assert second["token_kl"] > 0 if first["grad_norm"] > 0 else second["token_kl"] == 0  # KL iff step 1 moved
 
 
-def test_kl_in_reward_and_exact_kl_in_loss_run(model_dir, tmp_path):
-    for extra in (dict(kl_placement="reward", kl_estimator="k1", kl_coef=0.1, advantage="reinforce_pp"),
-                  dict(kl_placement="reward", kl_estimator="k3", kl_coef=0.1),
-                  dict(kl_estimator="exact", kl_coef=0.1, ppo_epochs=2),
-                  dict(kl_estimator="k3_is", kl_coef=0.1, mini_batches=2),
-                  dict(lora=True, kl_estimator="k2", lr=1e-2)):
-        out = tmp_path / "_".join(f"{k}{v}" for k, v in extra.items())
-        metrics = train(tiny(model_dir, out, steps=2, **extra), reward=vowel_share).metrics
-        assert metrics[-1]["token_kl"] > 0, extra
-        if extra.get("kl_placement", "loss") == "loss":
-            assert metrics[-1]["kl_term"] > 0, extra
+def step1_weights(out: Path, model_dir: str, lora: bool):
+    """The policy after step 1 (it sampled step 2): the step-1 checkpoint, with LoRA its adapter merged."""
+    if not lora:
+        return load_model(out / "checkpoints" / "step-1")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_model(model_dir), out / "checkpoints" / "step-1").merge_and_unload()
+
+
+@pytest.mark.parametrize("extra", [
+    dict(kl_placement="reward", kl_estimator="k1", kl_coef=0.1, advantage="reinforce_pp"),
+    dict(kl_placement="reward", kl_estimator="k3", kl_coef=0.1),
+    dict(kl_estimator="exact", kl_coef=0.1),
+    dict(kl_estimator="k3_is", kl_coef=0.1),
+    dict(kl_estimator="k2", kl_coef=0.1, lora=True, lr=1e-2),
+], ids=["reward-k1", "reward-k3", "loss-exact", "loss-k3_is", "loss-k2-lora"])
+def test_kl_placements_log_the_exact_values(model_dir, tmp_path, extra):
+    """Every KL placement logs, at step 2, the value its formula gives on the completions the step-1 policy drew:
+    in the reward, β·mean_i Σ_t k(log π, log π_ref) subtracted from the sequence rewards; in the loss (one
+    on-policy update, so the importance weight of k3_is is 1), GRPO's seq-mean-token-mean of the per-token
+    estimate (the exact KL for ``exact``). Oracle: ``step_oracle`` in float64; the estimators are tether.kl's
+    (tested on their own by exact enumeration in tests/test_kl.py)."""
+    from tether import kl as K
+
+    out = tmp_path / "run"
+    cfg = tiny(model_dir, out, steps=2, save_every=1, **extra)
+    metrics = train(cfg, reward=vowel_share).metrics
+    parts = step_oracle(cfg, step1_weights(out, model_dir, cfg.lora), load_model(model_dir), step=1)
+    assert metrics[-1]["token_kl"] == pytest.approx(per_token_mean(parts, "kl"), rel=1e-3, abs=1e-6)
+    assert per_token_mean(parts, "kl") > 1e-4, "the policy must have moved for this test to mean anything"
+    name = cfg.kl_estimator.removesuffix("_is")
+    per_token = [p["kl"] if name == "exact" else getattr(K, name)(p["lp"], p["lr"]) for p in parts]
+    if cfg.kl_placement == "reward":
+        expected = cfg.kl_coef * float(torch.stack([k.sum() for k in per_token]).mean())
+        assert "kl_term" not in metrics[-1]
+        assert metrics[-1]["reward_kl_penalty"] == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    else:
+        expected = float(torch.stack([k.mean() for k in per_token]).mean())  # seq-mean-token-mean
+        assert metrics[-1]["kl_term"] == pytest.approx(expected, rel=1e-3, abs=1e-7)
 
 
 def test_sandboxed_code_reward_failures_do_not_stop_training(model_dir, tmp_path):
@@ -276,3 +318,56 @@ def test_fresh_run_replaces_an_earlier_runs_checkpoints(model_dir, tmp_path, cap
     final = load_model(out / "final").state_dict()
     for name, value in load_model(out / "checkpoints" / "step-2").state_dict().items():
         assert torch.equal(final[name], value), name
+
+
+def test_reference_reset_reinitializes_the_optimizer(model_dir, tmp_path):
+    """ProRL's reset (Liu et al. 2025, Sec. 3.2) makes the reference the policy *and* re-initializes the optimizer:
+    the checkpoint written right after the reset at step 2 holds no AdamW moments (the step-1 one does), its saved
+    reference equals its policy, and the next step's KL to that reference is computed from zero."""
+    out = tmp_path / "reset"
+    metrics = train(tiny(model_dir, out, steps=3, ref_reset_every=2, save_every=1), reward=vowel_share).metrics
+    states = {k: torch.load(out / "checkpoints" / f"step-{k}" / "trainer_state.pt", weights_only=True)
+              for k in (2, 3)}
+    assert states[3]["optimizer"]["state"], "step 3 took an optimizer step after the reset"
+    assert not states[2]["optimizer"]["state"], "the reset must clear AdamW's moments and step counts"
+    from safetensors.torch import load_file
+
+    ref = load_file(out / "checkpoints" / "step-2" / "reference.safetensors")
+    policy = load_model(out / "checkpoints" / "step-2").state_dict()
+    for name, value in ref.items():
+        assert torch.equal(value, policy[name]), name
+    assert [m.get("ref_reset", 0.0) for m in metrics] == [0.0, 1.0, 0.0]
+    assert metrics[2]["token_kl"] == 0.0  # step 3 samples from the policy the reference was just reset to
+
+
+def test_lora_report_measures_the_trained_adapters(model_dir, tmp_path):
+    """With LoRA the reference is the policy's own base (adapters off). The final save used to merge the adapters
+    into the live policy in place, so policy and reference became one model and the held-out KL read exactly 0.
+    Now the report's KL equals an independent measurement of final/ against the starting model (same prompts,
+    same seed), and it is not 0."""
+    from tether.eval.kl import measure_kl
+
+    out = tmp_path / "lora"
+    cfg = tiny(model_dir, out, steps=2, lora=True, lr=1e-2, kl_estimator="k2", kl_coef=0.1, eval_prompts=2,
+               eval_samples_per_prompt=1, kl_samples_per_prompt=2)
+    report = train(cfg, reward=vowel_share).report
+    rows = make_instruction_prompts(cfg.eval_prompts, seed=cfg.seed, split="heldout")
+    independent = measure_kl(load_model(out / "final"), load_model(model_dir), load_tokenizer(model_dir),
+                             [r["prompt"] for r in rows], samples_per_prompt=2, max_new_tokens=cfg.max_new_tokens,
+                             seed=cfg.seed, batch_size=cfg.sample_batch_size, chunk_size=cfg.chunk_size)
+    assert independent["token_kl"]["mean"] > 1e-4
+    assert report["kl"]["token_kl"]["mean"] == pytest.approx(independent["token_kl"]["mean"], rel=1e-5)
+
+
+def test_gradient_checkpointing_with_lora_gives_the_same_updates(model_dir, tmp_path):
+    """Checkpointing is enabled on the base model before LoRA wraps it (as tether.models documents); the LoRA
+    run's final weights match the run without checkpointing."""
+    finals = []
+    for gc in (False, True):
+        train(tiny(model_dir, tmp_path / f"gc{gc}", steps=2, lora=True, lr=1e-2, gradient_checkpointing=gc,
+                   share_prompts=False), reward=vowel_share)
+        finals.append(load_model(tmp_path / f"gc{gc}" / "final").state_dict())
+    start = load_model(model_dir).state_dict()
+    assert max((finals[0][k] - start[k]).abs().max().item() for k in start) > 1e-5
+    for k in finals[0]:
+        torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-5, atol=1e-6)

@@ -262,6 +262,8 @@ def rl_step(run: RLRun, step: int) -> dict[str, float]:
         "uniform_groups": float(batch.uniform.float().mean()), "no_opinion": float((~scored).sum()),
         "lr": run.scheduler.get_last_lr()[0], **seconds, "gen_tokens_per_s": n_tokens / max(seconds["gen_s"], 1e-9),
     })
+    if plan.kl_in_reward:  # β·Σ_t k_t subtracted from each sequence's reward, on average
+        metrics["reward_kl_penalty"] = float((batch.rewards - goals.rewards).mean())
     if not plan.one_update:  # how far the scoring pass is from what the sampler recorded (engine differences)
         gap = (batch.rollout.sampler_logps - scores.logps).abs() * mask
         metrics["sampler_logp_gap"] = float(gap.sum()) / n_tokens
