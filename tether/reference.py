@@ -66,7 +66,8 @@ def ema_update_(ref_state: MutableMapping[str, Tensor], policy_state: Mapping[st
 
 @dataclass
 class EMAReference:
-    """GRPO-CARE's slowly moving reference: every ``every`` optimizer steps, ``θ_ref ← d·θ_ref + (1−d)·θ`` (§18).
+    """GRPO-CARE's slowly moving reference: every ``every`` optimizer steps, ``θ_ref ← d·θ_ref + (1−d)·θ``
+    (Chen et al. 2025, GRPO-CARE; code ``TencentARC/GRPO-CARE``).
 
     Fields:
         decay: d = 0.995 (script); 0 turns it into a hard copy ("reset every K steps").
@@ -95,7 +96,7 @@ class EMAReference:
 
 @dataclass
 class ReferenceResetSchedule:
-    """ProRL's periodic hard reset of the reference to the current policy (spec §20).
+    """ProRL's periodic hard reset of the reference to the current policy (Liu et al. 2025).
 
     ProRL (Liu et al. 2025, "ProRL: Prolonged Reinforcement Learning Expands Reasoning Boundaries in Large Language
     Models", arXiv:2505.24864) keeps a KL penalty to a reference and, when validation stalls or degrades, resets the
@@ -109,9 +110,8 @@ class ReferenceResetSchedule:
         min_delta: an improvement must exceed this to count.
         higher_is_better: direction of the validation metric.
 
-    On a reset the caller must: copy the policy weights into the reference (``ref.load_state_dict(policy.state_dict())``
-    or ``ema_update_(…, decay=0)``) **and** re-create the optimizer (moments to zero). Immediately afterwards the KL
-    term and its gradient are exactly zero.
+    On a reset the caller copies the policy weights into the reference **and** re-initializes the optimizer
+    (:func:`reset_reference_` does both). Immediately afterwards the KL term and its gradient are exactly zero.
     """
 
     every: int | None = None
@@ -161,7 +161,7 @@ class ReferenceResetSchedule:
 def reset_reference_(reference, policy, optimizer) -> None:
     """ProRL's hard reset: copy the policy's weights into ``reference`` and re-initialize ``optimizer``.
 
-    ProRL (Liu et al. 2025, arXiv:2505.24864, Sec. 3.2 "Reference Policy Reset") resets the reference to a recent
+    ProRL (Liu et al. 2025, arXiv:2505.24864, "Reference Policy Reset") resets the reference to a recent
     snapshot of the online policy *and* re-initializes the optimizer states; right after the reset the KL term and
     its gradient are exactly zero. Here the optimizer's per-parameter state (AdamW's moments and step count) is
     cleared, which is what a freshly built optimizer holds; the learning-rate schedule is not restarted (it is the
