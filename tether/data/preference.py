@@ -397,45 +397,9 @@ def tokenize_preference_rows(
     examples = []
     for i, row in enumerate(rows):
         try:
-            kind, metadata = _validate_structure(row)
-            if kind == "conversational" and not templated:
-                why = "use_chat_template=False" if has_template else "the tokenizer has no chat template"
-                raise _RowProblem(
-                    "no_chat_template",
-                    "prompt",
-                    f"is a list of messages, which needs a chat template, but {why}; set "
-                    "use_chat_template=True or a tokenizer.chat_template, or convert the row to plain "
-                    "strings",
-                )
-            prompt_ids, completions = _tokenize_row(row, kind, tokenizer, templated, source, i)
-            if len(prompt_ids) > max_prompt_length:
-                raise _RowProblem(
-                    "prompt_too_long",
-                    "prompt",
-                    f"is {len(prompt_ids)} tokens{' after the chat template' if templated else ''}, more "
-                    f"than max_prompt_length={max_prompt_length}; shorten the prompt or raise "
-                    "max_prompt_length (prompts are never truncated)",
-                )
-            budget = max_length - len(prompt_ids)
-            cut = [name for name in ("chosen", "rejected") if len(completions[name]) > budget]
-            if cut and truncation != "truncate":
-                name = cut[0]
-                raise _RowProblem(
-                    "too_long",
-                    name,
-                    f"prompt + {name} is {len(prompt_ids) + len(completions[name])} tokens, more than "
-                    f"max_length={max_length}; raise max_length, or pass truncation='truncate' to cut "
-                    "completions",
-                    is_error=truncation == "error",
-                )
-            chosen_ids, rejected_ids = completions["chosen"][:budget], completions["rejected"][:budget]
-            if chosen_ids == rejected_ids:
-                raise _RowProblem(
-                    "identical_pair",
-                    "rejected",
-                    f"is identical to 'chosen' after both are cut to max_length={max_length} tokens (they "
-                    "differ only after that); raise max_length or drop the row",
-                )
+            example, cut = _row_example(row, i, tokenizer, templated=templated, has_template=has_template,
+                                        source=source, max_length=max_length, max_prompt_length=max_prompt_length,
+                                        truncation=truncation)
         except _RowProblem as p:
             dropped[p.reason] += 1
             report.messages.append(f"{source}: row {i}: field '{p.field_name}': {p.text}")
@@ -444,7 +408,7 @@ def tokenize_preference_rows(
             continue
         for name in cut:
             report.truncated[name] += 1
-        examples.append(PreferenceExample(prompt_ids, chosen_ids, rejected_ids, metadata, i))
+        examples.append(example)
 
     report.rows_kept = len(examples)
     report.dropped = dict(dropped)
@@ -461,6 +425,51 @@ def tokenize_preference_rows(
             report,
         )
     return examples, report
+
+
+def _row_example(row, i: int, tokenizer, *, templated: bool, has_template: bool, source: str, max_length: int,
+                 max_prompt_length: int, truncation: Truncation) -> tuple[PreferenceExample, list[str]]:
+    """The example of one row and which completions were truncated; a bad row raises ``_RowProblem``."""
+    kind, metadata = _validate_structure(row)
+    if kind == "conversational" and not templated:
+        why = "use_chat_template=False" if has_template else "the tokenizer has no chat template"
+        raise _RowProblem(
+            "no_chat_template",
+            "prompt",
+            f"is a list of messages, which needs a chat template, but {why}; set "
+            "use_chat_template=True or a tokenizer.chat_template, or convert the row to plain "
+            "strings",
+        )
+    prompt_ids, completions = _tokenize_row(row, kind, tokenizer, templated, source, i)
+    if len(prompt_ids) > max_prompt_length:
+        raise _RowProblem(
+            "prompt_too_long",
+            "prompt",
+            f"is {len(prompt_ids)} tokens{' after the chat template' if templated else ''}, more "
+            f"than max_prompt_length={max_prompt_length}; shorten the prompt or raise "
+            "max_prompt_length (prompts are never truncated)",
+        )
+    budget = max_length - len(prompt_ids)
+    cut = [name for name in ("chosen", "rejected") if len(completions[name]) > budget]
+    if cut and truncation != "truncate":
+        name = cut[0]
+        raise _RowProblem(
+            "too_long",
+            name,
+            f"prompt + {name} is {len(prompt_ids) + len(completions[name])} tokens, more than "
+            f"max_length={max_length}; raise max_length, or pass truncation='truncate' to cut "
+            "completions",
+            is_error=truncation == "error",
+        )
+    chosen_ids, rejected_ids = completions["chosen"][:budget], completions["rejected"][:budget]
+    if chosen_ids == rejected_ids:
+        raise _RowProblem(
+            "identical_pair",
+            "rejected",
+            f"is identical to 'chosen' after both are cut to max_length={max_length} tokens (they "
+            "differ only after that); raise max_length or drop the row",
+        )
+    return PreferenceExample(prompt_ids, chosen_ids, rejected_ids, metadata, i), cut
 
 
 def _listing(head: str, lines: list[str]) -> str:
@@ -623,8 +632,8 @@ def curriculum_stages(
     """Split ``curriculum_order`` into ``len(boundaries) + 1`` stages by the key's value n.
 
     Stage 0 holds n <= boundaries[0], stage k holds boundaries[k-1] < n <= boundaries[k], the last stage
-    n > boundaries[-1]; e.g. ``boundaries=[2]`` gives easy (n <= 2) and hard (n > 2) as in spec §10, whose
-    exact split rule is [UNVERIFIED]. The stages concatenated equal ``curriculum_order(examples, key,
+    n > boundaries[-1]; e.g. ``boundaries=[2]`` gives an easy (n <= 2) and a hard (n > 2) stage of instructions
+    by their number of constraints. The stages concatenated equal ``curriculum_order(examples, key,
     seed)``, so the sample stream is non-decreasing in n across stages; ``boundaries=[]`` gives one stage
     with all data. A stage may be empty: the recipe should say so rather than train on nothing.
     """

@@ -252,6 +252,49 @@ def _micro_batches(n_examples: int, cfg: PreferenceConfig, order: list[int] | No
     return batches
 
 
+def _reference(cfg: PreferenceConfig, spec, policy, examples, tokenizer, out_dir: Path):
+    """``(reference model or None, cached (N, 2) summed reference log-probs or None, KTO's cached mismatched-pair
+    log-probs or None)``. The reference is the starting policy unless ``ref_model`` names another model: the policy
+    itself scores the cache before its first update (no copy in memory); objectives that need the reference online
+    get a frozen copy (or, with LoRA, the base model with adapters disabled — no copy either)."""
+    if not spec.uses_reference:
+        return None, None, None
+    if cfg.ref_model is not None:
+        ref = load_model(cfg.ref_model).to(cfg.device)
+    elif spec.full_vocab and not cfg.lora:
+        ref = frozen_copy(policy)
+    else:
+        ref = policy  # the starting weights (checkpoints are loaded only after this step), or LoRA's base
+    if spec.full_vocab:
+        return ref, None, None
+    ref_logps, kl_ref_logps = _cached_reference(cfg, examples, ref, tokenizer, out_dir,
+                                                need_kl_pairs="kl_reference" in spec.needs)
+    return None, ref_logps, kl_ref_logps  # training reads the cache; a separate reference model is freed here
+
+
+def _accumulate(policy, micro: list[list[int]], *, cfg: PreferenceConfig, examples, kl_examples, pad: int, ref,
+                ref_logps, kl_ref_logps) -> dict[str, float]:
+    """Forward and backward over the micro-batches of one optimizer step; the loss is the mean over its pairs.
+    Returns the pair-weighted mean of the micro-batches' metrics and the step's token count."""
+    n_pairs = sum(len(m) for m in micro)
+    sums: dict[str, float] = {}
+    n_tokens = 0
+    for idx in micro:
+        batch = _on(collate_preference([examples[i] for i in idx], pad), cfg.device)
+        kl_batch = (_on(collate_preference([kl_examples[i] for i in idx], pad), cfg.device)
+                    if kl_examples is not None else None)
+        loss, metrics = preference_step(
+            policy, batch, cfg=cfg, ref_model=ref,
+            ref_logps=None if ref_logps is None else ref_logps[idx].to(cfg.device),
+            kl_batch=kl_batch, kl_ref_logps=None if kl_ref_logps is None else kl_ref_logps[idx].to(cfg.device))
+        release_freed_memory()  # lower peak RSS: the backward pass is where the gradients appear
+        (loss.sum() / n_pairs).backward()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v * len(idx)
+        n_tokens += int(batch["attention_mask"].sum())
+    return {**{k: v / n_pairs for k, v in sums.items()}, "tokens": n_tokens}
+
+
 def train(cfg: PreferenceConfig) -> TrainResult:
     if not cfg.train_file:
         raise ValueError("train_file is required: a JSONL/Parquet file or datasets directory of preference pairs")
@@ -274,22 +317,8 @@ def train(cfg: PreferenceConfig) -> TrainResult:
     print(report.summary())
     order = curriculum_order(examples, key=cfg.curriculum_key, seed=cfg.seed) if cfg.curriculum_key else None
 
-    # 3. Reference: summed log-probs computed once and cached, or a model kept online for full-vocabulary
-    # objectives. The reference is the starting policy unless ref_model names another model: the policy itself
-    # scores the cache before its first update (no copy in memory); objectives that need it online get a frozen
-    # copy (or, with LoRA, the base model with adapters disabled — no copy either).
-    ref = ref_logps = kl_ref_logps = None
-    if spec.uses_reference:
-        if cfg.ref_model is not None:
-            ref = load_model(cfg.ref_model).to(cfg.device)
-        elif spec.full_vocab and not cfg.lora:
-            ref = frozen_copy(policy)
-        else:
-            ref = policy  # the starting weights (checkpoints are loaded only after this step), or LoRA's base
-    if spec.uses_reference and not spec.full_vocab:
-        ref_logps, kl_ref_logps = _cached_reference(cfg, examples, ref, tokenizer, out_dir,
-                                                    need_kl_pairs="kl_reference" in spec.needs)
-        ref = None  # training reads the cache; a separate reference model is freed here
+    # 3. Reference: summed log-probs computed once and cached, or a model kept online (full-vocabulary objectives).
+    ref, ref_logps, kl_ref_logps = _reference(cfg, spec, policy, examples, tokenizer, out_dir)
     kl_examples = _kl_pairs(examples) if "kl_reference" in spec.needs else None
 
     # 4. Optimizer, schedule, resume.
@@ -315,26 +344,11 @@ def train(cfg: PreferenceConfig) -> TrainResult:
     t_start = time.perf_counter()
     while step < total_steps:
         micro = batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
-        n_pairs = sum(len(m) for m in micro)
-        sums: dict[str, float] = {}
-        n_tokens = 0
-        for idx in micro:
-            batch = _on(collate_preference([examples[i] for i in idx], tokenizer.pad_token_id), cfg.device)
-            kl_batch = (_on(collate_preference([kl_examples[i] for i in idx], tokenizer.pad_token_id), cfg.device)
-                        if kl_examples is not None else None)
-            loss, metrics = preference_step(
-                policy, batch, cfg=cfg, ref_model=ref,
-                ref_logps=None if ref_logps is None else ref_logps[idx].to(cfg.device),
-                kl_batch=kl_batch, kl_ref_logps=None if kl_ref_logps is None else kl_ref_logps[idx].to(cfg.device))
-            release_freed_memory()  # lower peak RSS: the backward pass is where the gradients appear
-            (loss.sum() / n_pairs).backward()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * len(idx)
-            n_tokens += int(batch["attention_mask"].sum())
+        row = _accumulate(policy, micro, cfg=cfg, examples=examples, kl_examples=kl_examples,
+                          pad=tokenizer.pad_token_id, ref=ref, ref_logps=ref_logps, kl_ref_logps=kl_ref_logps)
         grad_norm = optimizer_step(policy, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm, step=step + 1)
         step += 1
-        row = {k: v / n_pairs for k, v in sums.items()}
-        row.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], tokens=n_tokens)
+        row.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])
         if log.end_step(step, row, checkpoint=checkpoint):
             break
     log.close()

@@ -39,6 +39,32 @@ def _evaluate(model, tokenizer, rows, cfg: QuickstartConfig, reward) -> dict:
                            batch_size=cfg.sample_batch_size, progress=cfg.progress, examples=6)
 
 
+def best_vs_worst_pairs(done, scores: list[float], rows: list[dict]) -> tuple[list[dict], int, int]:
+    """One pair per prompt: its best- against its worst-scored completion. Returns the pairs, the number of prompts
+    without one (fewer than two non-empty samples, or all scored the same), and the number of empty samples left
+    out (an empty or whitespace-only sample cannot be a side of a preference pair)."""
+    by_prompt: dict[int, list[tuple[float, str]]] = {i: [] for i in done.prompt_index}
+    empty = 0
+    for i, text, s in zip(done.prompt_index, done.texts, scores):
+        if text.strip():
+            by_prompt[i].append((s, text))
+        else:
+            empty += 1
+    pairs, ties = [], 0
+    for i, cands in sorted(by_prompt.items()):
+        if len(cands) < 2:
+            ties += 1
+            continue
+        best, worst = max(cands, key=lambda c: c[0]), min(cands, key=lambda c: c[0])
+        if best[0] == worst[0] or best[1].strip() == worst[1].strip():
+            ties += 1
+            continue
+        pairs.append({"prompt": rows[i]["prompt"], "chosen": best[1], "rejected": worst[1],
+                      "chosen_reward": best[0], "rejected_reward": worst[0],
+                      "n_constraints": rows[i]["n_constraints"]})
+    return pairs, ties, empty
+
+
 def run(cfg: QuickstartConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,26 +84,7 @@ def run(cfg: QuickstartConfig) -> dict:
     scores = [0.0 if r is None else float(r) for r in raw]  # no opinion: no constraint could be checked
 
     # 3. Best-vs-worst pairs.
-    # An empty (or whitespace-only) sample cannot be a side of a preference pair: it is counted and left out.
-    by_prompt: dict[int, list[tuple[float, str]]] = {i: [] for i in done.prompt_index}
-    empty = 0
-    for i, text, s in zip(done.prompt_index, done.texts, scores):
-        if text.strip():
-            by_prompt[i].append((s, text))
-        else:
-            empty += 1
-    pairs, ties = [], 0
-    for i, cands in sorted(by_prompt.items()):
-        if len(cands) < 2:
-            ties += 1
-            continue
-        best, worst = max(cands, key=lambda c: c[0]), min(cands, key=lambda c: c[0])
-        if best[0] == worst[0] or best[1].strip() == worst[1].strip():
-            ties += 1
-            continue
-        pairs.append({"prompt": train_rows[i]["prompt"], "chosen": best[1], "rejected": worst[1],
-                      "chosen_reward": best[0], "rejected_reward": worst[0],
-                      "n_constraints": train_rows[i]["n_constraints"]})
+    pairs, ties, empty = best_vs_worst_pairs(done, scores, train_rows)
     write_jsonl(pairs, out / "pairs.jsonl")
     print(f"pairs: {len(pairs)} from {len(train_rows)} prompts ({ties} skipped: fewer than two non-empty samples or "
           f"all scored the same; {empty} empty samples left out); mean sampled reward {sum(scores) / len(scores):.3f}")
