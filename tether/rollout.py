@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tether.eval import mean_ci95
+from tether.stats import mean_ci95
 from tether.logprobs import IGNORE_INDEX, hidden_states, lm_head, token_stats
 from tether.prefix import shared_prefix_hidden_states
 from tether.reference import reference_context

@@ -1,13 +1,5 @@
-"""Evaluation: KL measurement (``tether.eval.kl``) and small statistics shared by the recipes' reports."""
+"""Evaluation: KL measurement (``tether.eval.kl``); ``mean_ci95`` (from ``tether.stats``) for the reports."""
 
-from __future__ import annotations
+from tether.stats import mean_ci95
 
-import math
-
-
-def mean_ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its normal-approximation 95% confidence interval (unbiased variance)."""
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
-    return mean, 1.96 * math.sqrt(var / n)
+__all__ = ["mean_ci95"]

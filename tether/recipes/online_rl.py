@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tether.eval import mean_ci95
+from tether.stats import mean_ci95
 from tether.logprobs import lm_head, token_stats
 from tether.losses.policy import (
     AGG_MODES,

@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from tether.eval import mean_ci95
+from tether.stats import mean_ci95
 from tether.eval.kl import format_kl_report, measure_kl
 from tether.models import load_model, load_tokenizer
 from tether.recipes.configs import PreferenceConfig, QuickstartConfig
