@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tether.stats import mean_ci95
 from tether.logprobs import IGNORE_INDEX, hidden_states, lm_head, token_stats
 from tether.prefix import shared_prefix_hidden_states
 from tether.reference import reference_context
 from tether.sampling import Completions, render_prompts, sample
+from tether.stats import mean_ci95
 
 __all__ = ["RewardedBatch", "Rollout", "TokenScores", "backbone_states", "collate", "evaluate_reward",
            "fill_no_opinion", "rewarded", "score", "score_completions"]

@@ -44,7 +44,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tether.stats import mean_ci95
 from tether.logprobs import lm_head, token_stats
 from tether.losses.policy import (
     AGG_MODES,
@@ -70,6 +69,7 @@ from tether.rollout import (
     score,
 )
 from tether.sampling import Completions, render_prompts, sample
+from tether.stats import mean_ci95
 from tether.training import (
     RunLog,
     make_optimizer,

@@ -21,7 +21,6 @@ import json
 import time
 from pathlib import Path
 
-from tether.stats import mean_ci95
 from tether.eval.kl import format_kl_report, measure_kl
 from tether.models import load_model, load_tokenizer
 from tether.recipes.configs import PreferenceConfig, QuickstartConfig
@@ -29,6 +28,7 @@ from tether.recipes.preference import train
 from tether.rewards import InstructionFollowingReward
 from tether.rollout import evaluate_reward, score_completions
 from tether.sampling import render_prompts, sample
+from tether.stats import mean_ci95
 from tether.tasks import make_instruction_prompts, write_jsonl
 
 
