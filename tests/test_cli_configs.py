@@ -47,6 +47,8 @@ def tiny_overrides(command: str, model: str, out: Path) -> dict:
                "kl_samples_per_prompt": 1, "progress": False, "tensorboard": False},
         "kl": {"policy": model, "reference": model, "samples_per_prompt": 1, "max_new_tokens": 4,
                "output": out / "kl_report.json"},
+        "sample": {"model": model, "output_dir": out, "n": 2, "base_samples": 1, "max_new_tokens": 6,
+                   "progress": False},
     }
     assert command in table, f"no tiny overrides for `tether {command}`: add them to tiny_overrides in {__file__}"
     cls = _commands()[command][0]
@@ -162,6 +164,21 @@ def test_every_config_runs_tiny_through_the_cli(config, tiny_dir, tmp_path, caps
         report = json.loads((out / "rl_report.json").read_text())
         assert report["reward_before"]["n"] == report["reward_after"]["n"] == 2 * 1
         assert report["kl"]["completions"] == 2 * 1 and math.isfinite(report["kl"]["token_kl"]["mean"])
+    elif command == "sample":
+        from tether.recipes.configs import SampleConfig
+        from tether.recipes.sample import settings
+
+        report = json.loads((out / "sample_report.json").read_text())
+        combos = settings(SampleConfig(**{**shipped, "n": [2]}))
+        n_prompts = _n_rows(data["prompts_file"])
+        assert report["prompts"] == n_prompts and len(report["results"]) == len(combos)
+        assert _n_rows(out / "samples.jsonl") == n_prompts * len(combos)
+        for s in report["results"]:
+            assert s["reward"]["n"] + s["reward"]["not_applicable"] == n_prompts
+            if s["method"] == "plain":
+                assert s["kl"]["exact"]["mean"] == 0.0
+            if s["method"] == "best_of_n":
+                assert s["kl"]["bound"]["mean"] == pytest.approx(math.log(2) - 0.5, abs=1e-12)
     else:
         pytest.fail(f"no output checks for `tether {command}`")
 

@@ -18,6 +18,7 @@ commands:
   dpo          offline preference optimization (DPO, IPO, f-DPO, TDPO, SimPO, ORPO, KTO, ...)
   rl           online RL with group sampling (GRPO, DAPO, GPG, CPGD, RPG, GVPO, DisCO, APO, KDRL, ...)
   kl           measure KL(policy ‖ reference) on held-out prompts (token-level exact, sequence-level with CI)
+  sample       best-of-N, soft best-of-N, tilted / rejection sampling, Q-probe: rewards, win rate, KL to the base
 
 `tether <command> --help` shows every field of that command's config."""
 
@@ -33,13 +34,14 @@ def _run_kl(cfg):
 
 
 def _commands():
-    from tether.recipes.configs import KLConfig, PreferenceConfig, QuickstartConfig, RLConfig
+    from tether.recipes.configs import KLConfig, PreferenceConfig, QuickstartConfig, RLConfig, SampleConfig
     from tether.recipes.online_rl import train as train_rl
     from tether.recipes.preference import train
     from tether.recipes.quickstart import run
+    from tether.recipes.sample import run as sample
 
     return {"quickstart": (QuickstartConfig, run), "dpo": (PreferenceConfig, train), "rl": (RLConfig, train_rl),
-            "kl": (KLConfig, _run_kl)}
+            "kl": (KLConfig, _run_kl), "sample": (SampleConfig, sample)}
 
 
 def load_config(cls, path: str | Path | None, overrides: list[str], prog: str):

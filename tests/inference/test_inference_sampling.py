@@ -188,3 +188,28 @@ def test_best_of_n_reward_is_monotone_in_n_on_shared_candidates(level_cands):
     worst = torch.stack([METHODS["worst_of_n"](level_cands, n, generator=gen).reward for n in (1, 2, 3, 4)])
     assert (best.diff(dim=0) >= 0).all() and (worst.diff(dim=0) <= 0).all()
     assert torch.equal(best[0], METHODS["plain"](level_cands).reward)
+
+
+def test_rejection_keep_probabilities_average_over_visiting_orders():
+    """Rejection visits the candidates in a uniformly random order; its keep probabilities (elementary symmetric
+    polynomials) equal the average over all N! orders of 'first accepted, else first visited', computed by brute
+    force — and are 1/N each when all acceptances are equal (so the selection bound is 0 when the rewards tie)."""
+    import itertools
+
+    from tether.inference.select import _visit_probabilities
+
+    gen = torch.Generator().manual_seed(0)
+    accept = torch.cat([torch.rand(3, 5, generator=gen, dtype=torch.float64), torch.full((1, 5), 0.3,
+                                                                                         dtype=torch.float64)])
+    want = torch.zeros_like(accept)
+    for row in range(accept.shape[0]):
+        for perm in itertools.permutations(range(5)):
+            rejected = 1.0
+            for i in perm:
+                want[row, i] += rejected * accept[row, i] / 120
+                rejected *= 1 - float(accept[row, i])
+            want[row, perm[0]] += rejected / 120
+    got = _visit_probabilities(accept)
+    assert torch.allclose(got, want, atol=1e-15, rtol=0)
+    assert torch.allclose(got[3], torch.full((5,), 0.2, dtype=torch.float64), atol=1e-15, rtol=0)
+    assert selection_bound(got[3:]).abs().max() < 1e-15

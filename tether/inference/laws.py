@@ -116,11 +116,13 @@ def _compositions(total: int, parts: int) -> Tensor:
 def soft_best_of_n_law(ref: Tensor, rewards: Tensor, n: int, tau: float) -> Tensor:
     """(K,) the exact law of soft best-of-``n`` at temperature ``tau`` (keep candidate i with probability
     softmax(r/τ)_i): N·π_ref(y)·E[w(y)/(w(y) + S_{N−1})] by enumerating the counts of the other N − 1 draws over the
-    reward levels (C(N+L−2, L−1) count vectors for L levels). ``tau = inf``: π_ref; ``tau → 0``: best-of-n.
-    The ratio is formed in log space, so a tiny τ does not divide 0 by 0."""
+    reward levels (C(N+L−2, L−1) count vectors for L levels). ``tau = inf``: π_ref; ``tau = 0``: best-of-n (its
+    limit). The ratio is formed in log space, so a tiny τ does not divide 0 by 0."""
     ref, rewards = _check(ref, rewards)
-    if n < 1 or not tau > 0:
-        raise ValueError(f"soft_best_of_n_law: need n ≥ 1 and tau > 0, got n={n}, tau={tau}")
+    if n < 1 or not tau >= 0:
+        raise ValueError(f"soft_best_of_n_law: need n ≥ 1 and tau ≥ 0, got n={n}, tau={tau}")
+    if tau == 0:
+        return best_of_n_law(ref, rewards, n)
     values, masses, level = levels(ref, rewards)
     logw = torch.zeros_like(values) if math.isinf(tau) else values / tau
     counts = _compositions(n - 1, len(values)).to(torch.float64)  # (C, L)

@@ -104,10 +104,34 @@ def tilted_resampling(scores: Tensor, beta: float, scored: Tensor | None = None,
     return soft_best_of_n(scores, beta, scored, generator=generator)
 
 
+def _visit_probabilities(accept: Tensor) -> Tensor:
+    """(P, N) the probability that candidate i is kept when the N candidates are visited in a uniformly random order,
+    each accepted with probability ``accept`` (P, N), the first accepted kept and, if none is, the first visited:
+
+        p_i = a_i · (1/N)·Σ_{k=0}^{N−1} e_k(b_{−i}) / C(N−1, k)  +  (1/N)·Π_j b_j,     b = 1 − a,
+
+    e_k(b_{−i}) the k-th elementary symmetric polynomial of the other candidates' rejection probabilities (k
+    candidates visited before i: a uniformly random k-subset of the others)."""
+    P, N = accept.shape
+    b = 1 - accept
+    out = torch.empty_like(accept)
+    binom = torch.tensor([math.comb(N - 1, k) for k in range(N)], dtype=torch.float64)
+    for i in range(N):
+        others = torch.cat([b[:, :i], b[:, i + 1:]], -1)
+        e = torch.zeros(P, N, dtype=torch.float64)
+        e[:, 0] = 1.0
+        for j in range(N - 1):  # e_k ← e_k + b_j·e_{k−1}
+            e[:, 1:] = e[:, 1:] + others[:, j:j + 1] * e[:, :-1].clone()
+        out[:, i] = accept[:, i] * (e / binom).sum(-1) / N
+    return out + b.prod(-1, keepdim=True) / N
+
+
 def rejection_sampling(scores: Tensor, beta: float, reward_max: float | None, scored: Tensor | None = None, *,
                        generator: torch.Generator | None = None) -> Selection:
-    """Rejection sampling toward π* ∝ π_ref·exp(r/β) over the N candidates in order: accept candidate i with
-    probability exp((r_i − r_max)/β); keep the first accepted, or candidate 0 when none is (``accepted`` False).
+    """Rejection sampling toward π* ∝ π_ref·exp(r/β) over the N candidates: visit them in a uniformly random order,
+    accept each with probability exp((r_i − r_max)/β), keep the first accepted, or the first visited when none is
+    (``accepted`` False). The candidates are exchangeable, so the random order leaves the output law unchanged; it
+    makes the keep probabilities symmetric, which tightens the selection bound (``tether.inference.accounting``).
 
     ``reward_max``: an upper bound on the reward (1 for the rule rewards in [0, 1]); then an accepted candidate is
     an exact draw from π*, and the output law is (1 − (1 − ā)^N)·π* + (1 − ā)^{N−1}·π_ref·(1 − a)
@@ -126,14 +150,12 @@ def rejection_sampling(scores: Tensor, beta: float, reward_max: float | None, sc
                              "bound (or None for the per-prompt maximum)")
         bound = torch.full_like(scores[:, :1], float(reward_max))
     accept = ((masked - bound) / beta).exp()  # 0 for unscored candidates
-    reject_before = torch.cumprod(torch.cat([torch.ones_like(accept[:, :1]), 1 - accept[:, :-1]], -1), -1)
-    probs = accept * reject_before
-    none_accepted = 1 - probs.sum(-1)
-    probs[:, 0] = probs[:, 0] + none_accepted.clamp_min(0.0)
-    probs = _with_fallback(probs, none)
-    # Draw the accept/reject coins themselves, so `accepted` is observed rather than inferred.
-    u = torch.rand(scores.shape, generator=generator, dtype=torch.float64)
-    coins = u < accept
-    first = torch.where(coins.any(-1), coins.float().argmax(-1), torch.zeros_like(none, dtype=torch.long))
+    probs = _with_fallback(_visit_probabilities(accept), none)
+    # Draw the order and the accept/reject coins themselves, so `accepted` is observed rather than inferred.
+    order = torch.rand(scores.shape, generator=generator, dtype=torch.float64).argsort(-1)
+    coins = torch.rand(scores.shape, generator=generator, dtype=torch.float64) < accept.gather(-1, order)
+    first = torch.where(coins.any(-1), coins.double().argmax(-1), torch.zeros_like(none, dtype=torch.long))
+    index = order.gather(-1, first[:, None]).squeeze(-1)
+    index = torch.where(none, torch.zeros_like(index), index)
     accepted = coins.any(-1) & ~none
-    return Selection(first, probs, accepted, none)
+    return Selection(index, probs, accepted, none)

@@ -13,7 +13,8 @@ from typing import Literal
 from tether.config import LoRAConfig, ModelConfig, OptimConfig, RunConfig, check_range
 from tether.losses.policy import ONLINE_OBJECTIVES, check_loss_args
 
-__all__ = ["KLConfig", "PreferenceConfig", "QuickstartConfig", "RLConfig"]
+__all__ = ["KLConfig", "PreferenceConfig", "QuickstartConfig", "RLConfig",
+           "SampleConfig"]
 
 
 @dataclass
@@ -291,3 +292,91 @@ class KLConfig:
     def __post_init__(self) -> None:
         check_range("samples_per_prompt", self.samples_per_prompt, self.samples_per_prompt >= 1, "tether kl")
         check_range("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, "tether kl")
+
+
+SAMPLE_METHODS = ("plain", "best_of_n", "worst_of_n", "soft_best_of_n", "tilted", "rejection", "qprobe")
+
+
+@dataclass
+class SampleConfig:
+    """Inference-time alignment with the KL of every method to the base policy: `tether sample --config x.yaml`."""
+
+    model: str = "smollm2-135m-instruct"
+    """The base policy π_ref: the embedded model or a local Hugging Face model directory."""
+    prompts_file: str = "data/ifeval_heldout_prompts.jsonl"
+    """Prompt rows (JSONL/Parquet/datasets) with 'prompt' plus what the rewards read (e.g. 'constraints')."""
+    output_dir: str = "runs/sample"
+    """Where candidates.jsonl, samples.jsonl, sample_report.json (and a trained qprobe.pt) go."""
+    methods: list[Literal["plain", "best_of_n", "worst_of_n", "soft_best_of_n", "tilted", "rejection", "qprobe"]] = \
+        field(default_factory=lambda: ["best_of_n"])
+    """Methods to run, each on the same candidates: plain, best_of_n, worst_of_n, soft_best_of_n (keep with
+    probability ∝ exp(r/τ)), tilted (importance resampling toward π_ref·exp(r/β)), rejection (toward the same π*),
+    qprobe (∝ exp(Q/τ) with a linear probe)."""
+    n: list[int] = field(default_factory=lambda: [8])
+    """Candidates per prompt; every method runs at each n on the first n of max(n) candidates drawn once."""
+    tau: list[float] = field(default_factory=lambda: [0.1])
+    """Temperatures of soft_best_of_n and qprobe (0 = argmax)."""
+    beta: list[float] = field(default_factory=lambda: [0.1])
+    """KL coefficients β of tilted and rejection (target π* ∝ π_ref·exp(r/β))."""
+    reward_max: float | None = 1.0
+    """Rejection: an upper bound on the reward (1 for the rule rewards); None = each prompt's best candidate (RSO's
+    approximation)."""
+    base_samples: int = 4
+    """Independent base draws per prompt, for the win rate (never selected from)."""
+    rewards: dict[str, float] | None = None
+    """Rule rewards and weights (instructions, math, format, code), combined as a weighted mean; None = instructions."""
+    reward_models: list[str] = field(default_factory=list)
+    """Local sequence-classification reward-model directories (at most one without an ensemble)."""
+    ensemble: Literal["mean", "min", "mean_minus_std", "uwo"] | None = None
+    """Aggregate every named rule reward and reward model as an ensemble (weights ignored): mean, min (worst case),
+    mean_minus_std, uwo (mean − λ·variance); population variance."""
+    ensemble_lambda: float = 0.5
+    """λ of mean_minus_std and uwo."""
+    reward_transform: Literal["none", "calibrate", "ctrl_bon", "ctrl_won", "vbon"] = "none"
+    """Score soft_best_of_n / tilted / rejection by a transform of the reward against the prompt's candidates:
+    calibrate (quantile, ties ½), ctrl_bon exp(t·C), ctrl_won −exp(−t·C), vbon log F̂⁻ (tether.inference.transforms)."""
+    ctrl_t: float = 1.0
+    """t of the CTRL transforms."""
+    qprobe: str | None = None
+    """qprobe: a probe saved by an earlier run (qprobe.pt); None = train one on qprobe_train_file."""
+    qprobe_train_file: str | None = None
+    """qprobe: prompt rows to train the probe on (max(n) candidates each, scored by the reward)."""
+    qprobe_objective: Literal["rewards", "preferences"] = "rewards"
+    """Train the probe by ridge regression on the rewards, or Bradley–Terry on each prompt's best vs worst candidate."""
+    qprobe_l2: float = 1e-2
+    """L2 penalty of the probe (standardized features)."""
+    max_new_tokens: int = 64
+    """Length limit of every completion (a cut completion is an outcome of its own; counted)."""
+    temperature: float = 1.0
+    """Sampling temperature: π_ref is the model at this temperature."""
+    batch_size: int = 64
+    """Completions generated together."""
+    seed: int = 0
+    """Seeds the candidates and every selection."""
+    device: str = "cpu"
+    """Where the model runs ('cpu' or 'cuda')."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        from tether.rewards import REWARD_NAMES
+
+        for name in (self.rewards or {}):
+            if name not in REWARD_NAMES:
+                raise ValueError(f"rewards: unknown reward {name!r}; choose from {sorted(REWARD_NAMES)}")
+        if not self.methods or set(self.methods) - set(SAMPLE_METHODS):
+            raise ValueError(f"methods: {self.methods!r}; give one or more of {list(SAMPLE_METHODS)}")
+        if self.ensemble is None and len(self.reward_models) > 1:
+            raise ValueError(f"reward_models: {len(self.reward_models)} given without an ensemble; set ensemble "
+                             "(mean, min, mean_minus_std, uwo) or give one")
+        if "qprobe" in self.methods and not (self.qprobe or self.qprobe_train_file):
+            raise ValueError("methods: qprobe needs a trained probe (qprobe: path) or prompts to train one on "
+                             "(qprobe_train_file)")
+        for name, ok in (("n", bool(self.n) and all(k >= 1 for k in self.n)),
+                         ("tau", bool(self.tau) and all(t >= 0 for t in self.tau)),
+                         ("beta", bool(self.beta) and all(b > 0 for b in self.beta)),
+                         ("base_samples", self.base_samples >= 0), ("ctrl_t", self.ctrl_t > 0),
+                         ("ensemble_lambda", self.ensemble_lambda >= 0), ("qprobe_l2", self.qprobe_l2 >= 0),
+                         ("max_new_tokens", self.max_new_tokens >= 1), ("temperature", self.temperature > 0),
+                         ("batch_size", self.batch_size >= 1)):
+            check_range(name, getattr(self, name), ok, "tether sample")
