@@ -166,7 +166,9 @@ class ReferenceCalibration:
         raw = score_completions(self.reward, new, done)
         for i, row in enumerate(new):
             vals = [v for v in raw[i * self.samples:(i + 1) * self.samples] if v is not None]
-            self.tables[self.key(row)] = torch.tensor(vals, dtype=torch.float64)
+            # Rounded as the batch's rewards are (float32, ``tether.rollout.fill_no_opinion``), so that a policy
+            # sample and a reference sample with the same reward compare as a tie.
+            self.tables[self.key(row)] = torch.tensor(vals, dtype=torch.float32).double()
 
     def __call__(self, batch, rows: Sequence[dict], *, group_size: int, drop_uniform_groups: bool):
         self.ensure_tables(rows)

@@ -47,6 +47,14 @@ class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     """Weight of the reward model in the combination."""
     overlong_buffer: int = 0
     """DAPO's soft overlong penalty over the last N tokens before max_new_tokens (added to the reward; 0 = off)."""
+    reward_transform: Literal["calibrate", "ctrl_bon", "ctrl_won", "vbon"] | None = None
+    """Replace each reward, right after it is computed, by its transform against reference samples of the same prompt
+    (drawn once per prompt, cached; tether.inference.transforms): calibrate (quantile, ties ½), ctrl_bon exp(t·C) /
+    ctrl_won −exp(−t·C) (InfAlign's CTRL), vbon log F̂⁻ (vBoN's bound; set kl_coef = 1/(N−1)). The logged step
+    reward is the transformed one; the held-out reward stays raw. None = off."""
+    reward_transform_args: dict[str, float | int] = field(default_factory=dict)
+    """Arguments of the transform: {t: …} for ctrl_bon / ctrl_won, {samples: K} reference samples per prompt
+    (default 16)."""
     loss: str = "grpo"
     """Objective by name: ppo_clip, grpo, dapo, gpg, cpgd, rpg, archer, gvpo, disco, apo, kdrl."""
     loss_args: dict[str, float | int | str | bool] = field(default_factory=dict)
@@ -122,6 +130,12 @@ class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
             if name not in REWARD_NAMES:
                 raise ValueError(f"rewards: unknown reward {name!r}; choose from {sorted(REWARD_NAMES)} "
                                  "(or reward_model)")
+        from tether.inference.transforms import check_reward_transform
+
+        check_reward_transform(self.reward_transform, self.reward_transform_args)
+        if self.reward_transform and self.ref_reset_every:
+            raise ValueError("reward_transform: its calibration tables come from the starting reference; with "
+                             "ref_reset_every the reference moves — use one or the other")
         for name, ok in (("steps", self.steps >= 1), ("prompts_per_step", self.prompts_per_step >= 1),
                          ("group_size", self.group_size >= 2), ("max_new_tokens", self.max_new_tokens >= 1),
                          ("ppo_epochs", self.ppo_epochs >= 1),

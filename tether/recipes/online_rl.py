@@ -9,7 +9,9 @@ One step (:func:`rl_step`), in order, each stage a function over typed records:
    GPU machines). Seeds are a function of (seed, step), so a resumed run draws the same completions.
 2. **Reward** (``tether.rollout.rewarded``). Each completion is scored by the configured rewards; "no opinion" (None) is
    counted and kept out of the loss, and so are groups whose rewards are all equal when ``drop_uniform_groups``.
-   Code-executing rewards run sandboxed: a timeout or crash is a failed sample, never a failed run.
+   Code-executing rewards run sandboxed: a timeout or crash is a failed sample, never a failed run. With
+   ``reward_transform`` each reward then becomes its calibrated / CTRL / vBoN transform against the reference's own
+   samples for the prompt (``tether.inference.transforms.ReferenceCalibration``).
 3. **Score** (``tether.rollout.score``). One no-grad pass of the reference — and of the policy when the step takes
    several updates or shapes the reward — gives per-token log-probs, the exact full-vocabulary KL(π‖π_ref) and the
    entropy. With one on-policy update the update pass itself provides them (the reference head runs once).
@@ -139,6 +141,8 @@ class RLRun:
     scheduler: Any
     kl_ctl: AdaptiveKLController | FixedKLController
     engine: Any | None = None
+    reward_transform: Any | None = None
+    """``cfg.reward_transform`` as a ``tether.inference.transforms.ReferenceCalibration``, or None."""
 
 
 @dataclass(frozen=True)
@@ -217,9 +221,17 @@ def setup(cfg: RLConfig, *, reward=None, train_rows: list[dict] | None = None) -
 
         start_dir = save_final(policy, tokenizer, Path(cfg.output_dir) / "start", lora=cfg.lora)
         engine = VLLMEngine(str(start_dir), seed=cfg.seed)
+    transform = None
+    if cfg.reward_transform:  # rewards → calibrated / CTRL / vBoN against the reference's own samples per prompt
+        from tether.inference.transforms import ReferenceCalibration
+
+        transform = ReferenceCalibration(cfg.reward_transform, cfg.reward_transform_args, reference=reference,
+                                         tokenizer=tokenizer, reward=reward, max_new_tokens=cfg.max_new_tokens,
+                                         temperature=cfg.temperature, seed=cfg.seed,
+                                         batch_size=cfg.sample_batch_size, stop_strings=cfg.stop_strings)
     return RLRun(cfg, plan, policy, reference, teacher, tokenizer, pad, reward, train_rows,
                  render_prompts(tokenizer, [r["prompt"] for r in train_rows]), eval_rows, optimizer, scheduler,
-                 kl_ctl, engine)
+                 kl_ctl, engine, transform)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -235,6 +247,9 @@ def rl_step(run: RLRun, step: int) -> dict[str, float]:
     seconds["gen_s"], t0 = time.perf_counter() - t0, time.perf_counter()
     batch = rewarded(run.reward, rows, done, pad=run.pad, group_size=cfg.group_size,
                      drop_uniform_groups=cfg.drop_uniform_groups, device=cfg.device)
+    if run.reward_transform is not None:  # cfg.reward_transform, applied right after the rewards are computed
+        batch = run.reward_transform(batch, rows, group_size=cfg.group_size,
+                                     drop_uniform_groups=cfg.drop_uniform_groups)
     seconds["reward_s"], t0 = time.perf_counter() - t0, time.perf_counter()
     scores = score(run.policy, run.reference, batch.rollout, temperature=cfg.temperature, chunk_size=cfg.chunk_size,
                    micro_batch_size=cfg.micro_batch_size, need_policy=not plan.one_update,
