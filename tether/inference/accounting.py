@@ -105,5 +105,5 @@ def level_plugin_kl(rewards: Tensor, scored: Tensor, law, *, max_levels: int = 8
         if len(values) > max_levels:
             continue
         p_hat = counts.double() / counts.sum()
-        out[i] = laws.kl(law(p_hat, values), p_hat)
+        out[i] = max(laws.kl(law(p_hat, values), p_hat), 0.0)  # KL ≥ 0; a law equal to p̂ can round to −1e-17
     return out
