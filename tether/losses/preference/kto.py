@@ -44,8 +44,11 @@ def kto(
         desirable_weight: λ_D (1.0, TRL's default).
         undesirable_weight: λ_U (1.0, TRL's default; the paper recommends λ_D·n_D/(λ_U·n_U) ∈ [1, 4/3]).
 
-    Implicit regularizer: reverse KL through the log-ratios, plus the KL reference point. Logged reward
-    ``β·ρ``.
+    Implicit regularizer: none at the optimum. The loss is a bounded sigmoid of ``β(ρ − z)``: on a two-response
+    bandit with preference probability p > ½ the expected loss is ``1 + (1 − 2p)(σ(u_w) − σ(u_l))``, strictly
+    decreasing toward the deterministic policy on the preferred response — there is no interior, KL-regularized
+    optimum like DPO's ``π_ref·e^{r/β}`` (``tests/losses/test_preference_oracles.py``). The reference and z only set
+    where the sigmoids saturate, i.e. how fast the gradient fades as ρ grows. Logged reward ``β·ρ``.
     Stop-gradient: ``kl_reference`` (as TRL and the paper).
     Departures: paired data only; per-example loss = desirable + undesirable terms, so the recipe's mean over
     B pairs is TWICE TRL's value, which averages over the 2B concatenated single-response examples.
