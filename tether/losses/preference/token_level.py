@@ -73,8 +73,10 @@ def tdpo(
     Implicit regularizer: token-level (sequential) forward KL ``KL(π_ref ‖ π_θ)`` per step, on top of the
     reverse-KL-derived log-ratio. Exactly (``tests/losses/test_preference_oracles.py``): TDPO1's optimum scores
     ``β(ρ(y) + SeqKL(y)) = r(y) + C``; on a two-step tree that is the DPO tilt at the last step and
-    ``π(a) ∝ π_ref(a)·Z(a)·e^{−KL(π_ref(·|a) ‖ π*(·|a))}`` at the first (DPO: ``π_ref(a)·Z(a)``). TDPO2's expected
-    gradient is DPO's plus ``αβ·S·∇KL(π_ref ‖ π_θ)`` with ``S = E[σ(−βΔ)]``, the expected DPO error. Logged reward (as the official code): ``β·(ρ(y) + SeqKL(y))``, detached.
+    ``π(a) ∝ π_ref(a)·Z(a)·e^{−KL(π_ref(·|a) ‖ π*(·|a))}`` at the first (DPO: ``π_ref(a)·Z(a)``). On one state (every
+    response sharing SeqKL), TDPO2's expected gradient is DPO's plus ``αβ·S·∇KL(π_ref ‖ π_θ)`` with
+    ``S = E[σ(−βΔ)]``, the expected DPO error. Logged reward (as the official code): ``β·(ρ(y) + SeqKL(y))``,
+    detached.
     Departures: none in the loss; the official code sums the batch, we return per-example losses.
     """
     _check_variant(variant, "tdpo")
