@@ -408,6 +408,14 @@ def kdrl(
         kd_on_correct: False = reward-guided KD: no KD on responses with ``reward ≥ correct_reward``.
         correct_reward: threshold for "rewarded" (binary verifier: 1.0). Masking granularity UNVERIFIED.
 
+    Fixed points (exact expectations on a bandit, G = 2 binary rewards, ``tests/losses/test_policy_oracles.py``):
+    GRPO's part then maximizes ``κ·π(C)`` (C the rewarded responses, κ = ½/(std + ε) ≈ 0.707). With
+    ``kd_on_correct=True`` the k2 term follows ``β∇KL(π_θ ‖ π_T)`` and the fixed point is the reverse-KL optimum
+    ``π* ∝ π_T·exp(κ·1[C]/β)``. With the default reward-guided mask it follows ``β∇Σ_{y∉C} π(y)(log(π(y)/π_T(y)) − 1)``
+    — the reverse KL restricted to unrewarded responses, unnormalized — and the fixed point keeps the teacher's
+    shape on the unrewarded responses, ``π*(y) = π_T(y)·e^{−κ/β}``, all other mass on C: not a KL-regularized
+    optimum over the whole response space.
+
     Stop-gradient: ``old_logps``, ``teacher_logps``, the advantages.
     Off-policy caveat: the k2 term has no importance weight, so with several mini-batches per rollout it follows the
     reverse-KL gradient only approximately (Zhang et al. 2025, RPG, arXiv:2505.17508, §2.2).

@@ -263,8 +263,12 @@ def archer(
 
     Defaults [code/scripts]: quantile 0.8, clips 0.2/0.5, ``clip_c=10``, ``β_low=0.001``, ``β_high=0``, token-mean.
     Divergence: k3 in the loss on samples from π_old; on-policy its gradient is ∇KL(π_ref ‖ π_θ) (forward KL, see
-    tether.kl), applied to low-entropy tokens only; off-policy (Archer runs 3 PPO epochs) it lacks the importance
-    weight and follows no KL exactly (Zhang et al. 2025, RPG, arXiv:2505.17508, §2.2).
+    tether.kl) at every state where the token's class does not depend on which token is sampled there. The
+    quantile is per RESPONSE, so a token's class depends on the entropies of the later states of its response —
+    and those depend on the token itself: where they do, the expected gradient at that state is the token-selected
+    ``Σ_a π(a)·β(a)·(1 − π_ref(a)/π(a))·∇log π(a)`` (β(a) the coefficient of the class a would land in), which is
+    not the gradient of any KL (``tests/losses/test_policy_oracles.py``). Off-policy (Archer runs 3 PPO epochs) k3
+    lacks the importance weight and follows no KL exactly (Zhang et al. 2025, RPG, arXiv:2505.17508, §2.2).
     Stop-gradient: the entropy (the split is not differentiated); ``old_logps``, ``ref_logps``.
     Departures: KL values are not clamped to ±10 (package note 3). A class with no token contributes 0 (verl's
     masked mean divides by count + 1e-8, same value).
