@@ -45,6 +45,9 @@ def tiny_overrides(command: str, model: str, out: Path) -> dict:
         "rl": {"model": model, "output_dir": out, "steps": 2, "prompts_per_step": 2, "group_size": 2,
                "max_new_tokens": 8, "train_prompts": 4, "eval_prompts": 2, "eval_samples_per_prompt": 1,
                "kl_samples_per_prompt": 1, "progress": False, "tensorboard": False},
+        "distill": {"teacher_model": model, "output_dir": out, "steps": 2, "batch_size": 2, "max_new_tokens": 6,
+                    "kl_samples_per_prompt": 1, "eval_samples_per_prompt": 1, "progress": False,
+                    "tensorboard": False},
         "kl": {"policy": model, "reference": model, "samples_per_prompt": 1, "max_new_tokens": 4,
                "output": out / "kl_report.json"},
         "sample": {"model": model, "output_dir": out, "n": 2, "base_samples": 1, "max_new_tokens": 6,
@@ -164,6 +167,16 @@ def test_every_config_runs_tiny_through_the_cli(config, tiny_dir, tmp_path, caps
         report = json.loads((out / "rl_report.json").read_text())
         assert report["reward_before"]["n"] == report["reward_after"]["n"] == 2 * 1
         assert report["kl"]["completions"] == 2 * 1 and math.isfinite(report["kl"]["token_kl"]["mean"])
+    elif command == "distill":
+        steps = [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+        assert steps == [1, 2], steps
+        assert (out / "final" / "model.safetensors").is_file()
+        report = json.loads((out / "distill_report.json").read_text())
+        n_prompts = _n_rows(data["eval_prompts_file"])
+        for when in ("before", "after"):
+            for direction in ("kl_student_teacher", "kl_teacher_student"):
+                assert report[when][direction]["completions"] == n_prompts
+                assert math.isfinite(report[when][direction]["token_kl"]["mean"])
     elif command == "sample":
         from tether.recipes.configs import SampleConfig
         from tether.recipes.sample import settings

@@ -19,6 +19,7 @@ commands:
   rl           online RL with group sampling (GRPO, DAPO, GPG, CPGD, RPG, GVPO, DisCO, APO, KDRL, ...)
   kl           measure KL(policy ‖ reference) on held-out prompts (token-level exact, sequence-level with CI)
   sample       best-of-N, soft best-of-N, tilted / rejection sampling, Q-probe: rewards, win rate, KL to the base
+  distill      distill a teacher into a student (forward / reverse KL, JSD, skew KL, AKL …; off-/on-policy)
 
 `tether <command> --help` shows every field of that command's config."""
 
@@ -33,15 +34,29 @@ def _run_kl(cfg):
                                  seed=cfg.seed, output=cfg.output, progress=True, device=cfg.device)
 
 
+def _run_distill(cfg):
+    from tether.recipes.distill import train
+
+    return train(cfg)
+
+
 def _commands():
-    from tether.recipes.configs import KLConfig, PreferenceConfig, QuickstartConfig, RLConfig, SampleConfig
+    from tether.recipes.configs import (
+        DistillConfig,
+        KLConfig,
+        PreferenceConfig,
+        QuickstartConfig,
+        RLConfig,
+        SampleConfig,
+    )
     from tether.recipes.online_rl import train as train_rl
     from tether.recipes.preference import train
     from tether.recipes.quickstart import run
     from tether.recipes.sample import run as sample
 
     return {"quickstart": (QuickstartConfig, run), "dpo": (PreferenceConfig, train), "rl": (RLConfig, train_rl),
-            "kl": (KLConfig, _run_kl), "sample": (SampleConfig, sample)}
+            "kl": (KLConfig, _run_kl), "sample": (SampleConfig, sample),
+            "distill": (DistillConfig, _run_distill)}
 
 
 def load_config(cls, path: str | Path | None, overrides: list[str], prog: str):

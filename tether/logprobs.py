@@ -24,12 +24,27 @@ Statistics (each a (B, T) tensor, zero where masked):
 * ``ref_logps``: log π_ref(y_t | s_t) (no gradient).
 * ``risk``: Ra-DPO's CVaR-style truncated KL, Σ_v π_ref,v·d_v·1[d_v > Q_{1−c}(d)], d = log π_ref − log π
   (the indicator is not differentiated).
+* ``ref_max_logp``: max_v log π_ref^{(T')}(v | s_t), the reference's largest log-probability at temperature
+  T' = ``ref_max_temperature`` (the certainty of the critical-token KL; no gradient).
+
+Sparse-support statistics (``SUPPORT_STATS``), each (B, T, K) or (B, T), for objectives that need a distribution on a
+few tokens (TROLL) rather than the full vocabulary:
+
+* ``topk_ids``, ``topk_logps``: the K = ``top_k`` most probable tokens of π(·|s_t) and their log-probs, most probable
+  first (no gradient: the rollout policy's support, from a scoring pass).
+* ``topk_rest``: log Σ_{v ∉ top-K} π(v|s_t), the log-mass of everything else (no gradient).
+* ``support_logps``: log π(v|s_t) at given ids ``support_ids`` (B, T, K) — e.g. the rollout policy's ``topk_ids``.
+* ``support_rest``: log Σ_{v ∉ support_ids} π(v|s_t), computed as a log-sum-exp over the other tokens (stable when
+  the support holds nearly all the mass, where log(1 − Σ_S π) would cancel).
+
+Both rest statistics need K < V (the rest is empty otherwise).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,21 +53,46 @@ from torch import Tensor
 from tether import kl as _kl
 
 IGNORE_INDEX = -100
-STATS = ("logps", "entropy", "kl", "forward_kl", "ref_logps", "risk")
-_NEEDS_REF = {"kl", "forward_kl", "ref_logps", "risk"}
+STATS = ("logps", "entropy", "kl", "forward_kl", "ref_logps", "risk", "ref_max_logp")
+SUPPORT_STATS = ("topk_ids", "topk_logps", "topk_rest", "support_logps", "support_rest")
+_NEEDS_REF = {"kl", "forward_kl", "ref_logps", "risk", "ref_max_logp"}
+_REF_ONLY = {"ref_logps", "ref_max_logp"}
+_NO_GRAD = {"ref_logps", "ref_max_logp", "topk_ids", "topk_logps", "topk_rest"}
+"""Statistics that carry no gradient (constants of the reference, or the rollout policy's support)."""
 
-__all__ = ["token_stats", "token_stats_plain", "lm_head", "hidden_states", "sequence_sums", "STATS", "IGNORE_INDEX"]
+__all__ = ["token_stats", "token_stats_plain", "lm_head", "hidden_states", "sequence_sums", "STATS", "SUPPORT_STATS",
+           "IGNORE_INDEX"]
 
 
-def _check_stats(stats: Sequence[str], has_ref: bool) -> tuple[str, ...]:
+class _Options(NamedTuple):
+    """Per-call options of the statistics (shared by both paths)."""
+
+    risk_confidence: float = 0.95
+    top_k: int = 0
+    ref_max_scale: float = 1.0
+    """T / T': turns the reference logits at the sampling temperature T into logits at ``ref_max_temperature``."""
+
+
+def _check_stats(stats: Sequence[str], has_ref: bool, top_k: int, support_k: int | None, vocab: int
+                 ) -> tuple[str, ...]:
     stats = tuple(stats)
-    unknown = [s for s in stats if s not in STATS]
+    unknown = [s for s in stats if s not in STATS + SUPPORT_STATS]
     if unknown:
-        raise ValueError(f"unknown token statistic(s) {unknown}; choose from {STATS}")
+        raise ValueError(f"unknown token statistic(s) {unknown}; choose from {STATS + SUPPORT_STATS}")
     if not has_ref and _NEEDS_REF.intersection(stats):
         raise ValueError(f"statistics {sorted(_NEEDS_REF.intersection(stats))} need the reference's hidden states "
                          "(pass ref_hidden=..., ref_weight=...)")
+    if {"topk_ids", "topk_logps", "topk_rest"}.intersection(stats) and not 1 <= top_k < vocab:
+        raise ValueError(f"top-k statistics need 1 ≤ top_k < vocabulary size {vocab}, got top_k={top_k}")
+    if {"support_logps", "support_rest"}.intersection(stats) and not (support_k and support_k < vocab):
+        raise ValueError("support statistics need support_ids (B, T, K) with 1 ≤ K < vocabulary size "
+                         f"{vocab}, got K={support_k}")
     return stats
+
+
+def _rest_logmass(logp: Tensor, ids: Tensor) -> Tensor:
+    """log Σ_{v ∉ ids} exp(logp_v) over the last axis: a log-sum-exp with ``ids`` masked to −inf."""
+    return logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
 
 
 def _risk(logp: Tensor, ref_logp: Tensor, confidence: float) -> Tensor:
@@ -69,11 +109,14 @@ def _risk(logp: Tensor, ref_logp: Tensor, confidence: float) -> Tensor:
     return (ref_logp.exp() * torch.where(mask, d, torch.zeros_like(d))).sum(-1)
 
 
-def _stats_from_logits(logits: Tensor, labels: Tensor, ref_logits: Tensor | None, stats: tuple[str, ...],
-                       risk_confidence: float) -> list[Tensor]:
-    """Statistics for N positions from (N, V) logits and (N,) labels. Shared by both paths."""
-    logp = F.log_softmax(logits.float(), dim=-1)
+def _stats_from_logits(logits: Tensor | None, labels: Tensor, ref_logits: Tensor | None, stats: tuple[str, ...],
+                       opts: _Options, support_ids: Tensor | None = None) -> list[Tensor]:
+    """Statistics for N positions from (N, V) logits (None when only reference statistics are asked for), (N,)
+    labels and, for the support statistics, (N, K) ``support_ids``. Shared by both paths."""
+    logp = F.log_softmax(logits.float(), dim=-1) if logits is not None else None
     ref_logp = F.log_softmax(ref_logits.float(), dim=-1) if ref_logits is not None else None
+    top = logp.detach().topk(opts.top_k, dim=-1) if opts.top_k and set(stats) & {"topk_ids", "topk_logps",
+                                                                                    "topk_rest"} else None
     out = []
     for name in stats:
         if name == "logps":
@@ -87,7 +130,19 @@ def _stats_from_logits(logits: Tensor, labels: Tensor, ref_logits: Tensor | None
         elif name == "ref_logps":
             out.append(ref_logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
         elif name == "risk":
-            out.append(_risk(logp, ref_logp, risk_confidence))
+            out.append(_risk(logp, ref_logp, opts.risk_confidence))
+        elif name == "ref_max_logp":
+            out.append(F.log_softmax(ref_logits.float() * opts.ref_max_scale, dim=-1).amax(-1))
+        elif name == "topk_ids":
+            out.append(top.indices)
+        elif name == "topk_logps":
+            out.append(top.values)
+        elif name == "topk_rest":
+            out.append(_rest_logmass(logp.detach(), top.indices))
+        elif name == "support_logps":
+            out.append(logp.gather(-1, support_ids))
+        elif name == "support_rest":
+            out.append(_rest_logmass(logp, support_ids))
     return out
 
 
@@ -100,11 +155,16 @@ def _chunks(n: int, chunk_size: int) -> list[slice]:
     return [slice(start, start + chunk_size) for start in range(0, n, chunk_size)]
 
 
-def _chunk_stats(h_c, y_c, rh_c, weight, bias, ref_weight, ref_bias, stats, temperature, risk_confidence):
-    """Statistics of one chunk of positions (no autograd bookkeeping of its own)."""
-    logits = _project(h_c, weight, bias, temperature)
+def _chunk_stats(h_c, y_c, rh_c, sid_c, weight, bias, ref_weight, ref_bias, stats, temperature, opts):
+    """Statistics of one chunk of positions (no autograd bookkeeping of its own). The policy's logits are not
+    computed when every statistic is the reference's."""
+    logits = None if set(stats) <= _REF_ONLY else _project(h_c, weight, bias, temperature)
     ref_logits = None if rh_c is None else _project(rh_c, ref_weight, ref_bias, temperature)
-    return _stats_from_logits(logits, y_c, ref_logits, stats, risk_confidence)
+    return _stats_from_logits(logits, y_c, ref_logits, stats, opts, sid_c)
+
+
+def _rows(x: Tensor | None, sl: slice) -> Tensor | None:
+    return None if x is None else x[sl]
 
 
 class _ChunkedHeadStats(torch.autograd.Function):
@@ -114,32 +174,32 @@ class _ChunkedHeadStats(torch.autograd.Function):
     logits is kept. Backward, per chunk of rows: recompute the raw logits z = h_c Wᵀ + b (no graph), take
     g = ∂L/∂z through ``_stats_from_logits`` with autograd (so every statistic's gradient is the same code as the
     plain path's), then ∂L/∂h_c = g W, ∂L/∂W += gᵀ h_c (``addmm_`` into one (V, H) buffer), ∂L/∂b += Σ_rows g.
-    The reference inputs (``rh``, ``ref_weight``, ``ref_bias``) are constants.
+    The reference inputs (``rh``, ``ref_weight``, ``ref_bias``) and the support ids ``sid`` are constants.
     """
 
     @staticmethod
-    def forward(ctx, h, y, weight, bias, rh, ref_weight, ref_bias, stats, chunk_size, temperature, risk_confidence):
-        ctx.save_for_backward(h, y, weight, bias, rh, ref_weight, ref_bias)
-        ctx.options = (stats, chunk_size, temperature, risk_confidence)
+    def forward(ctx, h, y, weight, bias, rh, ref_weight, ref_bias, sid, stats, chunk_size, temperature, opts):
+        ctx.save_for_backward(h, y, weight, bias, rh, ref_weight, ref_bias, sid)
+        ctx.options = (stats, chunk_size, temperature, opts)
         ctx.set_materialize_grads(False)  # a statistic the loss does not use arrives as None and is skipped
-        pieces = [_chunk_stats(h[sl], y[sl], None if rh is None else rh[sl], weight, bias, ref_weight, ref_bias,
-                               stats, temperature, risk_confidence) for sl in _chunks(h.shape[0], chunk_size)]
+        pieces = [_chunk_stats(h[sl], y[sl], _rows(rh, sl), _rows(sid, sl), weight, bias, ref_weight, ref_bias,
+                               stats, temperature, opts) for sl in _chunks(h.shape[0], chunk_size)]
         values = tuple(torch.cat([p[k] for p in pieces]) for k in range(len(stats)))
-        ctx.mark_non_differentiable(*[v for v, name in zip(values, stats) if name == "ref_logps"])
+        ctx.mark_non_differentiable(*[v for v, name in zip(values, stats) if name in _NO_GRAD])
         return values
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_values):
-        h, y, weight, bias, rh, ref_weight, ref_bias = ctx.saved_tensors
-        stats, chunk_size, temperature, risk_confidence = ctx.options
+        h, y, weight, bias, rh, ref_weight, ref_bias, sid = ctx.saved_tensors
+        stats, chunk_size, temperature, opts = ctx.options
         need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = None
         grad_b = torch.zeros_like(bias) if need_b else None
-        live = [k for k, name in enumerate(stats) if name != "ref_logps" and grad_values[k] is not None]
+        live = [k for k, name in enumerate(stats) if name not in _NO_GRAD and grad_values[k] is not None]
         if not live:
-            return (None,) * 11
+            return (None,) * 12
         live_stats = tuple(stats[k] for k in live)
         # The reference logits are recomputed only when a statistic with a gradient needs them (a KL that is only
         # logged costs nothing here).
@@ -153,7 +213,7 @@ class _ChunkedHeadStats(torch.autograd.Function):
                 ref_logits = _project(rh[sl], ref_weight, ref_bias, temperature) if use_ref else None
                 with torch.enable_grad():
                     values = _stats_from_logits(z / temperature if temperature != 1.0 else z, y[sl], ref_logits,
-                                                live_stats, risk_confidence)
+                                                live_stats, opts, _rows(sid, sl))
                     (g,) = torch.autograd.grad(values, z, [grad_values[k][sl] for k in live])
                 del z, values
             if need_h:
@@ -162,7 +222,7 @@ class _ChunkedHeadStats(torch.autograd.Function):
                 grad_w = g.t().mm(h_c) if grad_w is None else grad_w.addmm_(g.t(), h_c)
             if need_b:
                 grad_b += g.sum(0)
-        return grad_h, None, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_h, None, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def _logps_grad_logits(z: Tensor, labels: Tensor, grad_out: Tensor, temperature: float) -> Tensor:
@@ -192,6 +252,9 @@ def token_stats(
     chunk_size: int = 512,
     temperature: float = 1.0,
     risk_confidence: float = 0.95,
+    top_k: int = 0,
+    support_ids: Tensor | None = None,
+    ref_max_temperature: float = 1.0,
 ) -> dict[str, Tensor]:
     """Per-token statistics without materialising (B, T, V) logits.
 
@@ -200,22 +263,29 @@ def token_stats(
         weight: (V, H) LM-head weight; ``bias``: (V,) or None.
         labels: (B, T) next-token labels, ``IGNORE_INDEX`` where no statistic is wanted.
         ref_hidden, ref_weight, ref_bias: the reference model's counterparts (needed by kl / forward_kl /
-            ref_logps / risk); treated as constants (no gradient flows to them).
-        stats: names from ``STATS``.
+            ref_logps / risk / ref_max_logp); treated as constants (no gradient flows to them).
+        stats: names from ``STATS`` and ``SUPPORT_STATS``.
         chunk_size: label positions per chunk; peak extra memory is about 4·chunk_size·V floats.
         temperature: logits are divided by it (both models) before the softmax.
         risk_confidence: Ra-DPO confidence level c.
+        top_k: K of the ``topk_*`` statistics (1 ≤ K < V).
+        support_ids: (B, T, K) token ids for ``support_logps`` / ``support_rest`` (constants; 1 ≤ K < V).
+        ref_max_temperature: T' of ``ref_max_logp`` (there the reference's logits are divided by T', not T).
 
     Returns:
-        dict name → (B, T) float32 tensor, zero at ignored positions. Gradients flow to ``hidden``, ``weight`` and
-        ``bias`` exactly as through the plain computation.
+        dict name → float32 tensor (B, T), or (B, T, K) for ``topk_ids`` (long), ``topk_logps`` and
+        ``support_logps``; zero at ignored positions. Gradients flow to ``hidden``, ``weight`` and ``bias`` exactly
+        as through the plain computation.
     """
-    stats = _check_stats(stats, ref_hidden is not None)
+    support_k = None if support_ids is None else support_ids.shape[-1]
+    stats = _check_stats(stats, ref_hidden is not None, top_k, support_k, weight.shape[0])
+    opts = _Options(risk_confidence, top_k, temperature / ref_max_temperature)
     mask = labels != IGNORE_INDEX
     flat = mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H).index_select(0, flat)
     y = labels.reshape(-1).index_select(0, flat)
+    sid = None if support_ids is None else support_ids.reshape(-1, support_k).index_select(0, flat).long()
     rh = None
     if ref_hidden is not None:
         rh = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]).index_select(0, flat)
@@ -224,21 +294,29 @@ def token_stats(
     n = h.shape[0]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
     if n == 0:
-        values = [h.new_zeros(0, dtype=torch.float32) for _ in stats]
-    elif needs_grad and set(stats) != {"ref_logps"}:
-        values = _ChunkedHeadStats.apply(h, y, weight, bias, rh, ref_weight, ref_bias, stats, chunk_size,
-                                         temperature, risk_confidence)
+        values = [_empty(name, h, top_k or support_k) for name in stats]
+    elif needs_grad and not set(stats) <= _NO_GRAD:
+        values = _ChunkedHeadStats.apply(h, y, weight, bias, rh, ref_weight, ref_bias, sid, stats, chunk_size,
+                                         temperature, opts)
     else:
         with torch.no_grad():
-            pieces = [_chunk_stats(h[sl], y[sl], None if rh is None else rh[sl], weight, bias, ref_weight,
-                                   ref_bias, stats, temperature, risk_confidence) for sl in _chunks(n, chunk_size)]
+            pieces = [_chunk_stats(h[sl], y[sl], _rows(rh, sl), _rows(sid, sl), weight, bias, ref_weight, ref_bias,
+                                   stats, temperature, opts) for sl in _chunks(n, chunk_size)]
         values = [torch.cat([p[k] for p in pieces]) for k in range(len(stats))]
 
     out = {}
     for k, name in enumerate(stats):
-        full = values[k].new_zeros(labels.numel()).index_put((flat,), values[k])
-        out[name] = full.view(labels.shape)
+        v = values[k]
+        full = v.new_zeros((labels.numel(), *v.shape[1:])).index_put((flat,), v)
+        out[name] = full.view(*labels.shape, *v.shape[1:])
     return out
+
+
+def _empty(name: str, like: Tensor, k: int | None) -> Tensor:
+    """A statistic over zero positions: (0,) or (0, K), of the statistic's dtype."""
+    if name in ("topk_ids", "topk_logps", "support_logps"):
+        return like.new_zeros((0, k), dtype=torch.long if name == "topk_ids" else torch.float32)
+    return like.new_zeros(0, dtype=torch.float32)
 
 
 def token_stats_plain(
@@ -249,19 +327,31 @@ def token_stats_plain(
     stats: Sequence[str] = ("logps",),
     temperature: float = 1.0,
     risk_confidence: float = 0.95,
+    top_k: int = 0,
+    support_ids: Tensor | None = None,
+    ref_max_temperature: float = 1.0,
 ) -> dict[str, Tensor]:
     """The naive twin of ``token_stats``: statistics from full (B, T, V) logits, then masked. For tests and
     for callers that already hold logits."""
-    stats = _check_stats(stats, ref_logits is not None)
     B, T, V = logits.shape
+    support_k = None if support_ids is None else support_ids.shape[-1]
+    stats = _check_stats(stats, ref_logits is not None, top_k, support_k, V)
+    opts = _Options(risk_confidence, top_k, temperature / ref_max_temperature)
     mask = labels != IGNORE_INDEX
     safe_labels = labels.masked_fill(~mask, 0).reshape(-1)
     logits = logits / temperature if temperature != 1.0 else logits
     if ref_logits is not None:
         ref_logits = ref_logits.detach().reshape(B * T, V)
         ref_logits = ref_logits / temperature if temperature != 1.0 else ref_logits
-    values = _stats_from_logits(logits.reshape(B * T, V), safe_labels, ref_logits, stats, risk_confidence)
-    return {name: v.view(B, T) * mask for name, v in zip(stats, values)}
+    sid = None if support_ids is None else support_ids.reshape(B * T, support_k).long()
+    values = _stats_from_logits(logits.reshape(B * T, V), safe_labels, ref_logits, stats, opts, sid)
+    out = {}
+    for name, v in zip(stats, values):
+        v = v.view(B, T, *v.shape[1:])
+        keep = mask.view(B, T, *([1] * (v.dim() - 2)))
+        out[name] = v * keep if v.dtype == torch.long else torch.where(keep, v, torch.zeros((), dtype=v.dtype))
+    return out
+
 
 
 # --------------------------------------------------------------------------------------------------------------

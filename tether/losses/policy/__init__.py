@@ -64,6 +64,8 @@ from tether.losses.policy.advantages import (
     token_returns,
     whiten,
 )
+from tether.losses.policy.astar_po import astar_po
+from tether.losses.policy.chunked_forms import critical_token_kl_from_max, ppo_critical_token_kl, troll_sparse
 from tether.losses.policy.kl_objectives import APOShaping, apo, apo_shaping, disco, gvpo, kdrl, rpg
 from tether.losses.policy.registry import (
     ONLINE_OBJECTIVES,
@@ -109,6 +111,8 @@ __all__ = [
     # KL-regularized successors and token-selective objectives
     "APOShaping", "TrustRegionProjection", "apo", "apo_shaping", "archer", "critical_token_kl", "disco", "gvpo",
     "kdrl", "rpg", "troll", "troll_project",
+    # on chunked statistics (the online recipe's forms) and A*-PO's regression
+    "astar_po", "critical_token_kl_from_max", "ppo_critical_token_kl", "troll_sparse",
     # shaping
     "difficulty_filter", "grpo_care_bonus",
     # registry

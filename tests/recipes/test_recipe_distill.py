@@ -1,0 +1,151 @@
+"""The distillation recipe end to end on tiny models: the logged divergence against a float64 oracle, which rows each
+mode scores, the teacher cache, exact resume, the derived student, and a vocabulary mismatch as one line.
+
+The teacher is a tiny two-layer Llama (``tether.testing``); the student is derived from it (every 2nd layer: one
+layer), built in a temporary ``TETHER_CACHE``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tether.cli import main
+from tether.data import load_preference_dataset
+from tether.models import derive_student, load_model, load_tokenizer
+from tether.recipes.distill import DistillConfig, response_source, step_rows, train
+from tether.testing import make_tiny_model_dir
+
+TIMING_KEYS = {"gen_s", "step_s"}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return str(make_tiny_model_dir(tmp_path_factory.mktemp("distill") / "teacher", seed=0))
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TETHER_CACHE", str(tmp_path_factory.getbasetemp() / "tether_cache"))
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("distill_data") / "pairs.jsonl"
+    rows = [{"prompt": f"Write about topic {i}.", "chosen": f"Topic {i} is calm and kind.",
+             "rejected": f"Topic {i}, well, is fine."} for i in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    path = tmp_path_factory.mktemp("distill_eval") / "heldout.jsonl"
+    rows = [{"prompt": f"Say something about {w}.", "constraints": [{"type": "no_commas"}], "n_constraints": 1}
+            for w in ("rain", "tea")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def tiny(teacher_dir, pairs, out, **overrides) -> DistillConfig:
+    values = dict(output_dir=str(out), teacher_model=teacher_dir, train_file=pairs, steps=2, batch_size=4,
+                  micro_batch_size=3, max_new_tokens=6, eval_prompts_file=None, eval_prompts=0, lr=1e-3,
+                  progress=False, tensorboard=False, chunk_size=7)
+    values.update(overrides)
+    return DistillConfig(**values)
+
+
+def test_derived_student_keeps_every_other_layer_of_the_teacher(teacher_dir):
+    student = load_model(derive_student(teacher_dir, stride=2))
+    teacher = load_model(teacher_dir)
+    assert student.config.num_hidden_layers == 1 and teacher.config.num_hidden_layers == 2
+    s, t = student.state_dict(), teacher.state_dict()
+    for name, value in s.items():
+        assert torch.equal(value, t[name]), name  # layer 0, embeddings, norm: copied from the teacher
+
+
+def test_logged_divergence_is_the_exact_token_mean(teacher_dir, pairs, tmp_path):
+    """Step 1 (before any update) logs the token mean of the forward KL(teacher ‖ student) over the response
+    positions of its rows. Oracle: full logits of both models in float64, one unpadded sequence at a time."""
+    cfg = tiny(teacher_dir, pairs, tmp_path / "run", steps=1, divergence="forward_kl")
+    logged = train(cfg).metrics[0]["divergence"]
+    tok = load_tokenizer(teacher_dir)
+    teacher = load_model(teacher_dir).double()
+    student = load_model(derive_student(teacher_dir, stride=2)).double()
+    examples, _ = load_preference_dataset(pairs, tok, max_length=cfg.max_length,
+                                          max_prompt_length=cfg.max_prompt_length)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in step_rows(len(examples), 0, cfg.batch_size, cfg.seed):
+            p, c = examples[i].prompt_ids, examples[i].chosen_ids
+            x = torch.tensor([p + c])
+            lp_t = F.log_softmax(teacher(x).logits[0, len(p) - 1:-1], -1)
+            lp_s = F.log_softmax(student(x).logits[0, len(p) - 1:-1], -1)
+            total += float((lp_t.exp() * (lp_t - lp_s)).sum())
+            n += len(c)
+    # fp32 log-probs of ~-5.5 carry ~1e-6 absolute rounding; the KL is a sum of p·(log p − log q) over them
+    assert logged == pytest.approx(total / n, rel=1e-3, abs=1e-7)
+    assert total / n > 1e-4  # a one-layer student differs from its teacher
+
+
+@pytest.mark.parametrize("mode, lmbda, expected", [("off_policy", 0.5, "dataset"), ("seqkd", 0.5, "teacher"),
+                                                   ("on_policy", 1.0, "student"), ("on_policy", 0.0, "dataset")])
+def test_each_mode_scores_the_rows_it_names(teacher_dir, pairs, tmp_path, mode, lmbda, expected):
+    """λ = 1 trains only on student samples, λ = 0 only on dataset responses; seqkd on teacher samples."""
+    metrics = train(tiny(teacher_dir, pairs, tmp_path / mode, steps=3, mode=mode, lmbda=lmbda)).metrics
+    for row in metrics:
+        assert row["source_student"] == float(expected == "student")
+        assert row["source_teacher"] == float(expected == "teacher")
+
+
+def test_on_policy_mixes_by_a_seeded_draw_per_step():
+    cfg = DistillConfig(mode="on_policy", lmbda=0.5, train_file="x.jsonl")
+    sources = [response_source(cfg, step) for step in range(200)]
+    assert sources == [response_source(cfg, step) for step in range(200)]
+    share = sources.count("student") / len(sources)
+    assert 0.38 < share < 0.62  # Binomial(200, 0.5): ±3.4 standard deviations
+
+
+def test_teacher_cache_gives_the_online_teacher(teacher_dir, pairs, tmp_path):
+    runs = [train(tiny(teacher_dir, pairs, tmp_path / f"cache{c}", cache_teacher=c, nll_weight=0.5)).metrics
+            for c in (True, False)]
+    for a, b in zip(*runs):
+        for k in ("loss", "divergence", "nll", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5), k
+    assert (tmp_path / "cacheTrue" / "teacher_states.safetensors").is_file()
+
+
+def test_resume_follows_the_uninterrupted_trajectory(teacher_dir, pairs, tmp_path):
+    extra = dict(steps=4, mode="on_policy", lmbda=0.5, divergence="reverse_kl", save_every=1)
+    full = train(tiny(teacher_dir, pairs, tmp_path / "full", **extra))
+    train(tiny(teacher_dir, pairs, tmp_path / "part", stop_after=2, **extra))
+    resumed = train(tiny(teacher_dir, pairs, tmp_path / "part", resume=True, **extra))
+    strip = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in full.metrics]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in resumed.metrics]
+    a, b = load_model(tmp_path / "full" / "final").state_dict(), load_model(tmp_path / "part" / "final").state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_report_measures_both_directions_and_the_reward(teacher_dir, pairs, heldout, tmp_path):
+    report = train(tiny(teacher_dir, pairs, tmp_path / "rep", eval_prompts_file=heldout,
+                        kl_samples_per_prompt=2, eval_samples_per_prompt=1)).report
+    for when in ("before", "after"):
+        for direction in ("kl_student_teacher", "kl_teacher_student"):
+            kl = report[when][direction]
+            assert kl["completions"] == 2 * 2 and kl["token_kl"]["mean"] > 0
+        assert report[when]["reward"]["n"] == 2
+
+
+def test_vocabulary_mismatch_is_one_line(teacher_dir, pairs, tmp_path, capsys):
+    """A student whose tokenizer maps tokens to other ids would be compared id by id with the wrong tokens."""
+    other = make_tiny_model_dir(tmp_path / "other", seed=1)
+    tok = load_tokenizer(other)
+    tok.add_tokens(["<|extra|>"])
+    tok.save_pretrained(other)
+    code = main(["distill", "--teacher_model", teacher_dir, "--model", str(other), "--train_file", pairs,
+                 "--output_dir", str(tmp_path / "mm"), "--no_progress"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "tether distill" in line]
+    assert code == 2 and len(err) == 1 and "different vocabularies" in err[0]

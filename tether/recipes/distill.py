@@ -1,0 +1,355 @@
+"""Knowledge distillation: a student matches a teacher's next-token distributions, readable top to bottom.
+
+    tether distill --config configs/distill_forward_kl.yaml [--divergence reverse_kl --mode on_policy ...]
+
+One step (:func:`distill_step`), in order:
+
+1. **Responses.** ``batch_size`` prompts (a seeded permutation, epoch after epoch) and one response each, from the
+   source the mode names (:func:`response_source`): the dataset's (``off_policy``; the standard word-level KD of
+   Hinton et al. 2015 applied per token), the teacher's samples (``seqkd``, sequence-level KD, Kim & Rush 2016), or —
+   with probability ``lmbda``, decided by a seeded draw per step — the student's own samples, else the dataset's
+   (``on_policy``, GKD: Agarwal et al. 2024, arXiv:2306.13649, Algorithm 1).
+2. **Divergence.** At every response position the teacher's and the student's next-token distributions are compared
+   over the full vocabulary by the configured divergence (``tether.losses.distill``), chunk by chunk over the LM head
+   (``tether.head_divergence``: never a (positions, vocabulary) tensor for the batch); the loss is the token mean over
+   the step's response tokens, plus ``nll_weight`` × the dataset response's NLL when the step scores dataset
+   responses. Teacher hidden states on dataset responses are computed once and cached (``cache_teacher``).
+3. **Update.** Micro-batches of ``micro_batch_size`` sequences accumulate one AdamW step (clipping, schedule).
+4. **Record.** Metrics, checkpoints (exact resume), the final model, and ``distill_report.json``: the held-out
+   teacher–student KL in both directions — KL(student ‖ teacher) on student samples and KL(teacher ‖ student) on
+   teacher samples, each exact per token and per sequence with 95% CIs (``tether.eval.kl``) — and the student's rule
+   reward, before and after.
+
+The student is ``derived`` by default: the teacher with every ``student_stride``-th layer (``tether.models``). Teacher
+and student must share one vocabulary (checked; a mismatch is a one-line error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from tether.data import load_preference_dataset, load_prompt_rows
+from tether.head_divergence import head_divergence
+from tether.logprobs import lm_head, token_stats
+from tether.models import (
+    apply_lora,
+    check_same_vocabulary,
+    derive_student,
+    enable_gradient_checkpointing,
+    load_model,
+    load_tokenizer,
+)
+from tether.recipes.configs import DistillConfig
+from tether.reference import reference_context
+from tether.rollout import Rollout, backbone_states, collate, evaluate_reward
+from tether.sampling import Completions, render_prompts, sample
+from tether.training import (
+    RunLog,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    read_metrics,
+    release_freed_memory,
+    resume_or_fresh,
+    save_checkpoint,
+    save_final,
+    start_run,
+)
+
+
+@dataclass
+class DistillRun:
+    """The live state of a run: models, data, optimizer."""
+
+    cfg: DistillConfig
+    student: Any
+    teacher: Any
+    tokenizer: Any
+    pad: int
+    prompt_ids: list[list[int]]
+    """Token ids of every training prompt (chat-templated)."""
+    responses: list[list[int]] | None
+    """The dataset response (``chosen``) of every training row, or None without a dataset."""
+    teacher_states: list[Tensor] | None
+    """Cached teacher final hidden states at each dataset response's positions, (len(response), H) per row."""
+    eval_rows: list[dict]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    output_dir: Path
+    steps: int
+    metrics: list[dict]
+    report: dict | None = None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Set-up.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def setup(cfg: DistillConfig) -> DistillRun:
+    """Teacher, student (derived and cached when ``model: derived``), the training prompts and responses, the
+    held-out rows and the optimizer."""
+    teacher_tok = load_tokenizer(cfg.teacher_model)
+    student_dir = derive_student(cfg.teacher_model, stride=cfg.student_stride) if cfg.model == "derived" \
+        else cfg.model
+    tokenizer = load_tokenizer(student_dir)
+    check_same_vocabulary(teacher_tok, tokenizer, teacher=cfg.teacher_model, student=str(cfg.model))
+    teacher = load_model(cfg.teacher_model).to(cfg.device).eval().requires_grad_(False)
+    student = load_model(student_dir).to(cfg.device)
+    if teacher.get_output_embeddings().weight.shape != student.get_output_embeddings().weight.shape:
+        raise ValueError(f"teacher '{cfg.teacher_model}' and student '{cfg.model}' have LM heads of different sizes; "
+                         "distillation needs one shared vocabulary")
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(student)
+    if cfg.lora:
+        student = apply_lora(student, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    student.train()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt_ids, responses = _training_data(cfg, tokenizer)
+    teacher_states = None
+    if responses is not None and cfg.cache_teacher and cfg.mode != "seqkd":
+        teacher_states = _cached_teacher_states(cfg, teacher, prompt_ids, responses, pad)
+    optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=int(cfg.warmup_ratio * cfg.steps),
+                               total_steps=cfg.steps)
+    return DistillRun(cfg, student, teacher, tokenizer, pad, prompt_ids, responses, teacher_states,
+                      _eval_rows(cfg), optimizer, scheduler)
+
+
+def _training_data(cfg: DistillConfig, tokenizer) -> tuple[list[list[int]], list[list[int]] | None]:
+    """Prompt ids and, from a preference-format file, the dataset response (``chosen``) of every row."""
+    if cfg.train_file:
+        examples, report = load_preference_dataset(
+            cfg.train_file, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+        print(report.summary())
+        return [ex.prompt_ids for ex in examples], [ex.chosen_ids for ex in examples]
+    from tether.tasks import make_instruction_prompts
+
+    rows = make_instruction_prompts(64, seed=cfg.seed, split="train")
+    return render_prompts(tokenizer, [r["prompt"] for r in rows]), None
+
+
+def _eval_rows(cfg: DistillConfig) -> list[dict]:
+    if cfg.eval_prompts_file:
+        return load_prompt_rows(cfg.eval_prompts_file)
+    if cfg.eval_prompts == 0:
+        return []
+    from tether.tasks import make_instruction_prompts
+
+    return make_instruction_prompts(cfg.eval_prompts, seed=cfg.seed, split="heldout")
+
+
+def _as_completions(prompt_ids: list[list[int]], responses: list[list[int]], tokenizer=None) -> Completions:
+    """Dataset responses in the sampler's record (texts decoded only when a tokenizer is given)."""
+    n = len(prompt_ids)
+    texts = [tokenizer.decode(r, skip_special_tokens=True) if tokenizer else "" for r in responses]
+    return Completions(prompt_index=list(range(n)), prompt_ids=[list(p) for p in prompt_ids],
+                       completion_ids=[list(r) for r in responses], logprobs=[[0.0] * len(r) for r in responses],
+                       texts=texts, finished=[True] * n)
+
+
+@torch.no_grad()
+def _teacher_states(teacher, rollout: Rollout) -> list[Tensor]:
+    """The teacher's final hidden states at each row's response positions (the positions that predict a response
+    token), one (len(response), H) tensor per row."""
+    with reference_context(teacher):
+        hidden = backbone_states(teacher, rollout, share_prompts=False)
+    return [hidden[r][rollout.mask[r]] for r in range(rollout.size)]
+
+
+def _cached_teacher_states(cfg: DistillConfig, teacher, prompt_ids, responses, pad: int) -> list[Tensor]:
+    """Teacher hidden states on every dataset response, computed once and cached in ``output_dir`` under a
+    fingerprint of the teacher and the token ids (another teacher or other data recomputes)."""
+    h = hashlib.sha256(str(cfg.teacher_model).encode())
+    for p, r in zip(prompt_ids, responses):
+        h.update(json.dumps([p, r]).encode())
+    fingerprint = torch.tensor(list(h.digest()), dtype=torch.uint8)
+    path = Path(cfg.output_dir) / "teacher_states.safetensors"
+    if path.exists():
+        cached = load_file(path)
+        if torch.equal(cached["fingerprint"], fingerprint):
+            lengths = cached["lengths"].tolist()
+            return [s.to(cfg.device) for s in cached["states"].split(lengths)]
+        print(f"{path} was computed for another teacher or other data; recomputing")
+    states = []
+    for start in range(0, len(prompt_ids), cfg.micro_batch_size):
+        sl = slice(start, start + cfg.micro_batch_size)
+        rollout = collate(_as_completions(prompt_ids[sl], responses[sl]), pad, cfg.device)
+        states += _teacher_states(teacher, rollout)
+    tmp = path.with_suffix(".tmp")
+    save_file({"states": torch.cat(states).cpu().contiguous(), "lengths": torch.tensor([len(s) for s in states]),
+               "fingerprint": fingerprint}, tmp)
+    tmp.replace(path)
+    return states
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One step.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def response_source(cfg: DistillConfig, step: int) -> str:
+    """Who writes step ``step``'s responses: 'dataset', 'teacher' or 'student' — for on_policy a seeded Bernoulli(λ)
+    draw per step (a function of seed and step, so a resumed run draws the same)."""
+    if cfg.mode == "off_policy":
+        return "dataset"
+    if cfg.mode == "seqkd":
+        return "teacher"
+    u = torch.rand((), generator=torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)).item()
+    return "student" if u < cfg.lmbda else "dataset"
+
+
+def step_rows(n_rows: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Consecutive slices of seeded permutations of the rows, epoch after epoch."""
+    from tether.recipes.online_rl import prompt_schedule
+
+    return prompt_schedule(n_rows, step, per_step=per_step, seed=seed)
+
+
+def distill_step(run: DistillRun, step: int) -> dict[str, float]:
+    """One optimizer step on ``batch_size`` responses from the step's source; returns its metrics."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    rows = step_rows(len(run.prompt_ids), step, cfg.batch_size, cfg.seed)
+    source = response_source(cfg, step)
+    prompts = [run.prompt_ids[i] for i in rows]
+    if source == "dataset":
+        done = _as_completions(prompts, [run.responses[i] for i in rows], run.tokenizer)
+    else:
+        writer = run.teacher if source == "teacher" else run.student
+        done = sample(writer, run.tokenizer, prompts, n=1, max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, seed=cfg.seed * 100_003 + step, batch_size=cfg.batch_size)
+    rollout = collate(done, run.pad, cfg.device)
+    t_gen = time.perf_counter() - t0
+    n_tokens = max(int(rollout.mask.sum()), 1)
+    sums = {"divergence": 0.0, "nll": 0.0}
+    for start in range(0, rollout.size, cfg.micro_batch_size):
+        idx = torch.arange(start, min(rollout.size, start + cfg.micro_batch_size))
+        cached = [run.teacher_states[rows[i]] for i in idx.tolist()] if (
+            source == "dataset" and run.teacher_states is not None) else None
+        divergence, nll = micro_loss(run, rollout.rows(idx), cached, with_nll=source == "dataset")
+        loss = (divergence + cfg.nll_weight * nll) / n_tokens
+        release_freed_memory()
+        loss.backward()
+        sums["divergence"] += float(divergence) / n_tokens
+        sums["nll"] += float(nll) / n_tokens
+    grad_norm = optimizer_step(run.student, run.optimizer, run.scheduler, max_grad_norm=cfg.max_grad_norm,
+                               step=step + 1)
+    return {"loss": sums["divergence"] + cfg.nll_weight * sums["nll"], **sums, "grad_norm": grad_norm,
+            "source_student": float(source == "student"), "source_teacher": float(source == "teacher"),
+            "response_len": n_tokens / rollout.size, "lr": run.scheduler.get_last_lr()[0], "gen_s": t_gen,
+            "step_s": time.perf_counter() - t0}
+
+
+def micro_loss(run: DistillRun, mb: Rollout, teacher_states: list[Tensor] | None,
+               with_nll: bool) -> tuple[Tensor, Tensor]:
+    """Summed divergence over the micro-batch's response positions, and (``with_nll``) the summed NLL of the
+    response tokens under the student (0 otherwise)."""
+    cfg = run.cfg
+    hidden = backbone_states(run.student, mb, share_prompts=False, embedding_grad_in_place=True)
+    student_states = hidden[mb.mask]
+    if teacher_states is None:
+        teacher_states = _teacher_states(run.teacher, mb)
+    teacher = torch.cat(teacher_states)
+    weight, bias = lm_head(run.student)
+    t_weight, t_bias = lm_head(run.teacher)
+    divergence = head_divergence(student_states, weight, teacher, t_weight, divergence=cfg.divergence,
+                                 student_bias=bias, teacher_bias=t_bias, temperature=cfg.divergence_temperature,
+                                 chunk_size=cfg.chunk_size, **cfg.divergence_args).sum()
+    nll = torch.zeros((), device=divergence.device)
+    if with_nll and cfg.nll_weight > 0:
+        nll = -token_stats(hidden, weight, mb.labels, bias=bias, chunk_size=cfg.chunk_size)["logps"][mb.mask].sum()
+    return divergence, nll
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The run.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def held_out(run: DistillRun, student) -> dict:
+    """The student's rule reward and the teacher–student KL in both directions on the held-out prompts."""
+    from tether.eval.kl import measure_kl
+    from tether.rewards import InstructionFollowingReward
+
+    cfg = run.cfg
+    prompts = [r["prompt"] for r in run.eval_rows]
+    kw = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=64, chunk_size=cfg.chunk_size,
+              samples_per_prompt=cfg.kl_samples_per_prompt)
+    out = {"kl_student_teacher": measure_kl(student, run.teacher, run.tokenizer, prompts, **kw),
+           "kl_teacher_student": measure_kl(run.teacher, student, run.tokenizer, prompts, **kw)}
+    if all("constraints" in r for r in run.eval_rows):
+        reward = evaluate_reward(student, run.tokenizer, run.eval_rows, InstructionFollowingReward(),
+                                 samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, seed=cfg.seed + 7919, batch_size=64)
+        out["reward"] = reward
+    return out
+
+
+def _summary(name: str, h: dict) -> str:
+    rev, fwd = h["kl_student_teacher"], h["kl_teacher_student"]
+    line = (f"{name}: KL(student‖teacher) {rev['token_kl']['mean']:.3f} nats/token, "
+            f"{rev['sequence_kl_rao_blackwell']['mean']:.2f} ± "
+            f"{rev['sequence_kl_rao_blackwell']['mean'] - rev['sequence_kl_rao_blackwell']['ci95'][0]:.2f}/seq; "
+            f"KL(teacher‖student) {fwd['token_kl']['mean']:.3f} nats/token, "
+            f"{fwd['sequence_kl_rao_blackwell']['mean']:.2f} ± "
+            f"{fwd['sequence_kl_rao_blackwell']['mean'] - fwd['sequence_kl_rao_blackwell']['ci95'][0]:.2f}/seq")
+    if "reward" in h:
+        line += f"; rule reward {h['reward']['reward_mean']:.3f} ± {h['reward']['reward_ci95_halfwidth']:.3f}"
+    return line
+
+
+def train(cfg: DistillConfig) -> DistillResult:
+    out_dir = start_run(cfg)
+    run = setup(cfg)
+    state = resume_or_fresh(out_dir, resume=cfg.resume, model=run.student, optimizer=run.optimizer,
+                            scheduler=run.scheduler, lora=cfg.lora, total=cfg.steps)
+    step = 0 if state is None else state["step"]
+    if step == 0 and run.eval_rows:
+        before = held_out(run, run.student)
+        (out_dir / "held_out_before.json").write_text(json.dumps(before))
+        print(_summary("before", before))
+    log = RunLog(out_dir, total=cfg.steps, start=step, desc=f"distill {cfg.divergence}",
+                 show=("loss", "divergence", "response_len"), finite=("loss", "grad_norm"),
+                 save_every=cfg.save_every, stop_after=cfg.stop_after, tensorboard=cfg.tensorboard,
+                 progress=cfg.progress)
+
+    def checkpoint() -> None:
+        save_checkpoint(out_dir, step, model=run.student, tokenizer=run.tokenizer, optimizer=run.optimizer,
+                        scheduler=run.scheduler)
+
+    while step < cfg.steps:
+        row = distill_step(run, step)
+        step += 1
+        if log.end_step(step, row, checkpoint=checkpoint):
+            break
+    log.close()
+    result = DistillResult(out_dir, step, read_metrics(out_dir))
+    if step < cfg.steps:
+        return result
+    save_final(run.student, run.tokenizer, out_dir / "final", lora=cfg.lora)
+    report: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps": step}
+    if run.eval_rows:
+        from tether.training import merged_copy
+
+        student = merged_copy(run.student) if cfg.lora else run.student
+        report["before"] = json.loads((out_dir / "held_out_before.json").read_text())
+        report["after"] = held_out(run, student)
+        print(_summary("after", report["after"]))
+    report["train_metrics_last"] = result.metrics[-1] if result.metrics else {}
+    (out_dir / "distill_report.json").write_text(json.dumps(report, indent=2))
+    return dataclasses.replace(result, report=report)
