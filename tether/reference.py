@@ -49,13 +49,19 @@ def ema_update_(ref_state: MutableMapping[str, Tensor], policy_state: Mapping[st
 
     GRPO-CARE (``ema_trainer.py::moving_average``: ``param_ema.copy_(lerp(param, param_ema, β))``, β = 0.995 in the
     scripts; ``decay = 0`` copies). Works on ``model.state_dict()`` (tensors share storage with the parameters).
+    A tensor that appears under several names (tied input embedding and LM head) is updated once: a second
+    ``lerp_`` on the same storage would apply the decay twice.
     """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"ema_update_: decay must be in [0, 1] (0 = copy the policy), got {decay}")
     missing = set(ref_state) ^ set(policy_state)
     if missing:
         raise KeyError(f"ema_update_: reference and policy state dicts differ in keys {sorted(missing)[:5]}")
+    seen: set[int] = set()
     for name, ref in ref_state.items():
+        if ref.data_ptr() in seen:
+            continue
+        seen.add(ref.data_ptr())
         new = policy_state[name].to(device=ref.device, dtype=ref.dtype)
         if ref.is_floating_point() and decay > 0.0:
             ref.lerp_(new, 1.0 - decay)

@@ -56,7 +56,8 @@ class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     """Arguments of the transform: {t: …} for ctrl_bon / ctrl_won, {samples: K} reference samples per prompt
     (default 16)."""
     loss: str = "grpo"
-    """Objective by name: ppo_clip, grpo, dapo, gpg, cpgd, rpg, archer, gvpo, disco, apo, kdrl."""
+    """Objective by name: ppo_clip, grpo, dapo, gpg, cpgd, rpg, archer, gvpo, disco, apo, kdrl, troll,
+    critical_token_kl, astar_po."""
     loss_args: dict[str, float | int | str | bool] = field(default_factory=dict)
     """Hyperparameters of the objective, by keyword (e.g. {clip_eps_high: 0.28}, {beta: 0.1}); checked against its
     signature."""
@@ -95,7 +96,20 @@ class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     sample_batch_size: int = 64
     """Completions generated together."""
     drop_uniform_groups: bool = False
-    """DAPO dynamic sampling (without refill): groups whose rewards are all equal leave the loss (counted)."""
+    """DAPO dynamic sampling: groups whose rewards are all equal leave the loss (counted); with max_refill_rounds
+    new groups take their place."""
+    difficulty_low: float = 0.0
+    """Online difficulty filtering: groups whose pass rate (share of completions with reward ≥ pass_threshold) is
+    below this leave the loss (counted); with max_refill_rounds new groups take their place. 0 = no lower bound."""
+    difficulty_high: float = 1.0
+    """Online difficulty filtering: groups whose pass rate is above this leave the loss, as difficulty_low. 1 = no
+    upper bound."""
+    pass_threshold: float = 1.0
+    """A completion passes (is correct) when its reward is ≥ this: the pass rate of the difficulty band and the
+    accuracy of care_bonus. 1.0 = full marks (math: the verified answer; instructions: every constraint met)."""
+    max_refill_rounds: int = 0
+    """Sampling rounds per step, after the first, that replace dropped groups (drop_uniform_groups, the difficulty
+    band) by groups of new prompts (tether.group_filter); groups still dropped after them stay out of the loss."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     mini_batches: int = 1
@@ -105,6 +119,21 @@ class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     ref_reset_every: int = 0
     """ProRL's reference reset: every N steps the reference becomes the policy and the optimizer state is
     re-initialized (0 = never)."""
+    ema_reference_decay: float | None = None
+    """A moving reference (GRPO-CARE): every ema_reference_every optimizer steps θ_ref ← d·θ_ref + (1−d)·θ, d = this
+    (0.995 in the paper's scripts; 0 = copy the policy). The KL term, if any, is to this reference. None = fixed."""
+    ema_reference_every: int = 10
+    """K: optimizer steps between two EMA updates of the reference (10 in GRPO-CARE's scripts)."""
+    care_bonus: float = 0.0
+    """GRPO-CARE's consistency bonus λ (0.5 in the paper's scripts; 0 = off): a passing completion whose answer the
+    EMA reference finds at least as likely as its group's passing ones do gets +λ (grpo_care_bonus; answer span:
+    tether.rollout.answer_mask). Needs ema_reference_decay."""
+    care_args: dict[str, float] = field(default_factory=dict)
+    """Other arguments of the bonus: {confidence_cap: 0.95, margin: 0.01} (the paper's scripts)."""
+    astar_value_samples: int = 8
+    """A*-PO (loss astar_po) stage 1: reference completions per training prompt for V* (8 in the official script)."""
+    astar_value_beta: float = 0.5
+    """A*-PO stage 1: β₁ of V*(x) = β₁·log mean_j exp(r_j/β₁) (0.5 official); the regression's β₂ is loss_args.beta."""
     share_prompts: bool = True
     """Run each group's prompt through the backbone once in the scoring and update passes (same values and gradients
     as running it for every completion; ``tether.prefix``). Ignored under gradient checkpointing."""
@@ -137,7 +166,8 @@ class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
             raise ValueError("reward_transform: its calibration tables come from the starting reference; with "
                              "ref_reset_every the reference moves — use one or the other")
         for name, ok in (("steps", self.steps >= 1), ("prompts_per_step", self.prompts_per_step >= 1),
-                         ("group_size", self.group_size >= 2), ("max_new_tokens", self.max_new_tokens >= 1),
+                         ("group_size", self.group_size >= (2 if ONLINE_OBJECTIVES[self.loss].grouped else 1)),
+                         ("max_new_tokens", self.max_new_tokens >= 1),
                          ("ppo_epochs", self.ppo_epochs >= 1),
                          ("mini_batches", 1 <= self.mini_batches <= self.prompts_per_step),
                          ("micro_batch_size", self.micro_batch_size >= 1),
@@ -151,6 +181,48 @@ class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
                              f"{self.prompts_per_step} (mini-batches hold whole groups)")
         if self.ref_reset_every and self.lora:
             raise ValueError("ref_reset_every needs full fine-tuning: with LoRA the reference is the frozen base")
+        self._check_filters_and_moving_reference()
+
+    def _check_filters_and_moving_reference(self) -> None:
+        for key in ONLINE_OBJECTIVES[self.loss].stat_args:  # TROLL's max_support, the critical-token KL's T'
+            value = self.loss_args.get(key)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"loss_args.{key}={value!r} must be a positive number")
+        if self.loss_args.get("max_support") is not None and self.loss_args["max_support"] != int(
+                self.loss_args["max_support"]):
+            raise ValueError(f"loss_args.max_support={self.loss_args['max_support']!r} must be a whole number")
+        for name, ok in (("difficulty_low", 0.0 <= self.difficulty_low <= self.difficulty_high),
+                         ("difficulty_high", self.difficulty_high <= 1.0),
+                         ("max_refill_rounds", self.max_refill_rounds >= 0),
+                         ("ema_reference_decay", self.ema_reference_decay is None
+                          or 0.0 <= self.ema_reference_decay <= 1.0),
+                         ("ema_reference_every", self.ema_reference_every >= 1), ("care_bonus", self.care_bonus >= 0),
+                         ("astar_value_samples", self.astar_value_samples >= 1),
+                         ("astar_value_beta", 0.0 < self.astar_value_beta < float("inf"))):
+            check_range(name, getattr(self, name), ok, "tether rl")
+        filtered = self.drop_uniform_groups or self.difficulty_low > 0.0 or self.difficulty_high < 1.0
+        if self.max_refill_rounds and not filtered:
+            raise ValueError("max_refill_rounds: nothing is dropped to refill; set drop_uniform_groups or "
+                             "difficulty_low / difficulty_high")
+        if filtered and self.group_size == 1:
+            raise ValueError("drop_uniform_groups / difficulty_low / difficulty_high filter groups of completions; "
+                             "with group_size 1 there are none — unset them")
+        if self.reward_transform and (self.max_refill_rounds or self.difficulty_low > 0 or self.difficulty_high < 1):
+            raise ValueError("reward_transform recomputes which groups enter the loss; it does not combine with "
+                             "max_refill_rounds or the difficulty band — use one or the other")
+        moving = self.ema_reference_decay is not None
+        for name, clash in (("lora", self.lora), ("ref_model", self.ref_model), ("ref_reset_every",
+                            self.ref_reset_every), ("reward_transform", self.reward_transform)):
+            if moving and clash:
+                raise ValueError(f"ema_reference_decay: the EMA reference is a moving copy of the policy; it does "
+                                 f"not combine with {name} — unset one of them")
+        if self.care_bonus and not moving:
+            raise ValueError("care_bonus: GRPO-CARE measures consistency with an EMA reference; set "
+                             "ema_reference_decay (0.995 in the paper's scripts; 1.0 keeps the reference fixed)")
+        unknown = set(self.care_args) - {"confidence_cap", "margin"}
+        if unknown:
+            raise ValueError(f"care_args: {sorted(unknown)} are not arguments of the bonus; it accepts "
+                             "confidence_cap and margin")
 
     @property
     def beta(self) -> float:

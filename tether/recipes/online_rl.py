@@ -4,34 +4,41 @@
 
 One step (:func:`rl_step`), in order, each stage a function over typed records:
 
-1. **Rollout** (:func:`generate`). ``prompts_per_step`` prompts (a seeded permutation of the pool, epoch after
+1. **Rollout and reward** (:func:`draw`). ``prompts_per_step`` prompts (a seeded permutation of the pool, epoch after
    epoch), ``group_size`` completions each, sampled by the current policy (``tether.sampling``; ``engine: vllm`` on
-   GPU machines). Seeds are a function of (seed, step), so a resumed run draws the same completions.
-2. **Reward** (``tether.rollout.rewarded``). Each completion is scored by the configured rewards; "no opinion" (None) is
-   counted and kept out of the loss, and so are groups whose rewards are all equal when ``drop_uniform_groups``.
-   Code-executing rewards run sandboxed: a timeout or crash is a failed sample, never a failed run. With
-   ``reward_transform`` each reward then becomes its calibrated / CTRL / vBoN transform against the reference's own
-   samples for the prompt (``tether.inference.transforms.ReferenceCalibration``).
-3. **Score** (``tether.rollout.score``). One no-grad pass of the reference — and of the policy when the step takes
-   several updates or shapes the reward — gives per-token log-probs, the exact full-vocabulary KL(π‖π_ref) and the
-   entropy. With one on-policy update the update pass itself provides them (the reference head runs once).
-4. **KL placement and advantages** (:func:`targets`). ``kl_placement: reward`` subtracts β·k (k1/k2/k3) from each
-   sequence's reward; ``kl_placement: loss`` adds β·``kl_penalty`` in the update. Advantages by GRPO, Dr.GRPO, RLOO,
-   REINFORCE++ or GPG; objectives that take raw rewards (GVPO, DisCO, APO, KDRL) normalise within groups themselves.
-   β is fixed or adapted towards ``target_kl`` from the measured exact sequence KL.
-5. **Update** (:func:`update`). ``ppo_epochs`` passes over the batch in ``mini_batches`` seeded mini-batches of
+   GPU machines) and scored by the configured rewards (sandboxed code rewards: a crash is a failed sample); "no
+   opinion" (None) is counted and kept out of the loss. Groups without a learning signal — all rewards equal
+   (``drop_uniform_groups``, DAPO) or a pass rate outside [``difficulty_low``, ``difficulty_high``] (online
+   difficulty filtering) — leave the loss, or are replaced by groups of new prompts for up to ``max_refill_rounds``
+   rounds (``tether.group_filter``). Prompts and seeds are functions of (seed, step, round): a resumed run redraws
+   the same batch. ``reward_transform`` then maps each reward to its calibrated / CTRL / vBoN transform against the
+   reference's own samples for the prompt (``tether.inference.transforms.ReferenceCalibration``).
+2. **Score** (``tether.rollout.score``). One no-grad pass of the reference — and of the policy when the step takes
+   several updates or shapes the reward — gives per-token log-probs, the exact full-vocabulary KL(π‖π_ref), the
+   entropy and what the objective declares (TROLL: the policy's top-K support; the critical-token KL: the
+   reference's max log-prob at T'), in chunks, never a batch's logits. With one on-policy update the update pass
+   itself provides them (the reference head runs once).
+3. **Bonus, KL placement and advantages** (:func:`targets`). ``care_bonus`` adds GRPO-CARE's consistency bonus to
+   passing completions. ``kl_placement: reward`` subtracts β·k (k1/k2/k3) from each sequence's reward;
+   ``kl_placement: loss`` adds β·``kl_penalty`` in the update. Advantages by GRPO, Dr.GRPO, RLOO, REINFORCE++ or
+   GPG; objectives that take raw rewards (GVPO, DisCO, APO, KDRL, A*-PO) use them as they need. β is fixed or adapted
+   towards ``target_kl`` from the measured exact sequence KL.
+4. **Update** (:func:`update`). ``ppo_epochs`` passes over the batch in ``mini_batches`` seeded mini-batches of
    whole groups, each one optimizer step accumulated over micro-batches of ``micro_batch_size`` rows; the objective
    is called by name through ``tether.losses.policy.ONLINE_OBJECTIVES``, with the inputs its entry declares.
-6. **Record.** Reward, exact token and sequence KL of the policy that sampled, the estimator's value, entropy, clip
-   fractions, lengths and the time of each stage go to the progress bar, ``metrics.jsonl`` and TensorBoard; atomic
-   checkpoints; ``resume=True`` continues with exactly the trajectory of an uninterrupted run.
+5. **Record.** Reward, exact KL of the policy that sampled, entropy, the objective's and the filter's counts, lengths
+   and stage times go to the progress bar, ``metrics.jsonl`` and TensorBoard; atomic checkpoints; ``resume=True``
+   continues with exactly the trajectory of an uninterrupted run.
 
 Before the first step and after the last the held-out reward is measured on paired samples (fixed seeds), and at
 the end KL(trained ‖ reference) with 95% CIs (``tether.eval.kl``); both go to ``rl_report.json``.
 
 What each step computes is decided once per run (:class:`StepPlan`); the live models, data and optimizer travel in
-one record (:class:`RLRun`). ``ref_reset_every`` is ProRL's reset (Liu et al. 2025): the reference becomes the
-policy *and* the optimizer state is re-initialized (``tether.reference.reset_reference_``).
+one record (:class:`RLRun`). The reference can move (and is then checkpointed): ``ref_reset_every`` is ProRL's reset
+(Liu et al. 2025; ``tether.reference.reset_reference_`` also re-initializes the optimizer), ``ema_reference_decay``
+GRPO-CARE's EMA of the policy, updated every ``ema_reference_every`` optimizer steps. A*-PO (``loss: astar_po``)
+first estimates V*(x) of every training prompt from reference samples (``tether.rollout.reference_values``); its
+paper samples one completion per prompt and step (``group_size: 1``), a larger G gives G independent samples.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tether.group_filter import GroupFilter, draw_groups, prompt_schedule, round_seed
 from tether.logprobs import lm_head, token_stats
 from tether.losses.policy import (
     AGG_MODES,
@@ -54,24 +62,30 @@ from tether.losses.policy import (
     FixedKLController,
     OnlineObjective,
     call_objective,
+    grpo_care_bonus,
     kl_in_reward,
     kl_penalty,
     objective_agg_mode,
 )
 from tether.losses.policy import advantages as adv
+from tether.losses.policy.registry import stat_arg
 from tether.models import apply_lora, enable_gradient_checkpointing, load_model, load_tokenizer
 from tether.recipes.configs import RLConfig
-from tether.reference import frozen_copy, reset_reference_
+from tether.reference import EMAReference, frozen_copy, reset_reference_
 from tether.rollout import (
     RewardedBatch,
     TokenScores,
+    answer_mask,
+    assemble,
     backbone_states,
+    batch_metrics,
     evaluate_reward,
-    rewarded,
+    reference_values,
     score,
+    score_completions,
 )
 from tether.sampling import Completions, render_prompts, sample
-from tether.stats import mean_ci95
+from tether.tasks.rows import TASK_REWARDS, task_rows
 from tether.training import (
     RunLog,
     make_optimizer,
@@ -87,7 +101,6 @@ from tether.training import (
 
 GROUP_ADVANTAGES = {"grpo": adv.grpo_advantages, "drgrpo": adv.drgrpo_advantages, "rloo": adv.rloo_advantages,
                     "gpg": adv.gpg_advantages}
-TASK_REWARDS = {"instructions": {"instructions": 1.0}, "arithmetic": {"math": 1.0}}
 
 
 @dataclass(frozen=True)
@@ -104,11 +117,19 @@ class StepPlan:
     kl_in_reward: bool
     update_stats: tuple[str, ...]
     """Per-token statistics the update pass computes (``tether.logprobs.token_stats``)."""
+    support_size: int
+    """K of the rollout policy's top-K support the scoring pass stores (TROLL's ``max_support``); 0 = none."""
+    ref_max_temperature: float | None
+    """T' of the reference's max log-prob the scoring pass computes (the critical-token KL); None = none."""
+    care: bool
+    """GRPO-CARE's bonus is added to the rewards (the scoring pass then computes the reference log-probs)."""
+    group_filter: GroupFilter
 
     @classmethod
     def of(cls, cfg: RLConfig) -> StepPlan:
         spec = ONLINE_OBJECTIVES[cfg.loss]
-        one_update = cfg.ppo_epochs == 1 and cfg.mini_batches == 1 and cfg.kl_placement == "loss"
+        support = stat_arg(cfg.loss, cfg.loss_args, "max_support") if spec.needs("support_ids") else 0
+        one_update = cfg.ppo_epochs == 1 and cfg.mini_batches == 1 and cfg.kl_placement == "loss" and not support
         kl_in_loss = cfg.kl_placement == "loss" and cfg.beta > 0 and not spec.own_kl
         stats = ["logps"]
         if one_update:
@@ -117,8 +138,13 @@ class StepPlan:
             stats += ["kl"]
         if spec.needs("entropy") and "entropy" not in stats:
             stats += ["entropy"]
+        if support:
+            stats += ["support_logps", "support_rest"]
+        ref_t = stat_arg(cfg.loss, cfg.loss_args, "ref_temperature") if spec.needs("ref_max_logp") else None
         return cls(spec, objective_agg_mode(cfg.loss, cfg.loss_args), one_update, kl_in_loss,
-                   cfg.kl_placement == "reward" and cfg.beta > 0, tuple(stats))
+                   cfg.kl_placement == "reward" and cfg.beta > 0, tuple(stats), int(support), ref_t,
+                   cfg.care_bonus > 0, GroupFilter(cfg.drop_uniform_groups, cfg.difficulty_low,
+                                                   cfg.difficulty_high, cfg.pass_threshold))
 
 
 @dataclass
@@ -143,6 +169,23 @@ class RLRun:
     engine: Any | None = None
     reward_transform: Any | None = None
     """``cfg.reward_transform`` as a ``tether.inference.transforms.ReferenceCalibration``, or None."""
+    ema: EMAReference | None = None
+    """The reference's EMA schedule (``ema_reference_decay``), or None for a reference that does not average."""
+    values: Tensor | None = None
+    """(n_train_rows,) A*-PO's V*(x) of every training prompt, or None."""
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """A step's batch after the group filter and its refill rounds."""
+
+    batch: RewardedBatch
+    rows: list[dict]
+    """(Q,) the prompt row of each group."""
+    row_ids: Tensor
+    """(Q,) long: each group's index in the training pool."""
+    metrics: dict[str, float]
+    """Times of sampling and reward, and the filter's counts."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +194,10 @@ class Targets:
     """(B,) rewards after KL shaping (what reward-taking objectives normalise)."""
     advantages: Tensor | None
     """(B,) or (B, T) advantages; None for objectives that take rewards."""
+    values: Tensor | None = None
+    """(B,) A*-PO's V*(x) of each row's prompt."""
+    bonus: Tensor | None = None
+    """(B,) GRPO-CARE's bonus added to the rewards."""
 
 
 @dataclass(frozen=True)
@@ -166,22 +213,6 @@ class RLResult:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def task_rows(cfg: RLConfig) -> tuple[list[dict], list[dict]]:
-    """Training and held-out prompt rows: from files, or the generated task's splits."""
-    from tether.data import load_prompt_rows
-    from tether.tasks import make_instruction_prompts
-    from tether.tasks.arithmetic import make_arithmetic_prompts
-
-    make = make_instruction_prompts if cfg.task == "instructions" else make_arithmetic_prompts
-    train_rows = (load_prompt_rows(cfg.prompts_file) if cfg.prompts_file
-                  else make(cfg.train_prompts, seed=cfg.seed, split="train"))
-    if cfg.eval_prompts_file:
-        return train_rows, load_prompt_rows(cfg.eval_prompts_file)
-    if cfg.prompts_file or cfg.eval_prompts == 0:
-        return train_rows, []
-    return train_rows, make(cfg.eval_prompts, seed=cfg.seed, split="heldout")
-
-
 def setup(cfg: RLConfig, *, reward=None, train_rows: list[dict] | None = None) -> RLRun:
     """Load models, data, reward and optimizer. The reference is a frozen copy of the start, another model, or —
     with LoRA — the policy's own base with its adapters off. Gradient checkpointing is enabled before LoRA wraps
@@ -192,7 +223,8 @@ def setup(cfg: RLConfig, *, reward=None, train_rows: list[dict] | None = None) -
         reward = build_reward(cfg.rewards if cfg.rewards is not None else TASK_REWARDS[cfg.task],
                               reward_model=cfg.reward_model, reward_model_weight=cfg.reward_model_weight,
                               max_new_tokens=cfg.max_new_tokens, overlong_buffer=cfg.overlong_buffer)
-    rows, eval_rows = task_rows(cfg)
+    rows, eval_rows = task_rows(cfg.task, prompts_file=cfg.prompts_file, eval_prompts_file=cfg.eval_prompts_file,
+                                train_prompts=cfg.train_prompts, eval_prompts=cfg.eval_prompts, seed=cfg.seed)
     train_rows = rows if train_rows is None else train_rows
     tokenizer = load_tokenizer(cfg.model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -229,9 +261,20 @@ def setup(cfg: RLConfig, *, reward=None, train_rows: list[dict] | None = None) -
                                          tokenizer=tokenizer, reward=reward, max_new_tokens=cfg.max_new_tokens,
                                          temperature=cfg.temperature, seed=cfg.seed,
                                          batch_size=cfg.sample_batch_size, stop_strings=cfg.stop_strings)
-    return RLRun(cfg, plan, policy, reference, teacher, tokenizer, pad, reward, train_rows,
-                 render_prompts(tokenizer, [r["prompt"] for r in train_rows]), eval_rows, optimizer, scheduler,
-                 kl_ctl, engine, transform)
+    prompt_ids = render_prompts(tokenizer, [r["prompt"] for r in train_rows])
+    values = None
+    if plan.objective.needs("values"):  # A*-PO stage 1, from the starting reference (recomputed alike on resume)
+        values, unscored = reference_values(
+            reference, tokenizer, prompt_ids, train_rows, reward, samples=cfg.astar_value_samples,
+            beta=cfg.astar_value_beta, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            top_p=cfg.top_p, top_k=cfg.top_k, stop_strings=cfg.stop_strings, seed=cfg.seed * 7_907 + 1,
+            batch_size=cfg.sample_batch_size, progress=cfg.progress)
+        if unscored:
+            print(f"A*-PO: {unscored} of {len(train_rows)} prompts had no scored reference sample (V* = 0)")
+    ema = (EMAReference(cfg.ema_reference_decay, cfg.ema_reference_every)
+           if cfg.ema_reference_decay is not None else None)
+    return RLRun(cfg, plan, policy, reference, teacher, tokenizer, pad, reward, train_rows, prompt_ids, eval_rows,
+                 optimizer, scheduler, kl_ctl, engine, transform, ema, values)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -242,90 +285,97 @@ def setup(cfg: RLConfig, *, reward=None, train_rows: list[dict] | None = None) -
 def rl_step(run: RLRun, step: int) -> dict[str, float]:
     """One rollout → reward → score → advantage → update cycle; returns the step's metrics."""
     cfg, plan = run.cfg, run.plan
-    seconds, t0 = {}, time.perf_counter()
-    rows, done = generate(run, step)
-    seconds["gen_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-    batch = rewarded(run.reward, rows, done, pad=run.pad, group_size=cfg.group_size,
-                     drop_uniform_groups=cfg.drop_uniform_groups, device=cfg.device)
+    drawn = draw(run, step)
+    batch, seconds, t0 = drawn.batch, dict(drawn.metrics), time.perf_counter()
     if run.reward_transform is not None:  # cfg.reward_transform, applied right after the rewards are computed
-        batch = run.reward_transform(batch, rows, group_size=cfg.group_size,
+        batch = run.reward_transform(batch, drawn.rows, group_size=cfg.group_size,
                                      drop_uniform_groups=cfg.drop_uniform_groups)
-    seconds["reward_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+        seconds["reward_s"], t0 = seconds["reward_s"] + time.perf_counter() - t0, time.perf_counter()
     scores = score(run.policy, run.reference, batch.rollout, temperature=cfg.temperature, chunk_size=cfg.chunk_size,
                    micro_batch_size=cfg.micro_batch_size, need_policy=not plan.one_update,
-                   need_ref_logps=not plan.one_update, teacher=run.teacher, share_prompts=cfg.share_prompts)
+                   need_ref_logps=not plan.one_update or plan.care, teacher=run.teacher,
+                   share_prompts=cfg.share_prompts, top_k=plan.support_size,
+                   ref_max_temperature=plan.ref_max_temperature)
     beta = run.kl_ctl.value
-    goals = targets(cfg, plan, batch, scores, beta)
+    goals = targets(run, batch, drawn.row_ids, scores, beta)
     seconds["score_s"], t0 = time.perf_counter() - t0, time.perf_counter()
     metrics, seen = update(run, batch, scores, goals, beta, step)
     seconds["update_s"] = time.perf_counter() - t0
 
     # The exact KL and entropy of the policy that sampled this batch: from the update pass when it was on-policy.
     kl, entropy = (seen["kl"], seen["entropy"]) if plan.one_update else (scores.kl, scores.entropy)
-    mask = batch.rollout.mask
-    n_tokens = max(int(mask.sum()), 1)
-    seq_kl = (kl * mask).sum(-1)
-    run.kl_ctl.update(float(seq_kl.mean()), n_steps=batch.rollout.size)
-    scored = batch.scored
-    metrics.update({
-        "reward": float(batch.rewards[scored].mean()) if scored.any() else float("nan"),
-        "reward_std": float(batch.rewards[scored].std()) if int(scored.sum()) > 1 else 0.0,
-        "token_kl": float((kl * mask).sum()) / n_tokens, "seq_kl": float(seq_kl.mean()), "kl_coef": beta,
-        "entropy": float((entropy * mask).sum()) / n_tokens,
-        "completion_len": float(mask.sum(-1).float().mean()),
-        "cut_frac": 1.0 - float(batch.rollout.finished.float().mean()),
-        "uniform_groups": float(batch.uniform.float().mean()), "no_opinion": float((~scored).sum()),
-        "lr": run.scheduler.get_last_lr()[0], **seconds, "gen_tokens_per_s": n_tokens / max(seconds["gen_s"], 1e-9),
-    })
+    metrics.update(batch_metrics(batch, kl, entropy), kl_coef=beta, lr=run.scheduler.get_last_lr()[0], **seconds,
+                   gen_tokens_per_s=float(batch.rollout.mask.sum()) / max(seconds["gen_s"], 1e-9))
+    run.kl_ctl.update(metrics["seq_kl"], n_steps=batch.rollout.size)
     if plan.kl_in_reward:  # β·Σ_t k_t subtracted from each sequence's reward, on average
-        metrics["reward_kl_penalty"] = float((batch.rewards - goals.rewards).mean())
+        shaped_from = batch.rewards if goals.bonus is None else batch.rewards + goals.bonus
+        metrics["reward_kl_penalty"] = float((shaped_from - goals.rewards).mean())
+    if plan.care:
+        metrics["care_bonus"] = float(goals.bonus.mean())
     if not plan.one_update:  # how far the scoring pass is from what the sampler recorded (engine differences)
+        mask = batch.rollout.mask
         gap = (batch.rollout.sampler_logps - scores.logps).abs() * mask
-        metrics["sampler_logp_gap"] = float(gap.sum()) / n_tokens
+        metrics["sampler_logp_gap"] = float(gap.sum()) / max(int(mask.sum()), 1)
     return metrics
 
 
-def prompt_schedule(n_rows: int, step: int, *, per_step: int, seed: int) -> list[int]:
-    """Row indices of step ``step``'s prompts: consecutive slices of seeded permutations, epoch after epoch."""
-    out: list[int] = []
-    position = step * per_step
-    while len(out) < per_step:
-        epoch, offset = divmod(position, n_rows)
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 7_919 + epoch)).tolist()
-        take = perm[offset:offset + per_step - len(out)]
-        out += take
-        position += len(take)
-    return out
-
-
-def generate(run: RLRun, step: int) -> tuple[list[dict], Completions]:
-    """Step ``step``'s prompt rows and ``group_size`` completions of each, grouped prompt-major."""
-    cfg = run.cfg
-    chosen = prompt_schedule(len(run.train_rows), step, per_step=cfg.prompts_per_step, seed=cfg.seed)
-    ids = [run.prompt_ids[i] for i in chosen]
-    kwargs = dict(n=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                  top_k=cfg.top_k, stop_strings=cfg.stop_strings, seed=cfg.seed * 100_003 + step)
+def draw(run: RLRun, step: int) -> Drawn:
+    """Step ``step``'s groups: sampled, rewarded and filtered, dropped groups replaced by groups of new prompts for
+    up to ``max_refill_rounds`` rounds (``tether.group_filter.draw_groups``). Without a filter: every group kept."""
+    cfg, G, pool = run.cfg, run.cfg.group_size, run.train_rows
     if run.engine is not None:
         run.engine.sync_weights(run.policy)
+    got = draw_groups(prompt_schedule(len(pool), step, per_step=cfg.prompts_per_step, seed=cfg.seed),
+                      lambda chosen, round_: generate(run, step, chosen, round_)[1],
+                      lambda chosen, done: score_completions(run.reward, [pool[i] for i in chosen], done),
+                      n_rows=len(pool), step=step, seed=cfg.seed, group_filter=run.plan.group_filter, group_size=G,
+                      max_refill_rounds=cfg.max_refill_rounds)
+    batch = assemble(got.raw, got.done, pad=run.pad, group_size=G, device=cfg.device,
+                     in_loss=got.kept if run.plan.group_filter.active else None)
+    return Drawn(batch, [pool[i] for i in got.rows], torch.tensor(got.rows), got.metrics)
+
+
+def generate(run: RLRun, step: int, chosen: list[int] | None = None, round_: int = 0) -> tuple[list[dict], Completions]:
+    """Prompt rows ``chosen`` (default: step ``step``'s schedule) and ``group_size`` completions of each, grouped
+    prompt-major, sampled with the seed of round ``round_`` of the step (``tether.group_filter.round_seed``)."""
+    cfg = run.cfg
+    if chosen is None:
+        chosen = prompt_schedule(len(run.train_rows), step, per_step=cfg.prompts_per_step, seed=cfg.seed)
+    ids = [run.prompt_ids[i] for i in chosen]
+    kwargs = dict(n=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                  top_k=cfg.top_k, stop_strings=cfg.stop_strings, seed=round_seed(cfg.seed, step, round_))
+    if run.engine is not None:
         done = run.engine.sample(ids, **kwargs)
     else:
         done = sample(run.policy, run.tokenizer, ids, batch_size=cfg.sample_batch_size, engine=cfg.engine, **kwargs)
     return [run.train_rows[i] for i in chosen], done
 
 
-def targets(cfg: RLConfig, plan: StepPlan, batch: RewardedBatch, scores: TokenScores, beta: float) -> Targets:
-    """KL-shaped rewards (``kl_placement: reward``) and the advantages of objectives that take them."""
-    mask, rewards, token_rewards = batch.rollout.mask, batch.rewards, None
+def targets(run: RLRun, batch: RewardedBatch, row_ids: Tensor, scores: TokenScores, beta: float) -> Targets:
+    """Rewards with GRPO-CARE's bonus (``care_bonus``) and KL shaping (``kl_placement: reward``), A*-PO's V* of each
+    row, and the advantages of objectives that take them.
+
+    The bonus's accuracy is pass/fail (reward ≥ ``pass_threshold``, no-opinion rows fail) — tether's rewards are one
+    number per completion, so "accurate" means full marks by default; its confidence is the EMA reference's mean
+    log-prob over the completion's answer span (``tether.rollout.answer_mask``)."""
+    cfg, plan, G = run.cfg, run.plan, run.cfg.group_size
+    mask, rewards, token_rewards, bonus = batch.rollout.mask, batch.rewards, None, None
+    if plan.care:
+        accuracy = ((batch.rewards >= cfg.pass_threshold) & batch.scored).to(rewards.dtype)
+        bonus = grpo_care_bonus(accuracy, scores.ref_logps, answer_mask(run.tokenizer, batch.rollout), group_size=G,
+                                bonus_coef=cfg.care_bonus, **cfg.care_args)
+        rewards = rewards + bonus
+    values = None if run.values is None else run.values[row_ids].repeat_interleave(G).to(rewards.device)
     if plan.kl_in_reward:
         token_rewards = kl_in_reward(rewards, scores.logps, scores.ref_logps, mask, coef=beta,
                                      estimator=cfg.kl_estimator)
         rewards = token_rewards.sum(-1)
     if plan.objective.takes_rewards:
-        return Targets(rewards, None)
+        return Targets(rewards, None, values, bonus)
     if cfg.advantage_name == "reinforce_pp":  # token-level: returns of the (KL-shaped) token rewards
         return Targets(rewards, adv.reinforce_pp_advantages(token_rewards if token_rewards is not None else rewards,
-                                                            mask))
-    return Targets(rewards, GROUP_ADVANTAGES[cfg.advantage_name](rewards, group_size=cfg.group_size))
+                                                            mask), values, bonus)
+    return Targets(rewards, GROUP_ADVANTAGES[cfg.advantage_name](rewards, group_size=G), values, bonus)
 
 
 def update(run: RLRun, batch: RewardedBatch, scores: TokenScores, goals: Targets, beta: float,
@@ -334,6 +384,7 @@ def update(run: RLRun, batch: RewardedBatch, scores: TokenScores, goals: Targets
     first pass, the (B, T) exact KL and entropy the update pass computed (for a one-update plan)."""
     cfg, G = run.cfg, run.cfg.group_size
     sums: dict[str, float] = {}
+    moved = 0
     seen = {k: torch.zeros_like(batch.rollout.sampler_logps) for k in ("kl", "entropy")}
     n_groups = batch.rollout.size // G
     per_mini = n_groups // cfg.mini_batches
@@ -353,8 +404,11 @@ def update(run: RLRun, batch: RewardedBatch, scores: TokenScores, goals: Targets
             grad_norm = optimizer_step(run.policy, run.optimizer, run.scheduler, max_grad_norm=cfg.max_grad_norm,
                                        step=step + 1)
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+            if run.ema is not None:  # every K optimizer steps θ_ref ← d·θ_ref + (1−d)·θ
+                moved += run.ema.step(run.reference.state_dict(), run.policy.state_dict())
     n_updates = cfg.ppo_epochs * cfg.mini_batches
-    return {k: v / n_updates for k, v in sums.items()}, seen  # each update's shares sum to 1
+    metrics = {k: v / n_updates for k, v in sums.items()}  # each update's shares sum to 1
+    return (metrics if run.ema is None else {**metrics, "ema_updates": float(moved)}), seen
 
 
 def micro_batches(run: RLRun, loss_mask: Tensor, rows: Tensor) -> list[tuple[Tensor, float]]:
@@ -379,25 +433,28 @@ def micro_loss(run: RLRun, batch: RewardedBatch, scores: TokenScores, goals: Tar
     mb = batch.rollout.rows(idx)
     idx, width = idx.to(mb.mask.device), mb.width
     hidden = backbone_states(run.policy, mb, cfg.share_prompts, embedding_grad_in_place=True)
-    ref_kw = {}
+    sc, ref_kw = scores.rows(idx, width), {}
     if "kl" in plan.update_stats:
         rw, rb = lm_head(run.reference)
-        ref_kw = dict(ref_hidden=scores.ref_hidden[idx, :width], ref_weight=rw, ref_bias=rb)
+        ref_kw = dict(ref_hidden=sc.ref_hidden, ref_weight=rw, ref_bias=rb)
     weight, bias = lm_head(run.policy)
     tok = token_stats(hidden, weight, mb.labels, bias=bias, stats=plan.update_stats, chunk_size=cfg.chunk_size,
-                      temperature=cfg.temperature, **ref_kw)
+                      temperature=cfg.temperature, support_ids=sc.topk_ids, **ref_kw)
     logps = tok["logps"]
-    old = logps.detach() if plan.one_update else scores.logps[idx, :width]
-    ref_logps = tok["ref_logps"] if plan.one_update else scores.ref_logps[idx, :width]
-    teacher = scores.teacher_logps[idx, :width] if scores.teacher_logps is not None else ref_logps
+    old = logps.detach() if plan.one_update else sc.logps
+    ref_logps = tok["ref_logps"] if plan.one_update else sc.ref_logps
     loss_mask = batch.loss_mask[idx, :width]
     advantages = goals.advantages
     if advantages is not None:
         advantages = advantages[idx] if advantages.dim() == 1 else advantages[idx, :width]
-    out = call_objective(cfg.loss, dict(logps=logps, old_logps=old, ref_logps=ref_logps, teacher_logps=teacher,
-                                        entropy=tok.get("entropy"), advantages=advantages,
-                                        rewards=goals.rewards[idx], mask=loss_mask, group_size=cfg.group_size,
-                                        max_len=cfg.max_new_tokens), cfg.loss_args)
+    available = dict(
+        logps=logps, old_logps=old, ref_logps=ref_logps, entropy=tok.get("entropy"), advantages=advantages,
+        teacher_logps=sc.teacher_logps if sc.teacher_logps is not None else ref_logps, rewards=goals.rewards[idx],
+        mask=loss_mask, group_size=cfg.group_size, max_len=cfg.max_new_tokens, tokens=mb.labels.clamp_min(0),
+        support_ids=sc.topk_ids, old_support_logps=sc.topk_logps, old_rest_logp=sc.topk_rest,
+        support_logps=tok.get("support_logps"), rest_logp=tok.get("support_rest"), ref_max_logp=sc.ref_max_logp,
+        vocab_size=weight.shape[0], values=None if goals.values is None else goals.values[idx])
+    out = call_objective(cfg.loss, available, cfg.loss_args)
     loss, metrics = out.loss, dict(out.metrics)
     if plan.kl_in_loss:
         kl_term = kl_penalty(logps, ref_logps, loss_mask, estimator=cfg.kl_estimator, old_logps=old,
@@ -428,12 +485,14 @@ def train(cfg: RLConfig, *, reward=None) -> RLResult:
     rewards — for rewards defined in Python."""
     out_dir = start_run(cfg)
     run = setup(cfg, reward=reward)
-    moving = {"reference": run.reference} if cfg.ref_reset_every else None
+    moving = {"reference": run.reference} if cfg.ref_reset_every or run.ema is not None else None
     state = resume_or_fresh(out_dir, resume=cfg.resume, model=run.policy, optimizer=run.optimizer,
                             scheduler=run.scheduler, lora=cfg.lora, modules=moving, total=cfg.steps)
     step = 0 if state is None else state["step"]
     if state is not None:
         run.kl_ctl.value = state["extra"]["kl_coef"]
+        if run.ema is not None:
+            run.ema.steps = state["extra"]["ema_steps"]
     log = RunLog(out_dir, total=cfg.steps, start=step, desc=cfg.loss, show=("reward", "token_kl", "loss", "entropy"),
                  finite=("loss", "token_kl", "grad_norm"), save_every=cfg.save_every, stop_after=cfg.stop_after,
                  tensorboard=cfg.tensorboard, progress=cfg.progress)
@@ -444,7 +503,8 @@ def train(cfg: RLConfig, *, reward=None) -> RLResult:
 
     def checkpoint() -> None:
         save_checkpoint(out_dir, step, model=run.policy, tokenizer=run.tokenizer, optimizer=run.optimizer,
-                        scheduler=run.scheduler, extra={"kl_coef": run.kl_ctl.value}, modules=moving)
+                        scheduler=run.scheduler, modules=moving,
+                        extra={"kl_coef": run.kl_ctl.value, "ema_steps": run.ema.steps if run.ema else 0})
 
     while step < cfg.steps:
         row = rl_step(run, step)
@@ -471,15 +531,11 @@ def final_report(run: RLRun, out_dir: Path, metrics: list[dict]) -> dict:
     report: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps": cfg.steps}
     if run.eval_rows:
         from tether.eval.kl import format_kl_report, measure_kl
+        from tether.eval.reward import format_reward_gain, reward_gain
         from tether.training import merged_copy
 
         before = json.loads((out_dir / "eval_before.json").read_text())
-        after = held_out_reward(run, run.policy)
-        deltas = [a - b for a, b in zip(after["scores"], before["scores"])]
-        report.update(reward_before={k: v for k, v in before.items() if k != "scores"},
-                      reward_after={k: v for k, v in after.items() if k != "scores"},
-                      reward_gain=after["reward_mean"] - before["reward_mean"],
-                      reward_gain_ci95_halfwidth=mean_ci95(deltas)[1])
+        report.update(reward_gain(before, held_out_reward(run, run.policy)))
         policy, reference = run.policy, run.reference
         if cfg.lora:  # two plain models: adapters merged (policy) and removed (reference), the live model untouched
             policy, reference = merged_copy(run.policy), frozen_copy(run.policy).unload()
@@ -487,9 +543,7 @@ def final_report(run: RLRun, out_dir: Path, metrics: list[dict]) -> dict:
                                   samples_per_prompt=cfg.kl_samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
                                   seed=cfg.seed, batch_size=cfg.sample_batch_size, chunk_size=cfg.chunk_size,
                                   progress=cfg.progress)
-        print(f"held-out reward: before {before['reward_mean']:.3f} ± {before['reward_ci95_halfwidth']:.3f}, after "
-              f"{after['reward_mean']:.3f} ± {after['reward_ci95_halfwidth']:.3f}  (gain {report['reward_gain']:+.3f}"
-              f" ± {report['reward_gain_ci95_halfwidth']:.3f}, 95% CI, n={after['n']})")
+        print(format_reward_gain(report))
         print(format_kl_report(report["kl"]))
     report["train_metrics_last"] = metrics[-1] if metrics else {}
     (out_dir / "rl_report.json").write_text(json.dumps(report, indent=2))
