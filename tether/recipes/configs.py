@@ -380,6 +380,88 @@ class KLConfig:
         check_range("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, "tether kl")
 
 
+DISTILL_MODES = ("off_policy", "seqkd", "on_policy")
+
+
+@dataclass
+class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
+    """Distill a teacher into a student by matching next-token distributions: `tether distill --config x.yaml`."""
+
+    output_dir: str = "runs/distill"
+    model: str = "derived"
+    """Student: 'derived' (the teacher with every student_stride-th layer, built and cached on first use) or a local
+    Hugging Face model directory sharing the teacher's tokenizer."""
+    teacher_model: str = "smollm2-135m-instruct"
+    """Teacher: the embedded model or a local Hugging Face model directory."""
+    student_stride: int = 2
+    """With model 'derived': keep the teacher's decoder layers 0, stride, 2·stride, …"""
+    lr: float = 5e-5
+    mode: Literal["off_policy", "seqkd", "on_policy"] = "off_policy"
+    """Whose responses are scored: off_policy — the dataset's; seqkd — the teacher's samples (sequence-level KD);
+    on_policy — the student's own samples with probability lmbda per step, else the dataset's (GKD)."""
+    divergence: str = "forward_kl"
+    """Per-token divergence between teacher and student (tether.losses.distill.DIVERGENCES): forward_kl,
+    reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, total_variation, akl, …"""
+    divergence_args: dict[str, float | int | str | bool] = field(default_factory=dict)
+    """Hyperparameters of the divergence, by keyword (e.g. {beta: 0.5} for generalized_jsd, {alpha: 0.1})."""
+    divergence_temperature: float = 1.0
+    """Temperature applied to both teacher and student logits inside the divergence."""
+    lmbda: float = 0.5
+    """on_policy: probability that a step trains on fresh student samples (GKD's λ; 1 = only student samples,
+    0 = only dataset responses)."""
+    nll_weight: float = 0.0
+    """Weight of the student's negative log-likelihood of the dataset response, added to the divergence (only on
+    steps that score dataset responses)."""
+    train_file: str | None = "data/ifeval_pairs_smollm2.jsonl"
+    """Prompts and responses: preference-format rows (prompt / chosen / rejected); 'chosen' is the dataset
+    response. Required by off_policy and on_policy; seqkd only reads its prompts."""
+    max_length: int = 512
+    """Most tokens of prompt + dataset response (longer responses are truncated, counted)."""
+    max_prompt_length: int = 256
+    """Most prompt tokens after the chat template."""
+    steps: int = 40
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Prompts (responses) per optimizer step."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward (memory knob; does not change the gradient)."""
+    max_new_tokens: int = 48
+    """Length limit of sampled responses (teacher or student)."""
+    temperature: float = 1.0
+    """Sampling temperature of teacher and student responses."""
+    cache_teacher: bool = True
+    """off_policy / on_policy: compute the teacher's final hidden states on the dataset responses once and cache them
+    on disk (fingerprinted), instead of a teacher forward pass every step."""
+    eval_prompts_file: str | None = "data/ifeval_heldout_prompts.jsonl"
+    """Held-out prompts (with IFEval-style 'constraints' for the rule reward); None = the generated held-out split."""
+    eval_prompts: int = 32
+    """Size of the generated held-out set when eval_prompts_file is None (0 disables the report)."""
+    eval_samples_per_prompt: int = 2
+    """Completions per held-out prompt for the student's rule reward before and after."""
+    kl_samples_per_prompt: int = 2
+    """Completions per held-out prompt for each direction of the teacher–student KL."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from tether.losses.distill import DIVERGENCES
+
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence: unknown {self.divergence!r}; choose one of {sorted(DIVERGENCES)}")
+        if self.mode in ("off_policy", "on_policy") and not self.train_file:
+            raise ValueError(f"train_file: mode {self.mode!r} trains on dataset responses; give a preference-format "
+                             "file (prompt / chosen / rejected)")
+        for name, ok in (("student_stride", self.student_stride >= 1), ("steps", self.steps >= 1),
+                         ("batch_size", self.batch_size >= 1), ("micro_batch_size", self.micro_batch_size >= 1),
+                         ("max_new_tokens", self.max_new_tokens >= 1), ("temperature", self.temperature > 0),
+                         ("divergence_temperature", self.divergence_temperature > 0),
+                         ("lmbda", 0 <= self.lmbda <= 1), ("nll_weight", self.nll_weight >= 0),
+                         ("max_prompt_length", 0 < self.max_prompt_length < self.max_length),
+                         ("eval_prompts", self.eval_prompts >= 0),
+                         ("eval_samples_per_prompt", self.eval_samples_per_prompt >= 1),
+                         ("kl_samples_per_prompt", self.kl_samples_per_prompt >= 1)):
+            check_range(name, getattr(self, name), ok, "tether distill")
+
+
 SAMPLE_METHODS = ("plain", "best_of_n", "worst_of_n", "soft_best_of_n", "tilted", "rejection", "qprobe")
 
 
@@ -466,88 +548,3 @@ class SampleConfig:
                          ("max_new_tokens", self.max_new_tokens >= 1), ("temperature", self.temperature > 0),
                          ("batch_size", self.batch_size >= 1)):
             check_range(name, getattr(self, name), ok, "tether sample")
-
-
-DISTILL_MODES = ("off_policy", "seqkd", "on_policy")
-
-
-@dataclass
-class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
-    """Distill a teacher into a student by matching next-token distributions: `tether distill --config x.yaml`."""
-
-    output_dir: str = "runs/distill"
-    model: str = "derived"
-    """Student: 'derived' (the teacher with every student_stride-th layer, built and cached on first use) or a local
-    Hugging Face model directory sharing the teacher's tokenizer."""
-    teacher_model: str = "smollm2-135m-instruct"
-    """Teacher: the embedded model or a local Hugging Face model directory."""
-    student_stride: int = 2
-    """With model 'derived': keep the teacher's decoder layers 0, stride, 2·stride, …"""
-    lr: float = 5e-5
-    mode: Literal["off_policy", "seqkd", "on_policy"] = "off_policy"
-    """Whose responses are scored: off_policy — the dataset's; seqkd — the teacher's samples (sequence-level KD);
-    on_policy — the student's own samples with probability lmbda per step, else the dataset's (GKD)."""
-    divergence: str = "forward_kl"
-    """Per-token divergence between teacher and student (tether.losses.distill.DIVERGENCES): forward_kl,
-    reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, total_variation, akl, …"""
-    divergence_args: dict[str, float | int | str | bool] = field(default_factory=dict)
-    """Hyperparameters of the divergence, by keyword (e.g. {beta: 0.5} for generalized_jsd, {alpha: 0.1})."""
-    divergence_temperature: float = 1.0
-    """Temperature applied to both teacher and student logits inside the divergence."""
-    lmbda: float = 0.5
-    """on_policy: probability that a step trains on fresh student samples (GKD's λ; 1 = only student samples,
-    0 = only dataset responses)."""
-    nll_weight: float = 0.0
-    """Weight of the student's negative log-likelihood of the dataset response, added to the divergence (only on
-    steps that score dataset responses)."""
-    train_file: str | None = "data/ifeval_pairs_smollm2.jsonl"
-    """Prompts and responses: preference-format rows (prompt / chosen / rejected); 'chosen' is the dataset
-    response. Required by off_policy and on_policy; seqkd only reads its prompts."""
-    max_length: int = 512
-    """Most tokens of prompt + dataset response (longer responses are truncated, counted)."""
-    max_prompt_length: int = 256
-    """Most prompt tokens after the chat template."""
-    steps: int = 40
-    """Optimizer steps."""
-    batch_size: int = 8
-    """Prompts (responses) per optimizer step."""
-    micro_batch_size: int = 8
-    """Sequences per forward/backward (memory knob; does not change the gradient)."""
-    max_new_tokens: int = 48
-    """Length limit of sampled responses (teacher or student)."""
-    temperature: float = 1.0
-    """Sampling temperature of teacher and student responses."""
-    cache_teacher: bool = True
-    """off_policy / on_policy: compute the teacher's final hidden states on the dataset responses once and cache them
-    on disk (fingerprinted), instead of a teacher forward pass every step."""
-    eval_prompts_file: str | None = "data/ifeval_heldout_prompts.jsonl"
-    """Held-out prompts (with IFEval-style 'constraints' for the rule reward); None = the generated held-out split."""
-    eval_prompts: int = 32
-    """Size of the generated held-out set when eval_prompts_file is None (0 disables the report)."""
-    eval_samples_per_prompt: int = 2
-    """Completions per held-out prompt for the student's rule reward before and after."""
-    kl_samples_per_prompt: int = 2
-    """Completions per held-out prompt for each direction of the teacher–student KL."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        from tether.losses.distill import DIVERGENCES
-
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence: unknown {self.divergence!r}; choose one of {sorted(DIVERGENCES)}")
-        if self.mode in ("off_policy", "on_policy") and not self.train_file:
-            raise ValueError(f"train_file: mode {self.mode!r} trains on dataset responses; give a preference-format "
-                             "file (prompt / chosen / rejected)")
-        for name, ok in (("student_stride", self.student_stride >= 1), ("steps", self.steps >= 1),
-                         ("batch_size", self.batch_size >= 1), ("micro_batch_size", self.micro_batch_size >= 1),
-                         ("max_new_tokens", self.max_new_tokens >= 1), ("temperature", self.temperature > 0),
-                         ("divergence_temperature", self.divergence_temperature > 0),
-                         ("lmbda", 0 <= self.lmbda <= 1), ("nll_weight", self.nll_weight >= 0),
-                         ("max_prompt_length", 0 < self.max_prompt_length < self.max_length),
-                         ("eval_prompts", self.eval_prompts >= 0),
-                         ("eval_samples_per_prompt", self.eval_samples_per_prompt >= 1),
-                         ("kl_samples_per_prompt", self.kl_samples_per_prompt >= 1)):
-            check_range(name, getattr(self, name), ok, "tether distill")
-
-
-SAMPLE_METHODS = ("plain", "best_of_n", "worst_of_n", "soft_best_of_n", "tilted", "rejection", "qprobe")

@@ -245,8 +245,8 @@ def distill_step(run: DistillRun, step: int) -> dict[str, float]:
         loss = (divergence + cfg.nll_weight * nll) / n_tokens
         release_freed_memory()
         loss.backward()
-        sums["divergence"] += float(divergence) / n_tokens
-        sums["nll"] += float(nll) / n_tokens
+        sums["divergence"] += float(divergence.detach()) / n_tokens
+        sums["nll"] += float(nll.detach()) / n_tokens
     grad_norm = optimizer_step(run.student, run.optimizer, run.scheduler, max_grad_norm=cfg.max_grad_norm,
                                step=step + 1)
     return {"loss": sums["divergence"] + cfg.nll_weight * sums["nll"], **sums, "grad_norm": grad_norm,
