@@ -18,9 +18,10 @@ LAYERS = {
     "tether.tasks": 2, "tether.prefix": 2, "tether.sampling": 2, "tether.head_divergence": 2,
     "tether.rollout": 3,
     "tether.eval": 4, "tether.training": 4, "tether.inference": 4, "tether.group_filter": 4,
-    "tether.recipes": 5,
-    "tether.cli": 6,
-    "tether.__main__": 7,
+    "tether.online_step": 5,
+    "tether.recipes": 6,
+    "tether.cli": 7,
+    "tether.__main__": 8,
 }
 
 
