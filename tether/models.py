@@ -64,6 +64,12 @@ def embedded_model_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
+    return _cache_atomically(model, tokenizer, target)
+
+
+def _cache_atomically(model, tokenizer, target: Path) -> Path:
+    """Save model and tokenizer into a temporary sibling of ``target``, then rename it into place; a process that
+    loses a race to another finishing first keeps the other's copy."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -174,19 +180,7 @@ def derive_student(teacher: str | os.PathLike | None = None, *, stride: int = 2)
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
     log.warning("tether: deriving a %d-layer student from %s (every %d-th layer) into %s (once)", len(keep), source,
                 stride, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _cache_atomically(model, AutoTokenizer.from_pretrained(source), target)
 
 
 def _fingerprint(model_dir: Path) -> str:
