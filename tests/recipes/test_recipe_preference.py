@@ -214,6 +214,9 @@ def test_first_step_loss_is_log2_when_policy_is_reference(assets, tmp_path, over
     (dict(batch_size=0), ["batch_size"]),
     (dict(grad_accum=0), ["grad_accum"]),
     (dict(lr=-1.0), ["lr"]),
+    (dict(loss="ra_dpo", loss_args={"split_risk_ratio": True}), ["split_risk_ratio", "sequential_risk"]),
+    (dict(loss="ra_dpo", loss_args={"chosen_seq_risk_split": 1.0}), ["loss_args", "chosen_seq_risk_split"]),
+    (dict(max_grad_norm=float("nan")), ["max_grad_norm"]),
 ])
 def test_bad_config_fails_at_construction_naming_the_field(kwargs, names):
     with pytest.raises(ValueError) as err:

@@ -235,7 +235,8 @@ class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
 
 
 _PREFERENCE_INPUT_KWARGS = {"chosen_lengths", "rejected_lengths", "chosen_seq_kl", "rejected_seq_kl",
-                            "chosen_seq_risk", "rejected_seq_risk", "kl_reference", "chosen_nll"}
+                            "chosen_seq_risk", "rejected_seq_risk", "chosen_seq_risk_split", "rejected_seq_risk_split",
+                            "kl_reference", "chosen_nll"}
 
 
 @dataclass
@@ -300,6 +301,11 @@ class PreferenceConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
         if unknown:
             raise ValueError(f"loss_args: {sorted(unknown)} are not hyperparameters of {self.loss!r}; "
                              f"it accepts {sorted(allowed)} (and beta as its own field)")
+        if self.loss_args.get("split_risk_ratio"):
+            raise ValueError("loss_args.split_risk_ratio: the recipe computes Ra-DPO's risk chunk by chunk over the "
+                             "whole vocabulary; the official code's split-vocabulary risk is available from full "
+                             "logits (tether.losses.sequential_risk(split_vocab=True) with ra_dpo(split_risk_ratio="
+                             "True)), not in this recipe")
         for name, ok in (("batch_size", self.batch_size >= 1), ("grad_accum", self.grad_accum >= 1),
                          ("epochs", self.epochs >= 1), ("max_steps", self.max_steps is None or self.max_steps >= 1),
                          ("beta", self.beta is None or self.beta > 0),
