@@ -1,5 +1,6 @@
-"""Distillation objectives (``tether.losses.distill.objectives``): exact-enumeration oracles, hand-worked values,
-identities between objectives at neutral settings, and fp32 runs against float64 twins written independently.
+"""Distillation objectives (``tether.losses.distill``: ``minillm``, ``dpkd``, ``preference_kd``): exact-enumeration
+oracles, hand-worked values, identities between objectives at neutral settings, and fp32 runs against float64
+twins written independently.
 
 MiniLLM enumeration oracle (float64). Sequence space: vocabulary V = 3, length T = 2, so 9 sequences y = (a, b). The
 student is tabular: logits θ₁ ∈ R³ at the first state, θ₂[a] ∈ R³ at the state after token a; the teacher likewise
@@ -29,24 +30,16 @@ import torch
 import torch.nn.functional as F
 
 from tether import kl
-from tether.losses.distill.objectives import (
-    TopK,
-    adpa,
-    adpa_advantages,
-    dckd,
-    dpkd_sequence,
-    dpkd_token,
-    dpkd_token_dpop,
-    dpkd_token_ipo,
+from tether.losses.distill.dpkd import dpkd_sequence, dpkd_token, dpkd_token_dpop, dpkd_token_ipo
+from tether.losses.distill.minillm import (
     minillm,
     minillm_advantages,
     minillm_importance_weights,
     minillm_mixture_logprobs,
     minillm_rewards,
     minillm_single_step,
-    teacher_topk,
-    topk_forward_kl,
 )
+from tether.losses.distill.preference_kd import TopK, adpa, adpa_advantages, dckd, teacher_topk, topk_forward_kl
 from tether.losses.policy.advantages import whiten
 from tether.losses.preference import dpo
 from tether.testing import assert_close
