@@ -29,6 +29,8 @@ from torch import Tensor
 
 from tether import kl as _kl
 from tether.losses.policy.surrogates import LOG_RATIO_CLAMP, PolicyLossOutput, aggregate, ppo_clip
+from tether.losses.policy.token_selective import _project_atoms
+from tether.losses.policy.token_selective import _troll_kl as _kl_to
 
 __all__ = ["critical_token_kl_from_max", "ppo_critical_token_kl", "troll_sparse"]
 
@@ -49,45 +51,6 @@ def _metric(x: Tensor, mask: Tensor) -> float:
 # ----------------------------------------------------------------------------------------------------------
 # TROLL on a sparse support
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _interpolate(t: Tensor, a: Tensor, b: Tensor, atom: Tensor) -> Tensor:
-    """log p̃_t = log_softmax((1−t)·a + t·b) over the atoms (−inf on the others)."""
-    mixed = (1.0 - t)[..., None] * a + t[..., None] * b
-    return torch.log_softmax(torch.where(atom, mixed, torch.full_like(mixed, -math.inf)), -1)
-
-
-def _kl_to(logp: Tensor, b: Tensor, atom: Tensor) -> Tensor:
-    """KL(p ‖ q) over the atoms, ``logp`` = log p (−inf off the atoms), ``b`` = log q."""
-    return (logp.exp() * (torch.where(atom, logp, torch.zeros_like(logp)) - b)).sum(-1)
-
-
-def _project_atoms(a: Tensor, b: Tensor, atom: Tensor, eps: float, iters: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The KL-ball projection of :func:`tether.losses.policy.troll_project` on atoms.
-
-    ``a`` = log p_θ (differentiable), ``b`` = log p_old (constant), both (..., A) and normalized over ``atom``.
-    Returns the projected log-probs (..., A) (−inf off the atoms; implicit-function gradient through t), the root
-    t* (detached) and KL(p_θ ‖ p_old) (detached). Same bisection on t = η/(1+η) and the same one-step Newton
-    correction with a detached denominator as the full-vocabulary form.
-    """
-    with torch.no_grad():
-        a_d = a.detach()
-        kl_before = _kl_to(_interpolate(torch.zeros_like(a_d[..., 0]), a_d, b, atom), b, atom)
-        active = kl_before > eps
-        lo, hi = torch.zeros_like(kl_before), torch.ones_like(kl_before)
-        for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            too_far = _kl_to(_interpolate(mid, a_d, b, atom), b, atom) > eps
-            lo, hi = torch.where(too_far, mid, lo), torch.where(too_far, hi, mid)
-        t_star = torch.where(active, hi, torch.zeros_like(hi))
-        p_star = _interpolate(t_star, a_d, b, atom).exp()
-        diff = torch.where(atom, a_d - b, torch.zeros_like(a_d))
-        mean = (p_star * diff).sum(-1, keepdim=True)
-        var = (p_star * (diff - mean).square()).sum(-1)
-        dg_dt = torch.where(active, -(1.0 - t_star) * var, -torch.ones_like(var))
-    g = _kl_to(_interpolate(t_star, a, b, atom), b, atom)
-    t = torch.where(active, t_star - (g - g.detach()) / dg_dt, torch.zeros_like(t_star))
-    return _interpolate(t, a, b, atom), t_star, kl_before
 
 
 def _lumped_rest(support_logps: Tensor, rest_logp: Tensor, keep: Tensor) -> Tensor:

@@ -76,6 +76,35 @@ def _troll_kl(logp: Tensor, b: Tensor, atom: Tensor) -> Tensor:
     return (logp.exp() * (torch.where(atom, logp, torch.zeros_like(logp)) - b)).sum(-1)
 
 
+def _project_atoms(a: Tensor, b: Tensor, atom: Tensor, eps: float, iters: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The KL-ball projection of :func:`troll_project` on atoms (also used by the sparse form,
+    ``tether.losses.policy.chunked_forms.troll_sparse``).
+
+    ``a`` = log p_θ (differentiable), ``b`` = log p_old (constant), both (..., A) and normalized over ``atom``.
+    Returns the projected log-probs (..., A) (−inf off the atoms; implicit-function gradient through t), the root
+    t* (detached) and KL(p_θ ‖ p_old) (detached). Same bisection on t = η/(1+η) and the same one-step Newton
+    correction with a detached denominator as the full-vocabulary form.
+    """
+    with torch.no_grad():
+        a_d = a.detach()
+        kl_before = _troll_kl(_troll_interpolate(torch.zeros_like(a_d[..., 0]), a_d, b, atom), b, atom)
+        active = kl_before > eps
+        lo, hi = torch.zeros_like(kl_before), torch.ones_like(kl_before)
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            too_far = _troll_kl(_troll_interpolate(mid, a_d, b, atom), b, atom) > eps
+            lo, hi = torch.where(too_far, mid, lo), torch.where(too_far, hi, mid)
+        t_star = torch.where(active, hi, torch.zeros_like(hi))
+        p_star = _troll_interpolate(t_star, a_d, b, atom).exp()
+        diff = torch.where(atom, a_d - b, torch.zeros_like(a_d))
+        mean = (p_star * diff).sum(-1, keepdim=True)
+        var = (p_star * (diff - mean).square()).sum(-1)
+        dg_dt = torch.where(active, -(1.0 - t_star) * var, -torch.ones_like(var))
+    g = _troll_kl(_troll_interpolate(t_star, a, b, atom), b, atom)
+    t = torch.where(active, t_star - (g - g.detach()) / dg_dt, torch.zeros_like(t_star))
+    return _troll_interpolate(t, a, b, atom), t_star, kl_before
+
+
 def troll_project(
     logits: Tensor,
     old_logits: Tensor,
@@ -132,27 +161,7 @@ def troll_project(
     b_atoms = torch.cat([b, b_rest[..., None]], -1)
     b_atoms = torch.where(atom, b_atoms, torch.zeros_like(b_atoms))
 
-    with torch.no_grad():
-        a_d = a_atoms.detach()
-        kl_before = _troll_kl(_troll_interpolate(torch.zeros_like(a_rest), a_d, b_atoms, atom), b_atoms, atom)
-        active = kl_before > eps
-        lo, hi = torch.zeros_like(kl_before), torch.ones_like(kl_before)
-        for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            too_far = _troll_kl(_troll_interpolate(mid, a_d, b_atoms, atom), b_atoms, atom) > eps
-            lo = torch.where(too_far, mid, lo)
-            hi = torch.where(too_far, hi, mid)
-        t_star = torch.where(active, hi, torch.zeros_like(hi))
-        logp_star = _troll_interpolate(t_star, a_d, b_atoms, atom)
-        diff = torch.where(atom, a_d - b_atoms, torch.zeros_like(a_d))
-        p_star = logp_star.exp()
-        mean = (p_star * diff).sum(-1, keepdim=True)
-        var = (p_star * (diff - mean).square()).sum(-1)
-        dg_dt = torch.where(active, -(1.0 - t_star) * var, -torch.ones_like(var))
-
-    g = _troll_kl(_troll_interpolate(t_star, a_atoms, b_atoms, atom), b_atoms, atom)
-    t = torch.where(active, t_star - (g - g.detach()) / dg_dt, torch.zeros_like(t_star))
-    logp_atoms = _troll_interpolate(t, a_atoms, b_atoms, atom)
+    logp_atoms, t_star, kl_before = _project_atoms(a_atoms, b_atoms, atom, eps, iters)
     rest = torch.where(has_rest, logp_atoms[..., -1], torch.zeros_like(a_rest))
     logprobs = torch.where(support, logp_atoms[..., :-1], rest[..., None] + a - a_rest[..., None])
     with torch.no_grad():
