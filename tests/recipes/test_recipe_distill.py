@@ -66,28 +66,61 @@ def test_derived_student_keeps_every_other_layer_of_the_teacher(teacher_dir):
         assert torch.equal(value, t[name]), name  # layer 0, embeddings, norm: copied from the teacher
 
 
-def test_logged_divergence_is_the_exact_token_mean(teacher_dir, pairs, tmp_path):
-    """Step 1 (before any update) logs the token mean of the forward KL(teacher ‖ student) over the response
-    positions of its rows. Oracle: full logits of both models in float64, one unpadded sequence at a time."""
-    cfg = tiny(teacher_dir, pairs, tmp_path / "run", steps=1, divergence="forward_kl")
-    logged = train(cfg).metrics[0]["divergence"]
+def forward_kl_oracle(teacher_dir, pairs, cfg, side: str = "chosen", student_dir=None) -> tuple[float, int]:
+    """Token mean of the forward KL(teacher ‖ student) over the ``side`` responses of step 1's rows, and their token
+    count. Full logits of both models in float64, one unpadded sequence at a time."""
     tok = load_tokenizer(teacher_dir)
     teacher = load_model(teacher_dir).double()
-    student = load_model(derive_student(teacher_dir, stride=2)).double()
+    student = load_model(student_dir or derive_student(teacher_dir, stride=2)).double()
     examples, _ = load_preference_dataset(pairs, tok, max_length=cfg.max_length,
                                           max_prompt_length=cfg.max_prompt_length)
     total, n = 0.0, 0
     with torch.no_grad():
         for i in step_rows(len(examples), 0, cfg.batch_size, cfg.seed):
-            p, c = examples[i].prompt_ids, examples[i].chosen_ids
+            p, c = examples[i].prompt_ids, getattr(examples[i], f"{side}_ids")
             x = torch.tensor([p + c])
             lp_t = F.log_softmax(teacher(x).logits[0, len(p) - 1:-1], -1)
             lp_s = F.log_softmax(student(x).logits[0, len(p) - 1:-1], -1)
             total += float((lp_t.exp() * (lp_t - lp_s)).sum())
             n += len(c)
+    return total / n, n
+
+
+def test_logged_divergence_is_the_exact_token_mean(teacher_dir, pairs, tmp_path):
+    """Step 1 (before any update) logs the token mean of the forward KL(teacher ‖ student) over the response
+    positions of its rows."""
+    cfg = tiny(teacher_dir, pairs, tmp_path / "run", steps=1, divergence="forward_kl")
+    logged = train(cfg).metrics[0]["divergence"]
+    oracle, _ = forward_kl_oracle(teacher_dir, pairs, cfg)
     # fp32 log-probs of ~-5.5 carry ~1e-6 absolute rounding; the KL is a sum of p·(log p − log q) over them
-    assert logged == pytest.approx(total / n, rel=1e-3, abs=1e-7)
-    assert total / n > 1e-4  # a one-layer student differs from its teacher
+    assert logged == pytest.approx(oracle, rel=1e-3, abs=1e-7)
+    assert oracle > 1e-4  # a one-layer student differs from its teacher
+
+
+def test_dckd_without_rejected_and_nll_is_off_policy_forward_kl(teacher_dir, pairs, tmp_path):
+    """DCKD's neutral setting w_r = 0, w_sft = 0, w_c = 1 is word-level KD on the chosen responses: step 1 logs the
+    same loss as off_policy forward KL (same rows, same micro-batches, same cached teacher)."""
+    off = train(tiny(teacher_dir, pairs, tmp_path / "off", steps=1)).metrics[0]
+    dc = train(tiny(teacher_dir, pairs, tmp_path / "dc", steps=1, mode="dckd", dckd_rejected_weight=0.0,
+                    nll_weight=0.0)).metrics[0]
+    assert dc["loss"] == pytest.approx(off["loss"], rel=1e-6)
+    assert dc["kl_chosen"] == pytest.approx(off["divergence"], rel=1e-6)
+    assert dc["rejected_tokens"] == 0  # w_r = 0: the rejected side is not computed
+
+
+def test_dckd_scores_the_rejected_responses(teacher_dir, pairs, tmp_path):
+    """With both sides weighted, step 1 scores every rejected token of its rows (count from the dataset) and logs
+    each side's token-mean forward KL against the float64 oracle; the loss is w_c·KL_c + w_r·KL_r + w_sft·NLL."""
+    cfg = tiny(teacher_dir, pairs, tmp_path / "dc", steps=1, mode="dckd", dckd_chosen_weight=0.7,
+               dckd_rejected_weight=0.3, nll_weight=0.2)
+    row = train(cfg).metrics[0]
+    kl_c, n_c = forward_kl_oracle(teacher_dir, pairs, cfg, "chosen")
+    kl_r, n_r = forward_kl_oracle(teacher_dir, pairs, cfg, "rejected")
+    assert (row["chosen_tokens"], row["rejected_tokens"]) == (n_c, n_r) and n_r > 0
+    assert row["kl_chosen"] == pytest.approx(kl_c, rel=1e-3, abs=1e-7)
+    assert row["kl_rejected"] == pytest.approx(kl_r, rel=1e-3, abs=1e-7)
+    assert abs(kl_r - kl_c) > 5e-3 * kl_c  # the sides differ by more than the tolerance: each log is its own side
+    assert row["loss"] == pytest.approx(0.7 * row["kl_chosen"] + 0.3 * row["kl_rejected"] + 0.2 * row["nll"], rel=1e-5)
 
 
 @pytest.mark.parametrize("mode, lmbda, expected", [("off_policy", 0.5, "dataset"), ("seqkd", 0.5, "teacher"),

@@ -14,6 +14,14 @@ One step (:func:`distill_step`), in order:
    (``tether.head_divergence``: never a (positions, vocabulary) tensor for the batch); the loss is the token mean over
    the step's response tokens, plus ``nll_weight`` × the dataset response's NLL when the step scores dataset
    responses. Teacher hidden states on dataset responses are computed once and cached (``cache_teacher``).
+   Modes with an objective of their own replace this step (each a small loss function, ``MICRO_LOSS``):
+
+   * ``dckd`` (DCKD, Gao et al. 2025, arXiv:2502.17927; ``tether.losses.distill.dckd``): the exact forward
+     KL(teacher ‖ student) per position on the dataset's chosen AND rejected responses, each side a token mean over
+     its own tokens, plus ``nll_weight`` × the NLL of chosen; weights ``dckd_chosen_weight`` / ``dckd_rejected_weight``
+     (UNVERIFIED: the authors' values were not accessible). Departure: the teacher is whatever ``teacher_model`` is
+     (the paper's is a DPO-trained teacher) and the KL is over the full vocabulary, not the official top-50 store.
+     The rejected side's teacher states are computed every step (only chosen is cached).
 3. **Update.** Micro-batches of ``micro_batch_size`` sequences accumulate one AdamW step (clipping, schedule).
 4. **Record.** Metrics, checkpoints (exact resume), the final model, and ``distill_report.json``: the held-out
    teacher–student KL in both directions — KL(student ‖ teacher) on student samples and KL(teacher ‖ student) on
@@ -41,6 +49,7 @@ from torch import Tensor
 from tether.data import load_preference_dataset, load_prompt_rows
 from tether.head_divergence import head_divergence
 from tether.logprobs import lm_head, token_stats
+from tether.losses.distill import dckd
 from tether.models import (
     apply_lora,
     check_same_vocabulary,
@@ -80,6 +89,8 @@ class DistillRun:
     """Token ids of every training prompt (chat-templated)."""
     responses: list[list[int]] | None
     """The dataset response (``chosen``) of every training row, or None without a dataset."""
+    rejected: list[list[int]] | None
+    """The ``rejected`` response of every training row (read by dckd), or None without a dataset."""
     teacher_states: list[Tensor] | None
     """Cached teacher final hidden states at each dataset response's positions, (len(response), H) per row."""
     eval_rows: list[dict]
@@ -119,28 +130,31 @@ def setup(cfg: DistillConfig) -> DistillRun:
         student = apply_lora(student, r=cfg.lora_r, alpha=cfg.lora_alpha)
     student.train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompt_ids, responses = _training_data(cfg, tokenizer)
+    prompt_ids, responses, rejected = _training_data(cfg, tokenizer)
     teacher_states = None
     if responses is not None and cfg.cache_teacher and cfg.mode != "seqkd":
         teacher_states = _cached_teacher_states(cfg, teacher, prompt_ids, responses, pad)
     optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=int(cfg.warmup_ratio * cfg.steps),
                                total_steps=cfg.steps)
-    return DistillRun(cfg, student, teacher, tokenizer, pad, prompt_ids, responses, teacher_states,
+    return DistillRun(cfg, student, teacher, tokenizer, pad, prompt_ids, responses, rejected, teacher_states,
                       _eval_rows(cfg), optimizer, scheduler)
 
 
-def _training_data(cfg: DistillConfig, tokenizer) -> tuple[list[list[int]], list[list[int]] | None]:
-    """Prompt ids and, from a preference-format file, the dataset response (``chosen``) of every row."""
+def _training_data(cfg: DistillConfig, tokenizer) -> tuple[list[list[int]], list[list[int]] | None,
+                                                            list[list[int]] | None]:
+    """Prompt ids and, from a preference-format file, the dataset response (``chosen``) and the ``rejected`` response
+    of every row."""
     if cfg.train_file:
         examples, report = load_preference_dataset(
             cfg.train_file, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
         print(report.summary())
-        return [ex.prompt_ids for ex in examples], [ex.chosen_ids for ex in examples]
+        return ([ex.prompt_ids for ex in examples], [ex.chosen_ids for ex in examples],
+                [ex.rejected_ids for ex in examples])
     from tether.tasks import make_instruction_prompts
 
     rows = make_instruction_prompts(64, seed=cfg.seed, split="train")
-    return render_prompts(tokenizer, [r["prompt"] for r in rows]), None
+    return render_prompts(tokenizer, [r["prompt"] for r in rows]), None, None
 
 
 def _eval_rows(cfg: DistillConfig) -> list[dict]:
@@ -205,7 +219,7 @@ def _cached_teacher_states(cfg: DistillConfig, teacher, prompt_ids, responses, p
 def response_source(cfg: DistillConfig, step: int) -> str:
     """Who writes step ``step``'s responses: 'dataset', 'teacher' or 'student' — for on_policy a seeded Bernoulli(λ)
     draw per step (a function of seed and step, so a resumed run draws the same)."""
-    if cfg.mode == "off_policy":
+    if cfg.mode in ("off_policy", "dckd"):
         return "dataset"
     if cfg.mode == "seqkd":
         return "teacher"
@@ -218,6 +232,27 @@ def step_rows(n_rows: int, step: int, per_step: int, seed: int) -> list[int]:
     from tether.recipes.online_rl import prompt_schedule
 
     return prompt_schedule(n_rows, step, per_step=per_step, seed=seed)
+
+
+@dataclass
+class StepBatch:
+    """One step's responses and what its objective reads besides the models."""
+
+    rows: list[int]
+    """The dataset row of each response (its prompt's row)."""
+    rollout: Rollout
+    """(B, T) prompt + response rows: the step's responses."""
+    source: str
+    """Who wrote the responses: 'dataset', 'teacher' or 'student'."""
+    n_tokens: int
+    """Response tokens of the step (at least 1): every token mean divides by it."""
+    teacher_states: list[Tensor] | None = None
+    """Teacher final hidden states at each row's response positions, (len(response), H) per row (None: computed
+    per micro-batch)."""
+    rejected: Rollout | None = None
+    """dckd: the same prompts with the dataset's rejected responses (None when dckd_rejected_weight is 0)."""
+    n_rejected: int = 1
+    """dckd: rejected response tokens of the step (at least 1)."""
 
 
 def distill_step(run: DistillRun, step: int) -> dict[str, float]:
@@ -235,45 +270,107 @@ def distill_step(run: DistillRun, step: int) -> dict[str, float]:
                       temperature=cfg.temperature, seed=cfg.seed * 100_003 + step, batch_size=cfg.batch_size)
     rollout = collate(done, run.pad, cfg.device)
     t_gen = time.perf_counter() - t0
-    n_tokens = max(int(rollout.mask.sum()), 1)
-    sums = {"divergence": 0.0, "nll": 0.0}
+    batch = StepBatch(rows, rollout, source, max(int(rollout.mask.sum()), 1),
+                      [run.teacher_states[i] for i in rows] if source == "dataset" and run.teacher_states else None)
+    batch = PREPARE.get(cfg.mode, lambda run, batch: batch)(run, batch)
+    sums: dict[str, float] = {}
     for start in range(0, rollout.size, cfg.micro_batch_size):
         idx = torch.arange(start, min(rollout.size, start + cfg.micro_batch_size))
-        cached = [run.teacher_states[rows[i]] for i in idx.tolist()] if (
-            source == "dataset" and run.teacher_states is not None) else None
-        divergence, nll = micro_loss(run, rollout.rows(idx), cached, with_nll=source == "dataset")
-        loss = (divergence + cfg.nll_weight * nll) / n_tokens
+        loss, metrics = MICRO_LOSS.get(cfg.mode, divergence_loss)(run, batch, idx)
         release_freed_memory()
         loss.backward()
-        sums["divergence"] += float(divergence.detach()) / n_tokens
-        sums["nll"] += float(nll.detach()) / n_tokens
+        for k, v in {"loss": float(loss.detach()), **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + v
     grad_norm = optimizer_step(run.student, run.optimizer, run.scheduler, max_grad_norm=cfg.max_grad_norm,
                                step=step + 1)
-    return {"loss": sums["divergence"] + cfg.nll_weight * sums["nll"], **sums, "grad_norm": grad_norm,
-            "source_student": float(source == "student"), "source_teacher": float(source == "teacher"),
-            "response_len": n_tokens / rollout.size, "lr": run.scheduler.get_last_lr()[0], "gen_s": t_gen,
-            "step_s": time.perf_counter() - t0}
+    return {**sums, "grad_norm": grad_norm, "source_student": float(source == "student"),
+            "source_teacher": float(source == "teacher"), "response_len": batch.n_tokens / rollout.size,
+            "lr": run.scheduler.get_last_lr()[0], "gen_s": t_gen, "step_s": time.perf_counter() - t0}
 
 
-def micro_loss(run: DistillRun, mb: Rollout, teacher_states: list[Tensor] | None,
-               with_nll: bool) -> tuple[Tensor, Tensor]:
-    """Summed divergence over the micro-batch's response positions, and (``with_nll``) the summed NLL of the
-    response tokens under the student (0 otherwise)."""
-    cfg = run.cfg
-    hidden = backbone_states(run.student, mb, share_prompts=False, embedding_grad_in_place=True)
-    student_states = hidden[mb.mask]
-    if teacher_states is None:
-        teacher_states = _teacher_states(run.teacher, mb)
-    teacher = torch.cat(teacher_states)
+# Each mode's loss on micro-batch ``idx`` of the step: (its share of the step's loss, a differentiable 0-dim tensor;
+# its share of each logged metric). Shares are exact: a token mean over the step is Σ_mb (sum over mb) / n_tokens.
+
+
+def _teacher(run: DistillRun, batch: StepBatch, idx: Tensor, mb: Rollout) -> Tensor:
+    """(N, H_t) teacher states at the micro-batch's response positions: cached, or a teacher forward pass."""
+    states = [batch.teacher_states[i] for i in idx.tolist()] if batch.teacher_states is not None else None
+    return torch.cat(states if states is not None else _teacher_states(run.teacher, mb))
+
+
+def _per_position(run: DistillRun, hidden: Tensor, teacher: Tensor, mask: Tensor, divergence: str, **kw) -> Tensor:
+    """(N,) divergence of the student (``hidden`` (B, T, H) at ``mask``) from the teacher (``teacher`` (N, H_t)),
+    chunked over the LM head."""
     weight, bias = lm_head(run.student)
     t_weight, t_bias = lm_head(run.teacher)
-    divergence = head_divergence(student_states, weight, teacher, t_weight, divergence=cfg.divergence,
-                                 student_bias=bias, teacher_bias=t_bias, temperature=cfg.divergence_temperature,
-                                 chunk_size=cfg.chunk_size, **cfg.divergence_args).sum()
+    return head_divergence(hidden[mask], weight, teacher, t_weight, divergence=divergence, student_bias=bias,
+                           teacher_bias=t_bias, chunk_size=run.cfg.chunk_size, **kw)
+
+
+def _at(mask: Tensor, values: Tensor) -> Tensor:
+    """(N,) values at the True entries of ``mask`` (row-major, as ``x[mask]``) → (B, T), 0 elsewhere."""
+    return values.new_zeros(mask.shape).index_put(mask.nonzero(as_tuple=True), values)
+
+
+def _logps(run: DistillRun, hidden: Tensor, labels: Tensor, **kw) -> Tensor:
+    """(B, T) log q_θ(labels) (0 where IGNORE_INDEX), chunked over the LM head."""
+    weight, bias = lm_head(run.student)
+    return token_stats(hidden, weight, labels, bias=bias, chunk_size=run.cfg.chunk_size, **kw)["logps"]
+
+
+def divergence_loss(run: DistillRun, batch: StepBatch, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """off_policy / seqkd / on_policy: the configured divergence at every response position (+ nll_weight × the
+    dataset response's NLL when the step scores dataset responses)."""
+    cfg = run.cfg
+    mb = batch.rollout.rows(idx)
+    hidden = backbone_states(run.student, mb, share_prompts=False, embedding_grad_in_place=True)
+    divergence = _per_position(run, hidden, _teacher(run, batch, idx, mb), mb.mask, cfg.divergence,
+                               temperature=cfg.divergence_temperature, **cfg.divergence_args).sum()
     nll = torch.zeros((), device=divergence.device)
-    if with_nll and cfg.nll_weight > 0:
-        nll = -token_stats(hidden, weight, mb.labels, bias=bias, chunk_size=cfg.chunk_size)["logps"][mb.mask].sum()
-    return divergence, nll
+    if batch.source == "dataset" and cfg.nll_weight > 0:
+        nll = -_logps(run, hidden, mb.labels)[mb.mask].sum()
+    loss = (divergence + cfg.nll_weight * nll) / batch.n_tokens
+    return loss, {"divergence": float(divergence.detach()) / batch.n_tokens,
+                  "nll": float(nll.detach()) / batch.n_tokens}
+
+
+def _dckd_prepare(run: DistillRun, batch: StepBatch) -> StepBatch:
+    if run.cfg.dckd_rejected_weight == 0:
+        return batch
+    rejected = collate(_as_completions([run.prompt_ids[i] for i in batch.rows], [run.rejected[i] for i in batch.rows]),
+                       run.pad, run.cfg.device)
+    return dataclasses.replace(batch, rejected=rejected, n_rejected=max(int(rejected.mask.sum()), 1))
+
+
+def dckd_loss(run: DistillRun, batch: StepBatch, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """dckd: forward KL(teacher ‖ student) per position on the chosen and the rejected responses, + NLL on chosen,
+    each a token mean over the step's tokens of its side (``tether.losses.distill.dckd``; weights scaled by the
+    micro-batch's share of each side's tokens)."""
+    cfg = run.cfg
+    chosen = batch.rollout.rows(idx)
+    hidden = backbone_states(run.student, chosen, share_prompts=False, embedding_grad_in_place=True)
+    kl_c = _at(chosen.mask, _per_position(run, hidden, _teacher(run, batch, idx, chosen), chosen.mask, "forward_kl"))
+    n_c = int(chosen.mask.sum())
+    logps = _logps(run, hidden, chosen.labels) if cfg.nll_weight > 0 else None
+    kl_r, mask_r, n_r = None, None, 0
+    if batch.rejected is not None:
+        rejected = batch.rejected.rows(idx)
+        hidden_r = backbone_states(run.student, rejected, share_prompts=False, embedding_grad_in_place=True)
+        mask_r, n_r = rejected.mask, int(rejected.mask.sum())
+        teacher_r = torch.cat(_teacher_states(run.teacher, rejected))
+        kl_r = _at(mask_r, _per_position(run, hidden_r, teacher_r, mask_r, "forward_kl"))
+    c_share, r_share = n_c / batch.n_tokens, n_r / batch.n_rejected
+    out = dckd(kl_c, chosen.mask, sft_weight=cfg.nll_weight * c_share, chosen_weight=cfg.dckd_chosen_weight * c_share,
+               rejected_weight=cfg.dckd_rejected_weight * r_share, chosen_logps=logps, rejected_kl=kl_r,
+               rejected_mask=mask_r)
+    return out.loss, {"kl_chosen": float(kl_c.detach().sum()) / batch.n_tokens,
+                      "kl_rejected": 0.0 if kl_r is None else float(kl_r.detach().sum()) / batch.n_rejected,
+                      "nll": 0.0 if logps is None else -float(logps.detach()[chosen.mask].sum()) / batch.n_tokens,
+                      "chosen_tokens": float(n_c), "rejected_tokens": float(n_r)}
+PREPARE = {"dckd": _dckd_prepare}
+"""Mode → what the step's objective reads besides the responses (computed once per step, before the micro-batches)."""
+MICRO_LOSS = {"dckd": dckd_loss}
+"""Mode → its loss on one micro-batch (the divergence modes: :func:`divergence_loss`)."""
 
 
 # ------------------------------------------------------------------------------------------------------------
