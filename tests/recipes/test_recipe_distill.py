@@ -7,6 +7,7 @@ layer), built in a temporary ``TETHER_CACHE``."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from tether.cli import main
 from tether.data import load_preference_dataset
+from tether.losses.distill import dpkd_token
 from tether.models import derive_student, load_model, load_tokenizer
 from tether.recipes.distill import DistillConfig, response_source, step_rows, train
 from tether.testing import make_tiny_model_dir
@@ -121,6 +123,49 @@ def test_dckd_scores_the_rejected_responses(teacher_dir, pairs, tmp_path):
     assert row["kl_rejected"] == pytest.approx(kl_r, rel=1e-3, abs=1e-7)
     assert abs(kl_r - kl_c) > 5e-3 * kl_c  # the sides differ by more than the tolerance: each log is its own side
     assert row["loss"] == pytest.approx(0.7 * row["kl_chosen"] + 0.3 * row["kl_rejected"] + 0.2 * row["nll"], rel=1e-5)
+
+
+def test_dpkd_at_student_equal_teacher_is_log2_with_zero_gradient(teacher_dir, pairs, tmp_path):
+    """Student = teacher (the teacher's directory as the student): at every position the two argmaxes agree, so
+    h_t = [log q(a_T) − log q(a_S)] − [log p(a_T) − log p(a_S)] = 0 and L_t = softplus(0) = log 2, gradient 0."""
+    row = train(tiny(teacher_dir, pairs, tmp_path / "dpkd", steps=1, mode="dpkd", model=teacher_dir)).metrics[0]
+    assert row["loss"] == pytest.approx(math.log(2.0), rel=1e-6)
+    assert row["argmax_agree"] == 1.0
+    assert row["grad_norm"] == 0.0
+
+
+def test_dpkd_logs_the_token_level_dpkd_of_full_logits(teacher_dir, pairs, tmp_path):
+    """Step 1 logs ``dpkd_token`` (token mean over the step's rows) computed on full float64 logits of both models,
+    one unpadded sequence at a time, + nll_weight × NLL. The tiny models tie their head to the embeddings, and at
+    random init every one of them predicts its input token: the student's final-norm gains are redrawn at random
+    (some negative) so that the two argmaxes disagree and DPKD is not log 2 trivially."""
+    other = str(make_tiny_model_dir(tmp_path / "other", seed=1))
+    scrambled = load_model(other)
+    with torch.no_grad():
+        norm = scrambled.model.norm.weight
+        norm.copy_(torch.randn(norm.shape, generator=torch.Generator().manual_seed(3)))
+    scrambled.save_pretrained(other)
+    cfg = tiny(teacher_dir, pairs, tmp_path / "dpkd", steps=1, mode="dpkd", dpkd_beta=0.5, nll_weight=0.3,
+               model=other)
+    row = train(cfg).metrics[0]
+    tok = load_tokenizer(teacher_dir)
+    teacher = load_model(teacher_dir).double()
+    student = load_model(other).double()
+    examples, _ = load_preference_dataset(pairs, tok, max_length=cfg.max_length,
+                                          max_prompt_length=cfg.max_prompt_length)
+    total, nll, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for i in step_rows(len(examples), 0, cfg.batch_size, cfg.seed):
+            p, c = examples[i].prompt_ids, examples[i].chosen_ids
+            x = torch.tensor([p + c])
+            zt, zs = teacher(x).logits[:, len(p) - 1:-1], student(x).logits[:, len(p) - 1:-1]
+            mask = torch.ones(1, len(c), dtype=torch.bool)
+            total += dpkd_token(zs, zt, mask, beta=0.5).loss.item() * len(c)
+            nll -= float(F.log_softmax(zs[0], -1).gather(-1, torch.tensor(c)[:, None]).sum())
+            n += len(c)
+    assert row["dpkd"] == pytest.approx(total / n, rel=1e-5)
+    assert row["loss"] == pytest.approx((total + 0.3 * nll) / n, rel=1e-5)
+    assert row["argmax_agree"] < 0.9 and row["grad_norm"] > 0  # the argmaxes disagree: the test is not at h ≡ 0
 
 
 @pytest.mark.parametrize("mode, lmbda, expected", [("off_policy", 0.5, "dataset"), ("seqkd", 0.5, "teacher"),

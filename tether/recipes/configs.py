@@ -402,12 +402,13 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     student_stride: int = 2
     """With model 'derived': keep the teacher's decoder layers 0, stride, 2·stride, …"""
     lr: float = 5e-5
-    mode: Literal["off_policy", "seqkd", "on_policy", "dckd"] = "off_policy"
+    mode: Literal["off_policy", "seqkd", "on_policy", "dckd", "dpkd"] = "off_policy"
     """What is scored and by which objective. With the configured divergence: off_policy — the dataset's responses;
     seqkd — the teacher's samples (sequence-level KD); on_policy — the student's own samples with probability lmbda
     per step, else the dataset's (GKD). With an objective of their own (divergence left at forward_kl): dckd —
     forward KL on the dataset's chosen AND rejected responses plus nll_weight × NLL on chosen (DCKD, Gao et al. 2025;
-    dckd_*_weight)."""
+    dckd_*_weight); dpkd — token-level DPKD (Li et al. 2024) under teacher forcing on the dataset response
+    (dpkd_beta)."""
     divergence: str = "forward_kl"
     """Per-token divergence between teacher and student (tether.losses.distill.DIVERGENCES): forward_kl,
     reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, total_variation, akl, …"""
@@ -420,13 +421,15 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     0 = only dataset responses)."""
     nll_weight: float = 0.0
     """Weight of the student's negative log-likelihood of the dataset response, added to the divergence (only on
-    steps that score dataset responses); dckd's w_sft."""
+    steps that score dataset responses); dckd's w_sft and DPKD's (1 − kd_ratio) NLL term."""
     dckd_chosen_weight: float = 1.0
     """dckd: weight w_c of the token-mean forward KL on the chosen responses. UNVERIFIED recipe value: the authors'
     DCKD weights (student_dckd.yaml) were not accessible (tether.losses.distill.dckd)."""
     dckd_rejected_weight: float = 1.0
     """dckd: weight w_r of the token-mean forward KL on the rejected responses (0 skips them). UNVERIFIED recipe
     value, as dckd_chosen_weight."""
+    dpkd_beta: float = 0.1
+    """dpkd: β of the per-position Bradley–Terry loss (official --dpo-beta 0.1)."""
     train_file: str | None = "data/ifeval_pairs_smollm2.jsonl"
     """Prompts and responses: preference-format rows (prompt / chosen / rejected); 'chosen' is the dataset
     response. Required by off_policy and on_policy; seqkd only reads its prompts."""
@@ -445,7 +448,7 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     temperature: float = 1.0
     """Sampling temperature of teacher and student responses."""
     cache_teacher: bool = True
-    """Modes that score dataset responses (off_policy, on_policy, dckd's chosen side): compute the teacher's final
+    """Modes that score dataset responses (off_policy, on_policy, dckd's chosen side, dpkd): compute the teacher's final
     hidden states on the dataset responses once and cache them on disk (fingerprinted), instead of a teacher forward
     pass every step."""
     eval_prompts_file: str | None = "data/ifeval_heldout_prompts.jsonl"
@@ -463,11 +466,11 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
 
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence: unknown {self.divergence!r}; choose one of {sorted(DIVERGENCES)}")
-        if self.mode == "dckd" and (
+        if self.mode in ("dckd", "dpkd") and (
                 self.divergence != "forward_kl" or self.divergence_args or self.divergence_temperature != 1.0):
             raise ValueError(f"divergence: mode {self.mode!r} has its own objective and does not read divergence, "
                              "divergence_args or divergence_temperature; leave them at forward_kl, {}, 1")
-        if self.mode in ("off_policy", "on_policy", "dckd") and not self.train_file:
+        if self.mode in ("off_policy", "on_policy", "dckd", "dpkd") and not self.train_file:
             raise ValueError(f"train_file: mode {self.mode!r} trains on dataset responses; give a preference-format "
                              "file (prompt / chosen / rejected)")
         for name, ok in (("student_stride", self.student_stride >= 1), ("steps", self.steps >= 1),
@@ -476,7 +479,7 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
                          ("divergence_temperature", self.divergence_temperature > 0),
                          ("lmbda", 0 <= self.lmbda <= 1), ("nll_weight", self.nll_weight >= 0),
                          ("dckd_chosen_weight", self.dckd_chosen_weight >= 0),
-                         ("dckd_rejected_weight", self.dckd_rejected_weight >= 0),
+                         ("dckd_rejected_weight", self.dckd_rejected_weight >= 0), ("dpkd_beta", self.dpkd_beta > 0),
                          ("max_prompt_length", 0 < self.max_prompt_length < self.max_length),
                          ("eval_prompts", self.eval_prompts >= 0),
                          ("eval_samples_per_prompt", self.eval_samples_per_prompt >= 1),

@@ -22,6 +22,12 @@ One step (:func:`distill_step`), in order:
      (UNVERIFIED: the authors' values were not accessible). Departure: the teacher is whatever ``teacher_model`` is
      (the paper's is a DPO-trained teacher) and the KL is over the full vocabulary, not the official top-50 store.
      The rejected side's teacher states are computed every step (only chosen is cached).
+   * ``dpkd`` (DPKD, Li et al. 2024, arXiv:2406.19774; ``tether.losses.distill.dpkd_token``): the official
+     token-level form under teacher forcing on the dataset response — at each position a Bradley–Terry loss (β
+     ``dpkd_beta``) of the teacher's argmax token over the student's, the teacher as reference; token mean, plus
+     ``nll_weight`` × NLL (official ``(1 − kd_ratio)·NLL + kd_ratio·L``: fold kd_ratio into the two weights). The
+     argmaxes are found chunk by chunk over the LM heads (no (B, T, V) logits). Left out: the official ``lm_coef``
+     pre-training term on a separate corpus.
 3. **Update.** Micro-batches of ``micro_batch_size`` sequences accumulate one AdamW step (clipping, schedule).
 4. **Record.** Metrics, checkpoints (exact resume), the final model, and ``distill_report.json``: the held-out
    teacher–student KL in both directions — KL(student ‖ teacher) on student samples and KL(teacher ‖ student) on
@@ -43,13 +49,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from tether.data import load_preference_dataset, load_prompt_rows
 from tether.head_divergence import head_divergence
 from tether.logprobs import lm_head, token_stats
-from tether.losses.distill import dckd
+from tether.losses.distill import dckd, dpkd_token_per_position
 from tether.models import (
     apply_lora,
     check_same_vocabulary,
@@ -219,7 +226,7 @@ def _cached_teacher_states(cfg: DistillConfig, teacher, prompt_ids, responses, p
 def response_source(cfg: DistillConfig, step: int) -> str:
     """Who writes step ``step``'s responses: 'dataset', 'teacher' or 'student' — for on_policy a seeded Bernoulli(λ)
     draw per step (a function of seed and step, so a resumed run draws the same)."""
-    if cfg.mode in ("off_policy", "dckd"):
+    if cfg.mode in ("off_policy", "dckd", "dpkd"):
         return "dataset"
     if cfg.mode == "seqkd":
         return "teacher"
@@ -367,9 +374,45 @@ def dckd_loss(run: DistillRun, batch: StepBatch, idx: Tensor) -> tuple[Tensor, d
                       "kl_rejected": 0.0 if kl_r is None else float(kl_r.detach().sum()) / batch.n_rejected,
                       "nll": 0.0 if logps is None else -float(logps.detach()[chosen.mask].sum()) / batch.n_tokens,
                       "chosen_tokens": float(n_c), "rejected_tokens": float(n_r)}
+
+@torch.no_grad()
+def _argmaxes(run: DistillRun, hidden: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """DPKD's two tokens per position and the teacher's log-probs at them, chunk by chunk over the LM heads (no
+    gradient): ``(a_T, a_S, log p(a_T), log p(a_S))``, each (N,), from (N, H) student and (N, H_t) teacher states."""
+    weight, bias = lm_head(run.student)
+    t_weight, t_bias = lm_head(run.teacher)
+    out = []
+    for start in range(0, hidden.shape[0], run.cfg.chunk_size):
+        sl = slice(start, start + run.cfg.chunk_size)
+        a_s = F.linear(hidden[sl], weight, bias).argmax(-1, keepdim=True)
+        teacher_logp = F.linear(teacher[sl], t_weight, t_bias).float().log_softmax(-1)
+        a_t = teacher_logp.argmax(-1, keepdim=True)
+        out.append(torch.cat([a_t, a_s, teacher_logp.gather(-1, a_t), teacher_logp.gather(-1, a_s)], -1))
+    a_t, a_s, t_t, t_s = torch.cat(out).unbind(-1) if out else hidden.new_zeros(4, 0).unbind(0)
+    return a_t.long(), a_s.long(), t_t, t_s
+
+
+def dpkd_loss(run: DistillRun, batch: StepBatch, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """dpkd: the official token-level DPKD (``dpkd_token``) under teacher forcing on the dataset response — at each
+    position a Bradley–Terry loss of the teacher's argmax token over the student's, the teacher as reference — token
+    mean over the step, + nll_weight × NLL. Never (B, T, V) logits: the argmaxes come chunk by chunk without
+    gradient, then the student's log-probs at them chunk by chunk with gradient (``dpkd_token_per_position``)."""
+    cfg = run.cfg
+    mb = batch.rollout.rows(idx)
+    hidden = backbone_states(run.student, mb, share_prompts=False, embedding_grad_in_place=True)
+    a_t, a_s, t_t, t_s = _argmaxes(run, hidden[mb.mask].detach(), _teacher(run, batch, idx, mb))
+    s_t = _logps(run, hidden, mb.labels.masked_scatter(mb.mask, a_t))[mb.mask]
+    s_s = _logps(run, hidden, mb.labels.masked_scatter(mb.mask, a_s))[mb.mask]
+    per_position = dpkd_token_per_position(s_t, s_s, t_t, t_s, beta=cfg.dpkd_beta).sum()
+    nll = -_logps(run, hidden, mb.labels)[mb.mask].sum() if cfg.nll_weight > 0 else per_position.new_zeros(())
+    return (per_position + cfg.nll_weight * nll) / batch.n_tokens, {
+        "dpkd": float(per_position.detach()) / batch.n_tokens, "nll": float(nll.detach()) / batch.n_tokens,
+        "argmax_agree": float((a_t == a_s).sum()) / batch.n_tokens}
+
+
 PREPARE = {"dckd": _dckd_prepare}
 """Mode → what the step's objective reads besides the responses (computed once per step, before the micro-batches)."""
-MICRO_LOSS = {"dckd": dckd_loss}
+MICRO_LOSS = {"dckd": dckd_loss, "dpkd": dpkd_loss}
 """Mode → its loss on one micro-batch (the divergence modes: :func:`divergence_loss`)."""
 
 

@@ -35,7 +35,13 @@ from tether.losses.distill.divergences import (
 )
 
 # --- objectives (minillm, dpkd, preference_kd: MiniLLM, DPKD, DCKD, ADPA) -----------------------------------------
-from tether.losses.distill.dpkd import dpkd_sequence, dpkd_token, dpkd_token_dpop, dpkd_token_ipo
+from tether.losses.distill.dpkd import (
+    dpkd_sequence,
+    dpkd_token,
+    dpkd_token_dpop,
+    dpkd_token_ipo,
+    dpkd_token_per_position,
+)
 from tether.losses.distill.minillm import (
     minillm,
     minillm_advantages,
@@ -55,6 +61,7 @@ __all__ = [
     "sinkhorn", "skew_kl", "skew_reverse_kl", "total_variation",
     # objectives
     "DistillLossOutput", "TopK", "adpa", "adpa_advantages", "dckd", "dpkd_sequence", "dpkd_token", "dpkd_token_dpop",
-    "dpkd_token_ipo", "minillm", "minillm_advantages", "minillm_importance_weights", "minillm_long_term",
+    "dpkd_token_ipo", "dpkd_token_per_position",
+    "minillm", "minillm_advantages", "minillm_importance_weights", "minillm_long_term",
     "minillm_mixture_logprobs", "minillm_rewards", "minillm_single_step", "teacher_topk", "topk_forward_kl",
 ]

@@ -45,6 +45,7 @@ __all__ = [
     "dpkd_token",
     "dpkd_token_dpop",
     "dpkd_token_ipo",
+    "dpkd_token_per_position",
 ]
 
 
@@ -122,6 +123,42 @@ def dpkd_token(
     if label_smoothing > 0:
         per_token = (1.0 - label_smoothing) * per_token + label_smoothing * F.softplus(z)
     return DistillLossOutput(aggregate(per_token, mask, agg, max_len), _dpkd_metrics(m, mask))
+
+
+def dpkd_token_per_position(
+    student_logps_teacher_argmax: Tensor,
+    student_logps_student_argmax: Tensor,
+    teacher_logps_teacher_argmax: Tensor,
+    teacher_logps_student_argmax: Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+) -> Tensor:
+    """The per-position loss ``L_t`` of :func:`dpkd_token` from the four log-probs at the two argmax tokens.
+
+    For a caller that never holds (B, T, V) logits (``tether.recipes.distill`` finds both argmaxes chunk by chunk
+    over the LM head without gradient, then gathers the student's log-probs at them with gradient)::
+
+        h_t = [log q_θ(a_T) − log q_θ(a_S)] − [log p(a_T) − log p(a_S)]      (teacher term 0 if reference_free)
+        L_t = (1 − ε)·softplus(−β·h_t) + ε·softplus(β·h_t)
+
+    The token mean of ``L_t`` over valid positions is ``dpkd_token(...).loss`` (forward and backward,
+    ``test_dpkd_token_per_position_matches_dpkd_token``).
+
+    Shape: four (N,) tensors (or any one shape) — log q_θ(a_T), log q_θ(a_S) differentiable; log p(a_T), log p(a_S)
+    constants; output the same shape. Stop-gradient: the teacher's log-probs (and the argmaxes, by construction).
+    """
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"dpkd_token_per_position: label_smoothing ε must lie in [0, 0.5], got {label_smoothing}.")
+    h = student_logps_teacher_argmax - student_logps_student_argmax
+    if not reference_free:
+        h = h - (teacher_logps_teacher_argmax - teacher_logps_student_argmax).detach()
+    z = beta * h
+    per_position = F.softplus(-z)
+    if label_smoothing > 0:
+        per_position = (1.0 - label_smoothing) * per_position + label_smoothing * F.softplus(z)
+    return per_position
 
 
 def dpkd_token_ipo(
