@@ -18,6 +18,7 @@ from tether.data import load_preference_dataset
 from tether.losses.distill import dpkd_token
 from tether.models import derive_student, load_model, load_tokenizer
 from tether.recipes.distill import DistillConfig, response_source, step_rows, train
+from tether.sampling import sample
 from tether.testing import make_tiny_model_dir
 
 TIMING_KEYS = {"gen_s", "step_s"}
@@ -166,6 +167,52 @@ def test_dpkd_logs_the_token_level_dpkd_of_full_logits(teacher_dir, pairs, tmp_p
     assert row["dpkd"] == pytest.approx(total / n, rel=1e-5)
     assert row["loss"] == pytest.approx((total + 0.3 * nll) / n, rel=1e-5)
     assert row["argmax_agree"] < 0.9 and row["grad_norm"] > 0  # the argmaxes disagree: the test is not at h ≡ 0
+
+
+def test_minillm_logs_the_exact_single_step_reverse_kl(teacher_dir, pairs, tmp_path):
+    """Step 1 samples one response per prompt from the (derived) student and logs the token mean of the exact
+    per-position reverse KL(q ‖ p) over them. Oracle: the same samples (the sampler is deterministic for its seed and
+    batch size), then full logits of both models in float64, one unpadded sequence at a time."""
+    cfg = tiny(teacher_dir, pairs, tmp_path / "minillm", steps=1, mode="minillm")
+    row = train(cfg).metrics[0]
+    tok = load_tokenizer(teacher_dir)
+    student_dir = derive_student(teacher_dir, stride=2)
+    examples, _ = load_preference_dataset(pairs, tok, max_length=cfg.max_length,
+                                          max_prompt_length=cfg.max_prompt_length)
+    prompts = [examples[i].prompt_ids for i in step_rows(len(examples), 0, cfg.batch_size, cfg.seed)]
+    done = sample(load_model(student_dir), tok, prompts, n=1, max_new_tokens=cfg.max_new_tokens,
+                  temperature=cfg.temperature, seed=cfg.seed * 100_003, batch_size=cfg.batch_size)
+    teacher, student = load_model(teacher_dir).double(), load_model(student_dir).double()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for p, c in zip(done.prompt_ids, done.completion_ids):
+            x = torch.tensor([list(p) + list(c)])
+            lp_t = F.log_softmax(teacher(x).logits[0, len(p) - 1:-1], -1)
+            lp_s = F.log_softmax(student(x).logits[0, len(p) - 1:-1], -1)
+            total += float((lp_s.exp() * (lp_s - lp_t)).sum())
+            n += len(c)
+    assert row["response_len"] == pytest.approx(n / len(prompts))
+    assert row["single_step_kl"] == pytest.approx(total / n, rel=1e-3, abs=1e-7)
+    assert total / n > 1e-4 and row["source_student"] == 1.0
+    # ρ = 1 on the first pass: with whitened advantages (mean 0 over the step's tokens) the long-term term is 0
+    assert row["long_term"] == pytest.approx(0.0, abs=1e-6) and row["clip_frac"] == 0.0
+
+
+def test_minillm_at_student_equal_teacher_is_zero_loss_and_gradient(teacher_dir, pairs, tmp_path):
+    """q = p: every reward log p − log q_old is 0, so every advantage is 0, and the single-step KL(q ‖ p) and its
+    gradient are 0 at every position: zero loss, zero gradient. Tolerance: fp32 rounding. The student's forward pass
+    (with autograd) and the teacher's (without) may differ in the last bit, and the KL's gradient q·(log q − log p −
+    KL) carries the rounding of Σ q = 1 (~1e-8); the derived student's step 1 logs a KL of ~5e-4 per token and a
+    gradient norm ~1.7 (whitened advantages of unit scale)."""
+    row = train(tiny(teacher_dir, pairs, tmp_path / "qp", steps=1, mode="minillm", model=teacher_dir)).metrics[0]
+    assert row["loss"] == pytest.approx(0.0, abs=1e-7) and row["single_step_kl"] == pytest.approx(0.0, abs=1e-7)
+    assert row["long_term"] == 0.0  # rewards are 0 to the bit: q_old and p are both scored without autograd
+    assert row["grad_norm"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_minillm_refuses_teacher_mixing():
+    with pytest.raises(ValueError, match="teacher_mixed_alpha: 0.2 — only 0"):
+        DistillConfig(mode="minillm", teacher_mixed_alpha=0.2)
 
 
 @pytest.mark.parametrize("mode, lmbda, expected", [("off_policy", 0.5, "dataset"), ("seqkd", 0.5, "teacher"),

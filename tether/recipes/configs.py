@@ -402,13 +402,14 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     student_stride: int = 2
     """With model 'derived': keep the teacher's decoder layers 0, stride, 2·stride, …"""
     lr: float = 5e-5
-    mode: Literal["off_policy", "seqkd", "on_policy", "dckd", "dpkd"] = "off_policy"
+    mode: Literal["off_policy", "seqkd", "on_policy", "dckd", "dpkd", "minillm"] = "off_policy"
     """What is scored and by which objective. With the configured divergence: off_policy — the dataset's responses;
     seqkd — the teacher's samples (sequence-level KD); on_policy — the student's own samples with probability lmbda
     per step, else the dataset's (GKD). With an objective of their own (divergence left at forward_kl): dckd —
     forward KL on the dataset's chosen AND rejected responses plus nll_weight × NLL on chosen (DCKD, Gao et al. 2025;
     dckd_*_weight); dpkd — token-level DPKD (Li et al. 2024) under teacher forcing on the dataset response
-    (dpkd_beta)."""
+    (dpkd_beta); minillm — MiniLLM (Gu et al. 2024) on the student's own samples: PPO-clip long-term term + the exact
+    single-step reverse KL (teacher_mixed_alpha 0 only)."""
     divergence: str = "forward_kl"
     """Per-token divergence between teacher and student (tether.losses.distill.DIVERGENCES): forward_kl,
     reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, total_variation, akl, …"""
@@ -430,9 +431,13 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     value, as dckd_chosen_weight."""
     dpkd_beta: float = 0.1
     """dpkd: β of the per-position Bradley–Terry loss (official --dpo-beta 0.1)."""
+    teacher_mixed_alpha: float = 0.0
+    """minillm: the teacher's share α of the sampling mixture p̃ = α·p + (1 − α)·q. Only 0 (pure student samples) is
+    implemented; the official 0.2 (teacher-mixed sampler and importance weights) is not yet."""
     train_file: str | None = "data/ifeval_pairs_smollm2.jsonl"
     """Prompts and responses: preference-format rows (prompt / chosen / rejected); 'chosen' is the dataset
-    response. Required by off_policy and on_policy; seqkd only reads its prompts."""
+    response (dckd also reads 'rejected'). Required by off_policy, on_policy, dckd and dpkd; seqkd and minillm only
+    read its prompts."""
     max_length: int = 512
     """Most tokens of prompt + dataset response (longer responses are truncated, counted)."""
     max_prompt_length: int = 256
@@ -466,7 +471,10 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
 
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence: unknown {self.divergence!r}; choose one of {sorted(DIVERGENCES)}")
-        if self.mode in ("dckd", "dpkd") and (
+        if self.teacher_mixed_alpha != 0.0:
+            raise ValueError(f"teacher_mixed_alpha: {self.teacher_mixed_alpha} — only 0 (student samples) is "
+                             "implemented; MiniLLM's teacher-mixed sampler is left for later")
+        if self.mode in ("dckd", "dpkd", "minillm") and (
                 self.divergence != "forward_kl" or self.divergence_args or self.divergence_temperature != 1.0):
             raise ValueError(f"divergence: mode {self.mode!r} has its own objective and does not read divergence, "
                              "divergence_args or divergence_temperature; leave them at forward_kl, {}, 1")

@@ -28,6 +28,13 @@ One step (:func:`distill_step`), in order:
      ``nll_weight`` × NLL (official ``(1 − kd_ratio)·NLL + kd_ratio·L``: fold kd_ratio into the two weights). The
      argmaxes are found chunk by chunk over the LM heads (no (B, T, V) logits). Left out: the official ``lm_coef``
      pre-training term on a separate corpus.
+   * ``minillm`` (MiniLLM, Gu et al. 2024, arXiv:2306.08543; ``tether.losses.distill.minillm``): each step samples
+     one response per prompt from the student (``teacher_mixed_alpha`` 0: no teacher-mixed sampler, every importance
+     weight 1), scores it once (rewards ``log p − log q_old``, the long-term advantages of ``minillm_advantages`` at
+     its defaults — the official code's: γ 0.95, current reward included, length-normalized, whitened over the step),
+     then takes ONE update: PPO-clip (ε 0.2) long-term term + the exact single-step reverse KL(q_θ ‖ p) per position
+     over the full vocabulary, token mean. Departures: one update per rollout (official: 4 PPO epochs over a
+     rollout buffer), no pre-training term, no teacher mixing (α = 0; the official scripts use 0.2).
 3. **Update.** Micro-batches of ``micro_batch_size`` sequences accumulate one AdamW step (clipping, schedule).
 4. **Record.** Metrics, checkpoints (exact resume), the final model, and ``distill_report.json``: the held-out
    teacher–student KL in both directions — KL(student ‖ teacher) on student samples and KL(teacher ‖ student) on
@@ -56,7 +63,7 @@ from torch import Tensor
 from tether.data import load_preference_dataset, load_prompt_rows
 from tether.head_divergence import head_divergence
 from tether.logprobs import lm_head, token_stats
-from tether.losses.distill import dckd, dpkd_token_per_position
+from tether.losses.distill import dckd, dpkd_token_per_position, minillm, minillm_advantages, minillm_rewards
 from tether.models import (
     apply_lora,
     check_same_vocabulary,
@@ -139,7 +146,7 @@ def setup(cfg: DistillConfig) -> DistillRun:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_ids, responses, rejected = _training_data(cfg, tokenizer)
     teacher_states = None
-    if responses is not None and cfg.cache_teacher and cfg.mode != "seqkd":
+    if responses is not None and cfg.cache_teacher and cfg.mode not in ("seqkd", "minillm"):
         teacher_states = _cached_teacher_states(cfg, teacher, prompt_ids, responses, pad)
     optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=int(cfg.warmup_ratio * cfg.steps),
@@ -230,6 +237,8 @@ def response_source(cfg: DistillConfig, step: int) -> str:
         return "dataset"
     if cfg.mode == "seqkd":
         return "teacher"
+    if cfg.mode == "minillm":
+        return "student"
     u = torch.rand((), generator=torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)).item()
     return "student" if u < cfg.lmbda else "dataset"
 
@@ -260,6 +269,10 @@ class StepBatch:
     """dckd: the same prompts with the dataset's rejected responses (None when dckd_rejected_weight is 0)."""
     n_rejected: int = 1
     """dckd: rejected response tokens of the step (at least 1)."""
+    old_logps: Tensor | None = None
+    """minillm: (B, T) log q_old of each sampled token under the student at rollout time (0 off the mask)."""
+    advantages: Tensor | None = None
+    """minillm: (B, T) long-term advantages (``minillm_advantages`` at its documented defaults)."""
 
 
 def distill_step(run: DistillRun, step: int) -> dict[str, float]:
@@ -410,9 +423,48 @@ def dpkd_loss(run: DistillRun, batch: StepBatch, idx: Tensor) -> tuple[Tensor, d
         "argmax_agree": float((a_t == a_s).sum()) / batch.n_tokens}
 
 
-PREPARE = {"dckd": _dckd_prepare}
+
+@torch.no_grad()
+def _minillm_prepare(run: DistillRun, batch: StepBatch) -> StepBatch:
+    """The student's samples scored once before the update: log q_old and log p of every sampled token (at the
+    sampling temperature), rewards r = log p − log q_old, the long-term advantages over the whole step (whitened
+    across it), and the teacher states the single-step KL reads."""
+    cfg, r = run.cfg, batch.rollout
+    old = torch.zeros(r.mask.shape, device=r.mask.device)
+    teacher_logps, states = torch.zeros_like(old), []
+    t_weight, t_bias = lm_head(run.teacher)
+    for start in range(0, r.size, cfg.micro_batch_size):
+        idx = torch.arange(start, min(r.size, start + cfg.micro_batch_size))
+        mb = r.rows(idx)
+        hidden = backbone_states(run.student, mb, share_prompts=False)
+        old[idx, :mb.width] = _logps(run, hidden, mb.labels, temperature=cfg.temperature)
+        states += _teacher_states(run.teacher, mb)
+        flat = token_stats(torch.cat(states[start:])[None], t_weight, mb.labels[mb.mask][None], bias=t_bias,
+                           chunk_size=cfg.chunk_size, temperature=cfg.temperature)["logps"][0]
+        teacher_logps[idx, :mb.width] = _at(mb.mask, flat)
+    advantages = minillm_advantages(minillm_rewards(teacher_logps, old, r.mask), r.mask)
+    return dataclasses.replace(batch, teacher_states=states, old_logps=old, advantages=advantages)
+
+
+def minillm_loss(run: DistillRun, batch: StepBatch, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """minillm (``tether.losses.distill.minillm`` at its documented defaults): the PPO-clipped long-term term on the
+    sampled tokens + the exact single-step reverse KL(q_θ ‖ p) per position (``head_divergence`` 'reverse_kl'), a
+    token mean over the step."""
+    cfg = run.cfg
+    mb = batch.rollout.rows(idx)
+    hidden = backbone_states(run.student, mb, share_prompts=False, embedding_grad_in_place=True)
+    logps = _logps(run, hidden, mb.labels, temperature=cfg.temperature)
+    single = _at(mb.mask, _per_position(run, hidden, _teacher(run, batch, idx, mb), mb.mask, "reverse_kl",
+                                        temperature=cfg.temperature))
+    out = minillm(logps, batch.old_logps[idx, :mb.width], batch.advantages[idx, :mb.width], mb.mask,
+                  single_step_kl=single)
+    share = int(mb.mask.sum()) / batch.n_tokens
+    return out.loss * share, {k: out.metrics[k] * share for k in ("long_term", "single_step_kl", "clip_frac")}
+
+
+PREPARE = {"dckd": _dckd_prepare, "minillm": _minillm_prepare}
 """Mode → what the step's objective reads besides the responses (computed once per step, before the micro-batches)."""
-MICRO_LOSS = {"dckd": dckd_loss, "dpkd": dpkd_loss}
+MICRO_LOSS = {"dckd": dckd_loss, "dpkd": dpkd_loss, "minillm": minillm_loss}
 """Mode → its loss on one micro-batch (the divergence modes: :func:`divergence_loss`)."""
 
 
