@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from tether.cli import main
 from tether.data import load_preference_dataset
-from tether.losses.distill import dpkd_token
+from tether.losses.distill import adpa, adpa_advantages, dpkd_token
 from tether.models import derive_student, load_model, load_tokenizer
 from tether.recipes.distill import DistillConfig, response_source, step_rows, train
 from tether.sampling import sample
@@ -213,6 +213,46 @@ def test_minillm_at_student_equal_teacher_is_zero_loss_and_gradient(teacher_dir,
 def test_minillm_refuses_teacher_mixing():
     with pytest.raises(ValueError, match="teacher_mixed_alpha: 0.2 — only 0"):
         DistillConfig(mode="minillm", teacher_mixed_alpha=0.2)
+
+
+def test_adpa_logs_the_advantage_term_of_full_logits(teacher_dir, pairs, tmp_path):
+    """Three models: DPO teacher (the tiny teacher), reference (an independently initialized tiny model), student
+    (derived). Step 1 logs the token mean of −Σ_{a ∈ top-k} q(a)·A(a), A = log π_dpo − log π_ref on π_dpo's top-k,
+    over the student's own samples. Oracle: the same samples, full float64 logits, ``adpa`` itself."""
+    ref = str(make_tiny_model_dir(tmp_path / "ref", seed=1))
+    cfg = tiny(teacher_dir, pairs, tmp_path / "adpa", steps=1, mode="adpa", ref_model=ref, adpa_top_k=5,
+               nll_weight=0.4)
+    row = train(cfg).metrics[0]
+    tok = load_tokenizer(teacher_dir)
+    student_dir = derive_student(teacher_dir, stride=2)
+    examples, _ = load_preference_dataset(pairs, tok, max_length=cfg.max_length,
+                                          max_prompt_length=cfg.max_prompt_length)
+    prompts = [examples[i].prompt_ids for i in step_rows(len(examples), 0, cfg.batch_size, cfg.seed)]
+    done = sample(load_model(student_dir), tok, prompts, n=1, max_new_tokens=cfg.max_new_tokens,
+                  temperature=cfg.temperature, seed=cfg.seed * 100_003, batch_size=cfg.batch_size)
+    dpo, reference, student = (load_model(d).double() for d in (teacher_dir, ref, student_dir))
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for p, c in zip(done.prompt_ids, done.completion_ids):
+            x = torch.tensor([list(p) + list(c)])
+            z = [m(x).logits[:, len(p) - 1:-1] for m in (dpo, reference, student)]
+            ids, adv = adpa_advantages(z[0], z[1], top_k=5)
+            total += adpa(z[2], ids, adv, torch.ones(1, len(c), dtype=torch.bool)).loss.item() * len(c)
+            n += len(c)
+    assert row["adpa"] == pytest.approx(total / n, rel=1e-4, abs=1e-7)
+    assert abs(total / n) > 1e-3 and row["grad_norm"] > 0
+    assert row["loss"] == pytest.approx(row["adpa"] + 0.4 * row["nll"], rel=1e-6) and row["nll"] > 1.0
+
+
+def test_adpa_refuses_a_missing_reference():
+    with pytest.raises(ValueError, match="ref_model: mode 'adpa' needs the reference teacher"):
+        DistillConfig(mode="adpa")
+
+
+def test_adpa_with_the_reference_as_dpo_teacher_is_zero(teacher_dir, pairs, tmp_path):
+    """π_dpo = π_ref (the teacher directory as both): every advantage is 0, so the loss and its gradient are 0."""
+    row = train(tiny(teacher_dir, pairs, tmp_path / "adpa0", steps=1, mode="adpa", ref_model=teacher_dir)).metrics[0]
+    assert row["loss"] == 0.0 and row["advantage_mean"] == 0.0 and row["grad_norm"] == 0.0
 
 
 @pytest.mark.parametrize("mode, lmbda, expected", [("off_policy", 0.5, "dataset"), ("seqkd", 0.5, "teacher"),

@@ -402,14 +402,16 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     student_stride: int = 2
     """With model 'derived': keep the teacher's decoder layers 0, stride, 2·stride, …"""
     lr: float = 5e-5
-    mode: Literal["off_policy", "seqkd", "on_policy", "dckd", "dpkd", "minillm"] = "off_policy"
+    mode: Literal["off_policy", "seqkd", "on_policy", "dckd", "dpkd", "minillm", "adpa"] = "off_policy"
     """What is scored and by which objective. With the configured divergence: off_policy — the dataset's responses;
     seqkd — the teacher's samples (sequence-level KD); on_policy — the student's own samples with probability lmbda
     per step, else the dataset's (GKD). With an objective of their own (divergence left at forward_kl): dckd —
     forward KL on the dataset's chosen AND rejected responses plus nll_weight × NLL on chosen (DCKD, Gao et al. 2025;
     dckd_*_weight); dpkd — token-level DPKD (Li et al. 2024) under teacher forcing on the dataset response
     (dpkd_beta); minillm — MiniLLM (Gu et al. 2024) on the student's own samples: PPO-clip long-term term + the exact
-    single-step reverse KL (teacher_mixed_alpha 0 only)."""
+    single-step reverse KL (teacher_mixed_alpha 0 only); adpa — ADPA (Gao et al. 2025) on the student's own samples:
+    the DPO teacher's (teacher_model) advantage over its reference (ref_model) on its top adpa_top_k tokens, plus
+    nll_weight × NLL on the dataset's chosen responses."""
     divergence: str = "forward_kl"
     """Per-token divergence between teacher and student (tether.losses.distill.DIVERGENCES): forward_kl,
     reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, total_variation, akl, …"""
@@ -434,10 +436,12 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     teacher_mixed_alpha: float = 0.0
     """minillm: the teacher's share α of the sampling mixture p̃ = α·p + (1 − α)·q. Only 0 (pure student samples) is
     implemented; the official 0.2 (teacher-mixed sampler and importance weights) is not yet."""
+    adpa_top_k: int = 50
+    """adpa: K, the DPO teacher's top-k tokens that carry an advantage (50 in the ADPA code)."""
     train_file: str | None = "data/ifeval_pairs_smollm2.jsonl"
     """Prompts and responses: preference-format rows (prompt / chosen / rejected); 'chosen' is the dataset
-    response (dckd also reads 'rejected'). Required by off_policy, on_policy, dckd and dpkd; seqkd and minillm only
-    read its prompts."""
+    response (dckd also reads 'rejected'). Required by off_policy, on_policy, dckd, dpkd and adpa (its NLL); seqkd
+    and minillm only read its prompts."""
     max_length: int = 512
     """Most tokens of prompt + dataset response (longer responses are truncated, counted)."""
     max_prompt_length: int = 256
@@ -474,11 +478,14 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
         if self.teacher_mixed_alpha != 0.0:
             raise ValueError(f"teacher_mixed_alpha: {self.teacher_mixed_alpha} — only 0 (student samples) is "
                              "implemented; MiniLLM's teacher-mixed sampler is left for later")
-        if self.mode in ("dckd", "dpkd", "minillm") and (
+        if self.mode == "adpa" and not self.ref_model:
+            raise ValueError("ref_model: mode 'adpa' needs the reference teacher (the model the DPO teacher "
+                             "teacher_model was trained from), a local model directory")
+        if self.mode in ("dckd", "dpkd", "minillm", "adpa") and (
                 self.divergence != "forward_kl" or self.divergence_args or self.divergence_temperature != 1.0):
             raise ValueError(f"divergence: mode {self.mode!r} has its own objective and does not read divergence, "
                              "divergence_args or divergence_temperature; leave them at forward_kl, {}, 1")
-        if self.mode in ("off_policy", "on_policy", "dckd", "dpkd") and not self.train_file:
+        if self.mode in ("off_policy", "on_policy", "dckd", "dpkd", "adpa") and not self.train_file:
             raise ValueError(f"train_file: mode {self.mode!r} trains on dataset responses; give a preference-format "
                              "file (prompt / chosen / rejected)")
         for name, ok in (("student_stride", self.student_stride >= 1), ("steps", self.steps >= 1),
@@ -488,6 +495,7 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
                          ("lmbda", 0 <= self.lmbda <= 1), ("nll_weight", self.nll_weight >= 0),
                          ("dckd_chosen_weight", self.dckd_chosen_weight >= 0),
                          ("dckd_rejected_weight", self.dckd_rejected_weight >= 0), ("dpkd_beta", self.dpkd_beta > 0),
+                         ("adpa_top_k", self.adpa_top_k >= 1),
                          ("max_prompt_length", 0 < self.max_prompt_length < self.max_length),
                          ("eval_prompts", self.eval_prompts >= 0),
                          ("eval_samples_per_prompt", self.eval_samples_per_prompt >= 1),

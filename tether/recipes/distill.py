@@ -35,6 +35,13 @@ One step (:func:`distill_step`), in order:
      then takes ONE update: PPO-clip (ε 0.2) long-term term + the exact single-step reverse KL(q_θ ‖ p) per position
      over the full vocabulary, token mean. Departures: one update per rollout (official: 4 PPO epochs over a
      rollout buffer), no pre-training term, no teacher mixing (α = 0; the official scripts use 0.2).
+   * ``adpa`` (ADPA, Gao et al. 2025, arXiv:2502.17927; ``tether.losses.distill.adpa``): three models — the DPO
+     teacher (``teacher_model``), its reference (``ref_model``) and the student. Each step samples one response per
+     prompt from the student; at every position the loss is ``−Σ_{a ∈ top-k} q_θ(a|s_t)·A(s_t, a)`` with the DPO
+     teacher's advantage ``A = log π_dpo − log π_ref`` on its top ``adpa_top_k`` tokens, token mean, plus
+     ``nll_weight`` × the NLL of the dataset's chosen responses. Departures: online (the official pipeline stores
+     both teachers' top-k offline, the reference known only on its own top-k: here exact), ADPA weight 1 (fold it
+     into lr), ``prob_stabilize`` off; the authors' recipe weights were not accessible (UNVERIFIED).
 3. **Update.** Micro-batches of ``micro_batch_size`` sequences accumulate one AdamW step (clipping, schedule).
 4. **Record.** Metrics, checkpoints (exact resume), the final model, and ``distill_report.json``: the held-out
    teacher–student KL in both directions — KL(student ‖ teacher) on student samples and KL(teacher ‖ student) on
@@ -63,7 +70,15 @@ from torch import Tensor
 from tether.data import load_preference_dataset, load_prompt_rows
 from tether.head_divergence import head_divergence
 from tether.logprobs import lm_head, token_stats
-from tether.losses.distill import dckd, dpkd_token_per_position, minillm, minillm_advantages, minillm_rewards
+from tether.losses.distill import (
+    adpa_advantages,
+    adpa_per_position,
+    dckd,
+    dpkd_token_per_position,
+    minillm,
+    minillm_advantages,
+    minillm_rewards,
+)
 from tether.models import (
     apply_lora,
     check_same_vocabulary,
@@ -110,6 +125,8 @@ class DistillRun:
     eval_rows: list[dict]
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    reference: Any = None
+    """adpa: the reference teacher (ref_model), frozen; None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,10 @@ def setup(cfg: DistillConfig) -> DistillRun:
     if teacher.get_output_embeddings().weight.shape != student.get_output_embeddings().weight.shape:
         raise ValueError(f"teacher '{cfg.teacher_model}' and student '{cfg.model}' have LM heads of different sizes; "
                          "distillation needs one shared vocabulary")
+    reference = None
+    if cfg.mode == "adpa":
+        check_same_vocabulary(load_tokenizer(cfg.ref_model), tokenizer, teacher=cfg.ref_model, student=str(cfg.model))
+        reference = load_model(cfg.ref_model).to(cfg.device).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(student)
     if cfg.lora:
@@ -146,13 +167,13 @@ def setup(cfg: DistillConfig) -> DistillRun:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_ids, responses, rejected = _training_data(cfg, tokenizer)
     teacher_states = None
-    if responses is not None and cfg.cache_teacher and cfg.mode not in ("seqkd", "minillm"):
+    if responses is not None and cfg.cache_teacher and cfg.mode not in ("seqkd", "minillm", "adpa"):
         teacher_states = _cached_teacher_states(cfg, teacher, prompt_ids, responses, pad)
     optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=int(cfg.warmup_ratio * cfg.steps),
                                total_steps=cfg.steps)
     return DistillRun(cfg, student, teacher, tokenizer, pad, prompt_ids, responses, rejected, teacher_states,
-                      _eval_rows(cfg), optimizer, scheduler)
+                      _eval_rows(cfg), optimizer, scheduler, reference)
 
 
 def _training_data(cfg: DistillConfig, tokenizer) -> tuple[list[list[int]], list[list[int]] | None,
@@ -237,7 +258,7 @@ def response_source(cfg: DistillConfig, step: int) -> str:
         return "dataset"
     if cfg.mode == "seqkd":
         return "teacher"
-    if cfg.mode == "minillm":
+    if cfg.mode in ("minillm", "adpa"):
         return "student"
     u = torch.rand((), generator=torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)).item()
     return "student" if u < cfg.lmbda else "dataset"
@@ -273,6 +294,10 @@ class StepBatch:
     """minillm: (B, T) log q_old of each sampled token under the student at rollout time (0 off the mask)."""
     advantages: Tensor | None = None
     """minillm: (B, T) long-term advantages (``minillm_advantages`` at its documented defaults)."""
+    chosen: Rollout | None = None
+    """adpa: the same prompts with the dataset's chosen responses, for the NLL (None when nll_weight is 0)."""
+    n_chosen: int = 1
+    """adpa: chosen response tokens of the step (at least 1)."""
 
 
 def distill_step(run: DistillRun, step: int) -> dict[str, float]:
@@ -462,9 +487,57 @@ def minillm_loss(run: DistillRun, batch: StepBatch, idx: Tensor) -> tuple[Tensor
     return out.loss * share, {k: out.metrics[k] * share for k in ("long_term", "single_step_kl", "clip_frac")}
 
 
-PREPARE = {"dckd": _dckd_prepare, "minillm": _minillm_prepare}
+
+def _adpa_prepare(run: DistillRun, batch: StepBatch) -> StepBatch:
+    if run.cfg.nll_weight == 0:
+        return batch
+    chosen = collate(_as_completions([run.prompt_ids[i] for i in batch.rows], [run.responses[i] for i in batch.rows]),
+                     run.pad, run.cfg.device)
+    return dataclasses.replace(batch, chosen=chosen, n_chosen=max(int(chosen.mask.sum()), 1))
+
+
+@torch.no_grad()
+def _adpa_targets(run: DistillRun, mb: Rollout) -> tuple[Tensor, Tensor]:
+    """The DPO teacher's top-k ids and advantages log π_dpo − log π_ref at the micro-batch's response positions,
+    (N, K) each, chunk by chunk over the two teachers' LM heads (``adpa_advantages``, exact reference)."""
+    dpo, ref = torch.cat(_teacher_states(run.teacher, mb)), torch.cat(_teacher_states(run.reference, mb))
+    (w, b), (ref_w, ref_b) = lm_head(run.teacher), lm_head(run.reference)
+    ids, adv = [], []
+    for start in range(0, dpo.shape[0], run.cfg.chunk_size):
+        sl = slice(start, start + run.cfg.chunk_size)
+        i, a = adpa_advantages(F.linear(dpo[sl], w, b).float(), F.linear(ref[sl], ref_w, ref_b).float(),
+                               top_k=run.cfg.adpa_top_k)
+        ids.append(i)
+        adv.append(a)
+    k = run.cfg.adpa_top_k
+    return (torch.cat(ids), torch.cat(adv)) if ids else (mb.labels.new_zeros(0, k), dpo.new_zeros(0, k))
+
+
+def adpa_loss(run: DistillRun, batch: StepBatch, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """adpa: ``−Σ_{a ∈ top-k} q_θ(a|s_t)·A(s_t, a)`` at every position of the student's own samples
+    (``adpa_per_position``; log q_θ at the ids chunk by chunk, ``token_stats`` ``support_logps``), token mean over
+    the step, + nll_weight × the token-mean NLL of the rows' chosen responses."""
+    cfg = run.cfg
+    mb = batch.rollout.rows(idx)
+    hidden = backbone_states(run.student, mb, share_prompts=False, embedding_grad_in_place=True)
+    ids, adv = _adpa_targets(run, mb)
+    support = mb.labels.new_zeros(*mb.mask.shape, ids.shape[-1]).index_put(mb.mask.nonzero(as_tuple=True), ids)
+    weight, bias = lm_head(run.student)
+    logps_at_ids = token_stats(hidden, weight, mb.labels, bias=bias, stats=("support_logps",), support_ids=support,
+                               chunk_size=cfg.chunk_size)["support_logps"][mb.mask]
+    term = adpa_per_position(logps_at_ids, adv).sum() / batch.n_tokens
+    nll = term.new_zeros(())
+    if batch.chosen is not None:
+        chosen = batch.chosen.rows(idx)
+        hidden_c = backbone_states(run.student, chosen, share_prompts=False, embedding_grad_in_place=True)
+        nll = -_logps(run, hidden_c, chosen.labels)[chosen.mask].sum() / batch.n_chosen
+    return term + cfg.nll_weight * nll, {"adpa": float(term.detach()), "nll": float(nll.detach()),
+                                         "advantage_mean": float(adv.mean(-1).sum()) / batch.n_tokens}
+
+
+PREPARE = {"dckd": _dckd_prepare, "minillm": _minillm_prepare, "adpa": _adpa_prepare}
 """Mode → what the step's objective reads besides the responses (computed once per step, before the micro-batches)."""
-MICRO_LOSS = {"dckd": dckd_loss, "dpkd": dpkd_loss, "minillm": minillm_loss}
+MICRO_LOSS = {"dckd": dckd_loss, "dpkd": dpkd_loss, "minillm": minillm_loss, "adpa": adpa_loss}
 """Mode → its loss on one micro-batch (the divergence modes: :func:`divergence_loss`)."""
 
 

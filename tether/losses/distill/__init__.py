@@ -51,7 +51,15 @@ from tether.losses.distill.minillm import (
     minillm_rewards,
     minillm_single_step,
 )
-from tether.losses.distill.preference_kd import TopK, adpa, adpa_advantages, dckd, teacher_topk, topk_forward_kl
+from tether.losses.distill.preference_kd import (
+    TopK,
+    adpa,
+    adpa_advantages,
+    adpa_per_position,
+    dckd,
+    teacher_topk,
+    topk_forward_kl,
+)
 
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -60,7 +68,8 @@ __all__ = [
     "COUPLED_DIVERGENCES", "DIVERGENCES", "akl", "akl_weights", "forward_kl", "generalized_jsd", "reverse_kl",
     "sinkhorn", "skew_kl", "skew_reverse_kl", "total_variation",
     # objectives
-    "DistillLossOutput", "TopK", "adpa", "adpa_advantages", "dckd", "dpkd_sequence", "dpkd_token", "dpkd_token_dpop",
+    "DistillLossOutput", "TopK", "adpa", "adpa_advantages", "adpa_per_position",
+    "dckd", "dpkd_sequence", "dpkd_token", "dpkd_token_dpop",
     "dpkd_token_ipo", "dpkd_token_per_position",
     "minillm", "minillm_advantages", "minillm_importance_weights", "minillm_long_term",
     "minillm_mixture_logprobs", "minillm_rewards", "minillm_single_step", "teacher_topk", "topk_forward_kl",

@@ -52,6 +52,7 @@ __all__ = [
     # ADPA
     "adpa",
     "adpa_advantages",
+    "adpa_per_position",
 ]
 
 
@@ -240,6 +241,20 @@ def adpa_advantages(
         fallback = p_dpo.min(dim=-1, keepdim=True).values.clamp(min=floor)
         p_ref = torch.where(known, p_ref, fallback)
     return ids, p_dpo.clamp(min=floor).log() - p_ref.log()
+
+
+def adpa_per_position(student_logps_at_ids: Tensor, advantages: Tensor) -> Tensor:
+    """The per-position ADPA term ``−Σ_{a ∈ top-k} q_θ(a|s_t)·A(s_t, a)`` from the student's log-probs at the ids.
+
+    For a caller that never holds (B, T, V) logits (``tether.recipes.distill`` gathers log q_θ at the teacher's
+    top-k ids chunk by chunk over the LM head, ``token_stats`` ``support_logps``). The token mean of this over valid
+    positions is ``adpa(...)``'s ``L_ADPA`` at ``prob_stabilize=False`` (forward and backward,
+    ``test_adpa_per_position_matches_adpa``).
+
+    Shape: ``student_logps_at_ids`` (..., K) differentiable (log of the FULL softmax at the ids); ``advantages``
+    (..., K) from :func:`adpa_advantages` (constants); output (...). Stop-gradient: the advantages.
+    """
+    return -(student_logps_at_ids.exp() * advantages.detach().to(student_logps_at_ids.dtype)).sum(-1)
 
 
 def adpa(
