@@ -94,3 +94,37 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "", *
         rows = [f"  {i}: got {actual[tuple(i)].item():.10g}, want {expected[tuple(i)].item():.10g}" for i in idx]
         raise AssertionError(f"{name}: {int(bad.sum())} mismatching entries (atol={atol}, rtol={rtol}):\n"
                              + "\n".join(rows))
+
+
+class TableLM(torch.nn.Module):
+    """A causal LM whose next-token logits depend only on the current token: logits (B, T, V) = ``table[input_ids]``
+    for a fixed (V, V) table — an enumerable sequence space for exact-law tests of samplers and selection rules.
+    Accepts (and ignores) the cache arguments of a Hugging Face causal LM."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the sampler reads the device off the parameters
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=True, logits_to_keep=None,
+                past_key_values=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+class CharTokenizer:
+    """Token i is the character ``alphabet[i]``; token 0 is the end-of-sequence (and padding) token, dropped when
+    decoding with ``skip_special_tokens``. No chat template."""
+
+    eos_token_id = pad_token_id = 0
+    chat_template = None
+
+    def __init__(self, alphabet: str):
+        self.alphabet = alphabet
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.alphabet[i] for i in ids if not (skip_special_tokens and i == self.eos_token_id))
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.alphabet.index(ch) for ch in text]}

@@ -8,11 +8,13 @@ letters were cut."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from types import SimpleNamespace
 
 import torch
+
+from tether import testing
 
 EOS, MAX_NEW = 0, 3
 TABLE = torch.tensor([[0.0, 0.0, 0.0],     # after EOS (never used)
@@ -21,31 +23,8 @@ TABLE = torch.tensor([[0.0, 0.0, 0.0],     # after EOS (never used)
 PROMPT = [1]
 
 
-class TableLM(torch.nn.Module):
-    """Logits (B, T, V) = TABLE[input_ids]; accepts (and ignores) the cache arguments of a Hugging Face causal LM."""
-
-    def __init__(self):
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the sampler reads the device off the parameters
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=True, logits_to_keep=None,
-                past_key_values=None):
-        return SimpleNamespace(logits=TABLE[input_ids])
-
-
-class CharTokenizer:
-    """Token i is 'ab'[i − 1]; token 0 is the end-of-sequence token (decoded as ''). No chat template."""
-
-    eos_token_id = EOS
-    pad_token_id = EOS
-    chat_template = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(" ab"[i] for i in ids if not (skip_special_tokens and i == EOS))
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [" ab".index(ch) for ch in text]}
-
+TableLM = functools.partial(testing.TableLM, TABLE)  # the model of the tests: logits = TABLE[current token]
+CharTokenizer = functools.partial(testing.CharTokenizer, " ab")
 
 def outcomes(temperature: float = 1.0) -> tuple[list[str], torch.Tensor]:
     """Every completion text of the prompt ``PROMPT`` and its exact probability (float64), in a fixed order."""

@@ -4,11 +4,12 @@ decoding, counts, the order of the chain, which distribution the recorded log-pr
 vs constraints, worked out by hand in float64), the per-row lifecycle of a stateful processor (start, accept,
 finishing a row) and the ``engine="hf"`` adapter."""
 
-from types import SimpleNamespace
+import functools
 
 import pytest
 import torch
 
+from tether import testing
 from tether.sampling import sample
 from tether.sampling.processors import TopK, TopP, check_processors
 from tether.testing import assert_close, tiny_model, tiny_tokenizer
@@ -24,30 +25,8 @@ TABLE = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
                       [-3.0, 1.0, -0.3, 0.7, 2.4, 0.2]])
 
 
-class TableLM(torch.nn.Module):
-    """Logits (B, T, V) = TABLE[input_ids]; takes (and ignores) the cache arguments of a Hugging Face causal LM."""
-
-    def __init__(self):
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the sampler reads the device off the parameters
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=True, logits_to_keep=None,
-                past_key_values=None):
-        return SimpleNamespace(logits=TABLE[input_ids])
-
-
-class CharTokenizer:
-    """Token i is the letter 'abcdef'[i]; token 0 is the end-of-sequence token (decoded as '')."""
-
-    eos_token_id = EOS
-    pad_token_id = EOS
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join("abcdef"[i] for i in ids if not (skip_special_tokens and i == EOS))
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": ["abcdef".index(ch) for ch in text]}
-
+TableLM = functools.partial(testing.TableLM, TABLE)  # the model of the tests: logits = TABLE[current token]
+CharTokenizer = functools.partial(testing.CharTokenizer, "abcdef")
 
 PROMPTS = [[1], [2, 3], [5], [4, 4, 1]]
 
