@@ -68,6 +68,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from tether.data import load_preference_dataset, load_prompt_rows
+from tether.group_filter import prompt_schedule
 from tether.head_divergence import head_divergence
 from tether.logprobs import lm_head, token_stats
 from tether.losses.distill import (
@@ -265,9 +266,7 @@ def response_source(cfg: DistillConfig, step: int) -> str:
 
 
 def step_rows(n_rows: int, step: int, per_step: int, seed: int) -> list[int]:
-    """Consecutive slices of seeded permutations of the rows, epoch after epoch."""
-    from tether.recipes.online_rl import prompt_schedule
-
+    """Consecutive slices of seeded permutations of the rows, epoch after epoch (``tether.group_filter``)."""
     return prompt_schedule(n_rows, step, per_step=per_step, seed=seed)
 
 
