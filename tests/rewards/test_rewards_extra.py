@@ -322,3 +322,21 @@ def test_reward_model_truncation_counted_and_errors(tiny_rm_dir, tmp_path):
         RewardModel(rm.model)
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         rm.score_batch(["a", "b"], ["x"])
+
+
+def test_reward_model_refuses_a_causal_lm(tmp_path):
+    """A causal LM given as a reward model would load with a random score head: refused before and after loading
+    (the architecture check, and the loading report's missing keys when config.json names no architecture)."""
+    import json
+
+    from tether.testing import make_tiny_model_dir
+
+    lm = make_tiny_model_dir(tmp_path / "lm")
+    with pytest.raises(ValueError, match="LlamaForCausalLM, not a sequence classifier"):
+        RewardModel(lm)
+    config = json.loads((lm / "config.json").read_text())
+    config.pop("architectures")
+    config["num_labels"] = 1
+    (lm / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"no weights for \['score.weight'\]"):
+        RewardModel(lm)

@@ -18,7 +18,10 @@
    read at the end) and are counted in ``n_truncated`` with a warning; by default nothing is truncated.
 
 Loading from a path reads a local directory only: ``local_files_only=True`` and ``trust_remote_code=False``;
-the config must have ``num_labels == 1`` and, for ``batch_size > 1``, a ``pad_token_id``.
+the config must have ``num_labels == 1`` and, for ``batch_size > 1``, a ``pad_token_id``. A directory that is not a
+sequence classifier with a trained score head (e.g. a causal LM, whose head transformers would initialize at random)
+is refused: its ``config.json`` must name a ``…ForSequenceClassification`` architecture and the checkpoint must hold
+every weight of the model.
 """
 
 from __future__ import annotations
@@ -30,6 +33,20 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported on first use, so `import tether.rewards` stays light
     import torch
+
+
+def _check_classifier_config(path: Path) -> None:
+    """Refuse, before loading any weights, a directory whose ``config.json`` names no ``*ForSequenceClassification``
+    architecture (a causal LM would load with a freshly initialized score head and score noise)."""
+    import json
+
+    try:
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError) as err:
+        raise ValueError(f"reward model {str(path)!r}: cannot read config.json ({err})") from None
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ValueError(f"reward model {str(path)!r} is a {', '.join(archs)}, not a sequence classifier with a "
+                         "trained score head; give a reward model (…ForSequenceClassification, num_labels 1)")
 
 
 class RewardModel:
@@ -65,7 +82,13 @@ class RewardModel:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
             kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **kwargs)
+            _check_classifier_config(path)
+            model, info = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype,
+                                                                             output_loading_info=True, **kwargs)
+            if info["missing_keys"]:
+                raise ValueError(f"reward model {str(path)!r}: the checkpoint has no weights for "
+                                 f"{sorted(info['missing_keys'])}, so its score head would be random; give a "
+                                 "trained sequence-classification reward model (num_labels 1)")
             if device is not None:
                 model = model.to(device)
             if tokenizer is None:
