@@ -106,11 +106,13 @@ def expected_estimator_gradient(
     include_current: bool = False,
     weight_single_step: bool = True,
     per_decision: bool | None = None,
+    p_tilde: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_y sg(P̃(y))·∇ L(y) with L from ``minillm`` on each one-sequence batch (sum over its two tokens).
 
     ``exact_weights``: cumulative W_t on the tokens (else the per-token w_t); ``per_decision`` (default: the same as
-    ``exact_weights``): per-token ratios inside the future return."""
+    ``exact_weights``): per-token ratios inside the future return; ``p_tilde``: the law of the 9 sequences (default:
+    the product of ``minillm_mixture_logprobs``)."""
     per_decision = exact_weights if per_decision is None else per_decision
     s_logits = per_sequence_logits(m["theta1"], m["theta2"])
     t_logits = per_sequence_logits(m["phi1"], m["phi2"])
@@ -118,8 +120,9 @@ def expected_estimator_gradient(
     old = logps.detach()
     t_logps = gathered(t_logits, SEQS)
     mask = torch.ones(len(SEQS), T, dtype=torch.bool)
-    with torch.no_grad():
-        p_tilde = minillm_mixture_logprobs(old, t_logps, alpha).sum(-1).exp()  # P̃(y)
+    if p_tilde is None:
+        with torch.no_grad():
+            p_tilde = minillm_mixture_logprobs(old, t_logps, alpha).sum(-1).exp()  # P̃(y)
     rewards = minillm_rewards(t_logps, old, mask)
     w = minillm_importance_weights(old, t_logps, mask, alpha=alpha)
     big_w = minillm_importance_weights(old, t_logps, mask, alpha=alpha, cumulative=True)
@@ -147,6 +150,48 @@ def test_minillm_exact_gradient_oracle(alpha, seed):
     m = tabular(seed)
     want = torch.autograd.grad(sequence_reverse_kl(m), [m["theta1"], m["theta2"]])
     got = expected_estimator_gradient(m, alpha, exact_weights=True)
+    for g, w, name in zip(got, want, ["theta1", "theta2"]):
+        assert_close(g, w, f"∇{name} α={alpha}", atol=1e-12)
+
+
+def sampler_law(m: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
+    """P̃(y) of the 9 sequences as the sampler's teacher-mixed draw gives it: ``TeacherMixture`` driven over the
+    whole space (9 completions of one prompt), the student and the teacher as fixed-logits models (``TableLM``) whose
+    logits after the prompt token 3 are θ₁ / φ₁ and after token a are θ₂[a] / φ₂[a]; token 3 (end of sequence) has
+    logit −inf, so every sequence has length 2. Probabilities are the softmax of the processor's output, exactly
+    what ``sample`` draws from."""
+    from tether.sampling.mixing import TeacherMixture
+    from tether.testing import TableLM
+
+    def table(first, second):
+        t = torch.full((V + 1, V + 1), float("-inf"), dtype=F64)
+        t[:V, :V], t[V, :V] = second.detach(), first.detach()
+        return t
+
+    student, teacher = table(m["theta1"], m["theta2"]), table(m["phi1"], m["phi2"])
+    mix = TeacherMixture(TableLM(teacher), [[V]], n=len(SEQS), alpha=alpha, temperature=1.0)
+    rows = torch.arange(len(SEQS))
+    mix.start(rows)
+    log_p = mix(student[torch.full((len(SEQS),), V)], rows).gather(-1, SEQS[:, :1])
+    mix.accept(SEQS[:, 0], rows)
+    log_p = log_p + mix(student[SEQS[:, 0]], rows).gather(-1, SEQS[:, 1:])
+    return log_p.squeeze(-1).exp()
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.7])
+def test_minillm_exact_gradient_oracle_through_the_teacher_mixed_sampler(alpha):
+    """The same oracle with P̃ taken from the sampler's processor (``tether.sampling.mixing.TeacherMixture``):
+    it is a law (sums to 1), it is Π_t (α·p_t + (1−α)·q_t) over the sequence, and the exact-weight estimator's
+    expectation under it is ∇KL(q_θ ‖ p) over sequences, to float64 rounding."""
+    m = tabular(4)
+    law = sampler_law(m, alpha)
+    assert float(law.sum()) == pytest.approx(1.0, abs=1e-14)
+    q = F.softmax(per_sequence_logits(m["theta1"], m["theta2"]).detach(), -1)
+    p = F.softmax(per_sequence_logits(m["phi1"], m["phi2"]), -1)
+    by_hand = (alpha * p + (1 - alpha) * q).gather(-1, SEQS[..., None]).squeeze(-1).prod(-1)
+    assert_close(law, by_hand, "P̃", atol=1e-15)
+    want = torch.autograd.grad(sequence_reverse_kl(m), [m["theta1"], m["theta2"]])
+    got = expected_estimator_gradient(m, alpha, exact_weights=True, p_tilde=law)
     for g, w, name in zip(got, want, ["theta1", "theta2"]):
         assert_close(g, w, f"∇{name} α={alpha}", atol=1e-12)
 
