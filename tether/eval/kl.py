@@ -25,9 +25,9 @@ import torch
 
 from tether.logprobs import lm_head, token_stats
 from tether.rollout import backbone_states, collate
-from tether.sampling import render_prompts, sample
+from tether.sampling import Completions, render_prompts, sample
 
-__all__ = ["format_kl_report", "measure_kl", "measure_kl_from_files"]
+__all__ = ["completions_kl", "format_kl_report", "measure_kl", "measure_kl_from_files"]
 
 
 def _mean_ci(values: torch.Tensor) -> dict:
@@ -45,6 +45,15 @@ def measure_kl(policy, reference, tokenizer, prompts, *, samples_per_prompt: int
     prompt_ids = render_prompts(tokenizer, prompts, use_chat_template=use_chat_template)
     done = sample(policy, tokenizer, prompt_ids, n=samples_per_prompt, max_new_tokens=max_new_tokens,
                   temperature=1.0, seed=seed, batch_size=batch_size, progress=progress, desc="KL: sampling")
+    return completions_kl(policy, reference, tokenizer, done, prompts=len(prompts), max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, chunk_size=chunk_size)
+
+
+@torch.no_grad()
+def completions_kl(policy, reference, tokenizer, done: Completions, *, prompts: int, max_new_tokens: int,
+                   batch_size: int = 16, chunk_size: int = 512) -> dict:
+    """The report of ``measure_kl`` on completions already sampled from ``policy`` at temperature 1 (module
+    docstring) — for a caller that also scores the same completions (``tether frontier``)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     weight, bias = lm_head(policy)
     ref_weight, ref_bias = lm_head(reference)
@@ -73,7 +82,7 @@ def measure_kl(policy, reference, tokenizer, prompts, *, samples_per_prompt: int
         "sequence_kl_monte_carlo": _mean_ci(seq_k1),
         "mean_completion_tokens": lengths.mean().item(),
         "completions": n,
-        "prompts": len(prompts),
+        "prompts": prompts,
         "truncated_at_max_new_tokens": sum(not f for f in done.finished),
         "max_new_tokens": max_new_tokens,
     }
