@@ -19,6 +19,7 @@ from tether.losses.distill import adpa, adpa_advantages, dpkd_token
 from tether.models import derive_student, load_model, load_tokenizer
 from tether.recipes.distill import DistillConfig, response_source, step_rows, train
 from tether.sampling import sample
+from tether.sampling.mixing import TeacherMixture
 from tether.testing import make_tiny_model_dir
 
 TIMING_KEYS = {"gen_s", "step_s"}
@@ -210,9 +211,85 @@ def test_minillm_at_student_equal_teacher_is_zero_loss_and_gradient(teacher_dir,
     assert row["grad_norm"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_minillm_refuses_teacher_mixing():
-    with pytest.raises(ValueError, match="teacher_mixed_alpha: 0.2 — only 0"):
-        DistillConfig(mode="minillm", teacher_mixed_alpha=0.2)
+def sharp_student(path) -> str:
+    """An independently initialized tiny model whose final-norm gains are redrawn ×4 (some negative): at random init
+    the tiny models are near uniform over the vocabulary, so this one's distributions differ from the teacher's."""
+    out = str(make_tiny_model_dir(path, seed=1))
+    model = load_model(out)
+    with torch.no_grad():
+        norm = model.model.norm.weight
+        norm.copy_(4 * torch.randn(norm.shape, generator=torch.Generator().manual_seed(3)))
+    model.save_pretrained(out)
+    return out
+
+
+def test_minillm_teacher_mixed_sampling_logs_the_exact_importance_weights(teacher_dir, pairs, tmp_path):
+    """α = 0.3: step 1 draws every token from p̃ = 0.3·p + 0.7·q (the same draw replayed here: the sampler with the
+    same ``TeacherMixture``, seed and batch) and logs the token mean of w_t = q(y_t)/p̃(y_t) and of the exact
+    single-step KL(q ‖ p) over those samples. Oracle: full logits of both models in float64, one unpadded sequence
+    at a time. On the first pass (ρ = 1) the logged ratio mean is 1."""
+    student_dir = sharp_student(tmp_path / "student")
+    cfg = tiny(teacher_dir, pairs, tmp_path / "mixed", steps=1, mode="minillm", teacher_mixed_alpha=0.3,
+               model=student_dir)
+    row = train(cfg).metrics[0]
+    tok = load_tokenizer(teacher_dir)
+    examples, _ = load_preference_dataset(pairs, tok, max_length=cfg.max_length,
+                                          max_prompt_length=cfg.max_prompt_length)
+    prompts = [examples[i].prompt_ids for i in step_rows(len(examples), 0, cfg.batch_size, cfg.seed)]
+    mix = TeacherMixture(load_model(teacher_dir), prompts, alpha=0.3, temperature=cfg.temperature,
+                         max_new_tokens=cfg.max_new_tokens)
+    done = sample(load_model(student_dir), tok, prompts, n=1, max_new_tokens=cfg.max_new_tokens,
+                  temperature=cfg.temperature, seed=cfg.seed * 100_003, batch_size=cfg.batch_size, processors=[mix])
+    teacher, student = load_model(teacher_dir).double(), load_model(student_dir).double()
+    weights, kl_sum = [], 0.0
+    with torch.no_grad():
+        for p, c in zip(done.prompt_ids, done.completion_ids):
+            x, y = torch.tensor([list(p) + list(c)]), torch.tensor(c)[:, None]
+            lp_t = F.log_softmax(teacher(x).logits[0, len(p) - 1:-1], -1)
+            lp_s = F.log_softmax(student(x).logits[0, len(p) - 1:-1], -1)
+            q, pt = lp_s.exp().gather(-1, y), lp_t.exp().gather(-1, y)
+            weights.append(q / (0.3 * pt + 0.7 * q))
+            kl_sum += float((lp_s.exp() * (lp_s - lp_t)).sum())
+    w = torch.cat(weights)
+    assert row["response_len"] == pytest.approx(len(w) / len(prompts))
+    assert row["weight_mean"] == pytest.approx(float(w.mean()), rel=1e-5)
+    assert float((w - 1).abs().max()) > 0.05  # the models differ: the weights are not all 1
+    assert row["single_step_kl"] == pytest.approx(kl_sum / len(w), rel=1e-3, abs=1e-7)
+    assert row["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_minillm_ppo_epochs_update_on_the_same_rollout(teacher_dir, pairs, tmp_path):
+    """ppo_epochs = 3: the first update of step 1 is the one-epoch run's step 1 (same rollout, same parameters: the
+    same loss and gradient norm); the later updates see the updated student (ratio ≠ 1, logged as ``*_last``); the
+    schedule counts 3 updates per step (a linear decay over steps × epochs)."""
+    extra = dict(steps=2, mode="minillm", teacher_mixed_alpha=0.2, schedule="linear", warmup_ratio=0.0)
+    one = train(tiny(teacher_dir, pairs, tmp_path / "one", **extra)).metrics
+    three = train(tiny(teacher_dir, pairs, tmp_path / "three", ppo_epochs=3, **extra)).metrics
+    for k in ("loss", "grad_norm", "single_step_kl", "weight_mean", "long_term"):
+        assert three[0][k] == pytest.approx(one[0][k], rel=1e-6, abs=1e-9), k
+    assert three[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert abs(three[0]["ratio_mean_last"] - 1.0) > 1e-4 and "clip_frac_last" in three[0]
+    assert three[-1]["lr"] == pytest.approx(0.0) and one[-1]["lr"] == pytest.approx(0.0)
+    assert three[0]["lr"] == pytest.approx(1e-3 * (1 - 3 / 6))
+
+
+def test_minillm_resume_with_mixing_and_epochs_follows_the_uninterrupted_trajectory(teacher_dir, pairs, tmp_path):
+    extra = dict(steps=3, mode="minillm", teacher_mixed_alpha=0.2, ppo_epochs=2, save_every=1)
+    full = train(tiny(teacher_dir, pairs, tmp_path / "full", **extra))
+    train(tiny(teacher_dir, pairs, tmp_path / "part", stop_after=1, **extra))
+    resumed = train(tiny(teacher_dir, pairs, tmp_path / "part", resume=True, **extra))
+    strip = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in full.metrics]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in resumed.metrics]
+    a, b = load_model(tmp_path / "full" / "final").state_dict(), load_model(tmp_path / "part" / "final").state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_teacher_mixing_and_epochs_are_minillm_only():
+    with pytest.raises(ValueError, match="only mode 'minillm' reads them"):
+        DistillConfig(mode="seqkd", teacher_mixed_alpha=0.2)
+    with pytest.raises(ValueError, match="teacher_mixed_alpha=1.0 is out of range"):
+        DistillConfig(mode="minillm", teacher_mixed_alpha=1.0)
 
 
 def test_adpa_logs_the_advantage_term_of_full_logits(teacher_dir, pairs, tmp_path):

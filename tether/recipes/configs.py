@@ -408,10 +408,10 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     per step, else the dataset's (GKD). With an objective of their own (divergence left at forward_kl): dckd —
     forward KL on the dataset's chosen AND rejected responses plus nll_weight × NLL on chosen (DCKD, Gao et al. 2025;
     dckd_*_weight); dpkd — token-level DPKD (Li et al. 2024) under teacher forcing on the dataset response
-    (dpkd_beta); minillm — MiniLLM (Gu et al. 2024) on the student's own samples: PPO-clip long-term term + the exact
-    single-step reverse KL (teacher_mixed_alpha 0 only); adpa — ADPA (Gao et al. 2025) on the student's own samples:
-    the DPO teacher's (teacher_model) advantage over its reference (ref_model) on its top adpa_top_k tokens, plus
-    nll_weight × NLL on the dataset's chosen responses."""
+    (dpkd_beta); minillm — MiniLLM (Gu et al. 2024) on teacher-mixed samples: PPO-clip long-term term + the exact
+    single-step reverse KL (teacher_mixed_alpha, ppo_epochs); adpa — ADPA (Gao et al. 2025) on the student's own
+    samples: the DPO teacher's (teacher_model) advantage over its reference (ref_model) on its top adpa_top_k tokens,
+    plus nll_weight × NLL on the dataset's chosen responses."""
     divergence: str = "forward_kl"
     """Per-token divergence between teacher and student (tether.losses.distill.DIVERGENCES): forward_kl,
     reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, total_variation, akl, …"""
@@ -434,8 +434,13 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     dpkd_beta: float = 0.1
     """dpkd: β of the per-position Bradley–Terry loss (official --dpo-beta 0.1)."""
     teacher_mixed_alpha: float = 0.0
-    """minillm: the teacher's share α of the sampling mixture p̃ = α·p + (1 − α)·q. Only 0 (pure student samples) is
-    implemented; the official 0.2 (teacher-mixed sampler and importance weights) is not yet."""
+    """minillm: the teacher's share α ∈ [0, 1) of the sampling mixture p̃ = α·p + (1 − α)·q (tether.sampling.mixing);
+    each token's long-term term is weighted by w_t = q_old/p̃ (official --teacher-mixed-alpha 0.2; 0 = the student's
+    own samples, every weight 1)."""
+    ppo_epochs: int = 1
+    """minillm: optimizer updates per rollout — each step samples once, then takes ppo_epochs updates over the same
+    responses (PPO-clip ε 0.2 on the ratio to the rollout student; official --ppo-epochs 4). The learning-rate
+    schedule counts updates (steps × ppo_epochs)."""
     adpa_top_k: int = 50
     """adpa: K, the DPO teacher's top-k tokens that carry an advantage (50 in the ADPA code)."""
     train_file: str | None = "data/ifeval_pairs_smollm2.jsonl"
@@ -475,9 +480,9 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
 
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence: unknown {self.divergence!r}; choose one of {sorted(DIVERGENCES)}")
-        if self.teacher_mixed_alpha != 0.0:
-            raise ValueError(f"teacher_mixed_alpha: {self.teacher_mixed_alpha} — only 0 (student samples) is "
-                             "implemented; MiniLLM's teacher-mixed sampler is left for later")
+        if self.mode != "minillm" and (self.teacher_mixed_alpha != 0.0 or self.ppo_epochs != 1):
+            raise ValueError(f"teacher_mixed_alpha / ppo_epochs: only mode 'minillm' reads them (mode {self.mode!r}); "
+                             "leave them at 0 / 1")
         if self.mode == "adpa" and not self.ref_model:
             raise ValueError("ref_model: mode 'adpa' needs the reference teacher (the model the DPO teacher "
                              "teacher_model was trained from), a local model directory")
@@ -496,6 +501,8 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
                          ("dckd_chosen_weight", self.dckd_chosen_weight >= 0),
                          ("dckd_rejected_weight", self.dckd_rejected_weight >= 0), ("dpkd_beta", self.dpkd_beta > 0),
                          ("adpa_top_k", self.adpa_top_k >= 1),
+                         ("teacher_mixed_alpha", 0 <= self.teacher_mixed_alpha < 1),
+                         ("ppo_epochs", self.ppo_epochs >= 1),
                          ("max_prompt_length", 0 < self.max_prompt_length < self.max_length),
                          ("eval_prompts", self.eval_prompts >= 0),
                          ("eval_samples_per_prompt", self.eval_samples_per_prompt >= 1),

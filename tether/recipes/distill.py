@@ -29,12 +29,19 @@ One step (:func:`distill_step`), in order:
      argmaxes are found chunk by chunk over the LM heads (no (B, T, V) logits). Left out: the official ``lm_coef``
      pre-training term on a separate corpus.
    * ``minillm`` (MiniLLM, Gu et al. 2024, arXiv:2306.08543; ``tether.losses.distill.minillm``): each step samples
-     one response per prompt from the student (``teacher_mixed_alpha`` 0: no teacher-mixed sampler, every importance
-     weight 1), scores it once (rewards ``log p − log q_old``, the long-term advantages of ``minillm_advantages`` at
-     its defaults — the official code's: γ 0.95, current reward included, length-normalized, whitened over the step),
-     then takes ONE update: PPO-clip (ε 0.2) long-term term + the exact single-step reverse KL(q_θ ‖ p) per position
-     over the full vocabulary, token mean. Departures: one update per rollout (official: 4 PPO epochs over a
-     rollout buffer), no pre-training term, no teacher mixing (α = 0; the official scripts use 0.2).
+     one response per prompt, every token drawn from the teacher-mixed ``p̃ = α·p + (1 − α)·q`` (§2.2 Eq. 4;
+     ``teacher_mixed_alpha`` α, ``tether.sampling.mixing.TeacherMixture``; α = 0 is the student alone), scores it
+     once (rewards ``log p − log q_old``; per-token importance weights ``w_t = q_old/p̃`` of
+     ``minillm_importance_weights``; the long-term advantages of ``minillm_advantages`` at its defaults — the official
+     code's: γ 0.95, current reward included, length-normalized, whitened over the step), then takes ``ppo_epochs``
+     updates over it (official 4), each: PPO-clip (ε 0.2) on the ratio ``(q_θ/q_old)·w_t`` times the advantage +
+     the exact single-step reverse KL(q_θ ‖ p) per position over the full vocabulary (unweighted, as the official
+     code), token mean. What this follows and where it departs from the paper (per-token weights instead of Eq. 5's
+     prefix products: biased when α > 0; the return includes r_t; γ; whitening) is proved by enumeration in
+     ``tests/losses/test_distill_objectives.py`` and listed in ``tether.losses.distill.minillm``. Departures from the
+     official recipe: the rollout buffer is the step's ``batch_size`` responses, each epoch one update over all of
+     them (official: 256 or 16 rollouts per buffer, mini-batches of 8 shuffled per epoch); no pre-training term;
+     top-k / top-p are not applied (the official scripts use none either).
    * ``adpa`` (ADPA, Gao et al. 2025, arXiv:2502.17927; ``tether.losses.distill.adpa``): three models — the DPO
      teacher (``teacher_model``), its reference (``ref_model``) and the student. Each step samples one response per
      prompt from the student; at every position the loss is ``−Σ_{a ∈ top-k} q_θ(a|s_t)·A(s_t, a)`` with the DPO
@@ -78,6 +85,7 @@ from tether.losses.distill import (
     dpkd_token_per_position,
     minillm,
     minillm_advantages,
+    minillm_importance_weights,
     minillm_rewards,
 )
 from tether.models import (
@@ -92,6 +100,7 @@ from tether.recipes.configs import DistillConfig
 from tether.reference import reference_context
 from tether.rollout import Rollout, backbone_states, collate, evaluate_reward
 from tether.sampling import Completions, render_prompts, sample
+from tether.sampling.mixing import TeacherMixture
 from tether.training import (
     RunLog,
     make_optimizer,
@@ -171,8 +180,9 @@ def setup(cfg: DistillConfig) -> DistillRun:
     if responses is not None and cfg.cache_teacher and cfg.mode not in ("seqkd", "minillm", "adpa"):
         teacher_states = _cached_teacher_states(cfg, teacher, prompt_ids, responses, pad)
     optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=int(cfg.warmup_ratio * cfg.steps),
-                               total_steps=cfg.steps)
+    updates = cfg.steps * cfg.ppo_epochs  # the schedule counts optimizer updates
+    scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=int(cfg.warmup_ratio * updates),
+                               total_steps=updates)
     return DistillRun(cfg, student, teacher, tokenizer, pad, prompt_ids, responses, rejected, teacher_states,
                       _eval_rows(cfg), optimizer, scheduler, reference)
 
@@ -293,6 +303,8 @@ class StepBatch:
     """minillm: (B, T) log q_old of each sampled token under the student at rollout time (0 off the mask)."""
     advantages: Tensor | None = None
     """minillm: (B, T) long-term advantages (``minillm_advantages`` at its documented defaults)."""
+    weights: Tensor | None = None
+    """minillm: (B, T) importance weights w_t = q_old/p̃ of the sampled tokens (None when teacher_mixed_alpha is 0)."""
     chosen: Rollout | None = None
     """adpa: the same prompts with the dataset's chosen responses, for the NLL (None when nll_weight is 0)."""
     n_chosen: int = 1
@@ -300,7 +312,8 @@ class StepBatch:
 
 
 def distill_step(run: DistillRun, step: int) -> dict[str, float]:
-    """One optimizer step on ``batch_size`` responses from the step's source; returns its metrics."""
+    """One optimizer step on ``batch_size`` responses from the step's source (minillm: ``ppo_epochs`` updates over
+    them); returns its metrics (with several updates: the first one's, and ``*_last`` of the last one)."""
     cfg = run.cfg
     t0 = time.perf_counter()
     rows = step_rows(len(run.prompt_ids), step, cfg.batch_size, cfg.seed)
@@ -310,24 +323,32 @@ def distill_step(run: DistillRun, step: int) -> dict[str, float]:
         done = _as_completions(prompts, [run.responses[i] for i in rows], run.tokenizer)
     else:
         writer = run.teacher if source == "teacher" else run.student
+        mixing = [TeacherMixture(run.teacher, prompts, alpha=cfg.teacher_mixed_alpha, temperature=cfg.temperature,
+                                 max_new_tokens=cfg.max_new_tokens)] if cfg.teacher_mixed_alpha > 0 else []
         done = sample(writer, run.tokenizer, prompts, n=1, max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.temperature, seed=cfg.seed * 100_003 + step, batch_size=cfg.batch_size)
+                      temperature=cfg.temperature, seed=cfg.seed * 100_003 + step, batch_size=cfg.batch_size,
+                      processors=mixing)
     rollout = collate(done, run.pad, cfg.device)
     t_gen = time.perf_counter() - t0
     batch = StepBatch(rows, rollout, source, max(int(rollout.mask.sum()), 1),
                       [run.teacher_states[i] for i in rows] if source == "dataset" and run.teacher_states else None)
     batch = PREPARE.get(cfg.mode, lambda run, batch: batch)(run, batch)
-    sums: dict[str, float] = {}
-    for start in range(0, rollout.size, cfg.micro_batch_size):
-        idx = torch.arange(start, min(rollout.size, start + cfg.micro_batch_size))
-        loss, metrics = MICRO_LOSS.get(cfg.mode, divergence_loss)(run, batch, idx)
-        release_freed_memory()
-        loss.backward()
-        for k, v in {"loss": float(loss.detach()), **metrics}.items():
-            sums[k] = sums.get(k, 0.0) + v
-    grad_norm = optimizer_step(run.student, run.optimizer, run.scheduler, max_grad_norm=cfg.max_grad_norm,
-                               step=step + 1)
-    return {**sums, "grad_norm": grad_norm, "source_student": float(source == "student"),
+    first: dict[str, float] = {}
+    for _ in range(cfg.ppo_epochs):  # 1 except minillm: updates over the same responses
+        sums: dict[str, float] = {}
+        for start in range(0, rollout.size, cfg.micro_batch_size):
+            idx = torch.arange(start, min(rollout.size, start + cfg.micro_batch_size))
+            loss, metrics = MICRO_LOSS.get(cfg.mode, divergence_loss)(run, batch, idx)
+            release_freed_memory()
+            loss.backward()
+            for k, v in {"loss": float(loss.detach()), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v
+        sums["grad_norm"] = optimizer_step(run.student, run.optimizer, run.scheduler, max_grad_norm=cfg.max_grad_norm,
+                                           step=step + 1)
+        first = first or sums
+    if cfg.ppo_epochs > 1:  # the first update's metrics, and where the last one stood
+        first.update({f"{k}_last": sums[k] for k in ("loss", "clip_frac", "ratio_mean", "grad_norm")})
+    return {**first, "source_student": float(source == "student"),
             "source_teacher": float(source == "teacher"), "response_len": batch.n_tokens / rollout.size,
             "lr": run.scheduler.get_last_lr()[0], "gen_s": t_gen, "step_s": time.perf_counter() - t0}
 
@@ -467,7 +488,10 @@ def _minillm_prepare(run: DistillRun, batch: StepBatch) -> StepBatch:
                            chunk_size=cfg.chunk_size, temperature=cfg.temperature)["logps"][0]
         teacher_logps[idx, :mb.width] = _at(mb.mask, flat)
     advantages = minillm_advantages(minillm_rewards(teacher_logps, old, r.mask), r.mask)
-    return dataclasses.replace(batch, teacher_states=states, old_logps=old, advantages=advantages)
+    weights = None
+    if cfg.teacher_mixed_alpha > 0:
+        weights = minillm_importance_weights(old, teacher_logps, r.mask, alpha=cfg.teacher_mixed_alpha)
+    return dataclasses.replace(batch, teacher_states=states, old_logps=old, advantages=advantages, weights=weights)
 
 
 def minillm_loss(run: DistillRun, batch: StepBatch, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
@@ -480,10 +504,12 @@ def minillm_loss(run: DistillRun, batch: StepBatch, idx: Tensor) -> tuple[Tensor
     logps = _logps(run, hidden, mb.labels, temperature=cfg.temperature)
     single = _at(mb.mask, _per_position(run, hidden, _teacher(run, batch, idx, mb), mb.mask, "reverse_kl",
                                         temperature=cfg.temperature))
+    weights = None if batch.weights is None else batch.weights[idx, :mb.width]
     out = minillm(logps, batch.old_logps[idx, :mb.width], batch.advantages[idx, :mb.width], mb.mask,
-                  single_step_kl=single)
+                  weights=weights, single_step_kl=single)
     share = int(mb.mask.sum()) / batch.n_tokens
-    return out.loss * share, {k: out.metrics[k] * share for k in ("long_term", "single_step_kl", "clip_frac")}
+    return out.loss * share, {k: out.metrics[k] * share for k in ("long_term", "single_step_kl", "clip_frac",
+                                                                  "ratio_mean", "weight_mean")}
 
 
 
