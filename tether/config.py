@@ -56,8 +56,12 @@ class RunConfig(_Part):
     """Also log metrics to TensorBoard (output_dir/tensorboard)."""
     progress: bool = True
     """Show progress bars."""
+    distributed: Literal["none", "ddp", "fsdp2"] = "none"
+    """Multi-process training under torchrun (``tether.distributed``): 'ddp' or 'fsdp2'; batch sizes and gradient
+    accumulation keep their meaning (the global step) at any number of processes."""
 
     def __post_init__(self) -> None:
+        check_range("distributed", self.distributed, self.distributed in ("none", "ddp", "fsdp2"))
         check_range("save_every", self.save_every, self.save_every >= 0)
         check_range("stop_after", self.stop_after, self.stop_after is None or self.stop_after >= 1)
         super().__post_init__()
