@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tether import kl as _kl
+from tether.distributed import wrapped_training
 
 IGNORE_INDEX = -100
 STATS = ("logps", "entropy", "kl", "forward_kl", "ref_logps", "risk", "ref_max_logp")
@@ -378,8 +379,10 @@ def hidden_states(model, input_ids: Tensor, attention_mask: Tensor, *, embedding
     is added straight into ``embedding.weight.grad`` (``index_add_`` of the (B, T, H) gradient) instead of through
     autograd, which would first build a dense (V, H) gradient (113 MB for SmolLM2 in fp32) and add it to the tied LM
     head's. Same gradient (``tests/test_logprobs.py``), less peak memory. Not for ``torch.autograd.grad``: that
-    contribution lands in ``.grad``, not in the returned gradients. Applies to a plain ``nn.Embedding`` whose weight
-    is trained (without ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``); anything else takes the ordinary path.
+    contribution lands in ``.grad``, not in the returned gradients. Off in a distributed run
+    (``tether.distributed.wrapped_training``): DDP's and FSDP2's gradient reduction never see a write into ``.grad``.
+    Applies to a plain ``nn.Embedding`` whose weight is trained (without ``max_norm`` / ``scale_grad_by_freq`` /
+    ``sparse``); anything else takes the ordinary path.
     """
     backbone = _unwrap(model).get_decoder()
     return backbone(attention_mask=attention_mask, use_cache=False,
@@ -391,7 +394,8 @@ def backbone_inputs(backbone, input_ids: Tensor, embedding_grad_in_place: bool) 
     applies (see :func:`hidden_states`) — ``{"inputs_embeds": ...}`` whose gradient goes straight into the
     embedding's ``.grad``."""
     emb = backbone.get_input_embeddings()
-    if not (embedding_grad_in_place and torch.is_grad_enabled() and type(emb) is torch.nn.Embedding
+    if not (embedding_grad_in_place and not wrapped_training() and torch.is_grad_enabled()
+            and type(emb) is torch.nn.Embedding
             and emb.weight.requires_grad and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse):
         return {"input_ids": input_ids}
     embeds = F.embedding(input_ids, emb.weight.detach()).requires_grad_()
