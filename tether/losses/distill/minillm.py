@@ -27,6 +27,41 @@ Sources read (public snapshots) and what was confirmed:
   decomposition, p̃, the importance weights and their per-token approximation, length normalization) were read in a
   public reproduction of the paper's text (a translated copy; the arXiv page itself was not readable here).
 
+Where the official code departs from the paper, and what tether follows (each item is at the function named):
+
+==  ===============================================  ===============================  ================================
+#   paper (§2.2–2.3)                                  official code                    tether
+==  ===============================================  ===============================  ================================
+1   sampling from p̃ = α·p + (1 − α)·q (Eq. 4)       the same, inside a patched       the same (``tether.sampling.
+                                                      ``generate`` (authors' fork      mixing.TeacherMixture``); top-k/
+                                                      t1101675/transformers@minillm;   top-p truncate the mixture, not
+                                                      processors on both models)       each model (unused by MiniLLM)
+2   prefix-product weights W_t (Eq. 5), then the     per-token w_t = q_old/p̃         per-token w_t (default) or
+    per-token approximation w_t                       (``sampler.py``)                 cumulative W_t (option);
+                                                                                       :func:`minillm_importance_weights`
+3   w weights both terms of the gradient             w only in the PPO ratio ρ·w;     as the official code;
+                                                      the single-step KL unweighted    ``weight_single_step`` option
+4   long-term return R_{t+1}, undiscounted (Eq. 3)   return from t (r_t included),    official defaults;
+                                                      γ = 0.95                         :func:`minillm_advantages`
+5   length normalization 1/(T − t − 1) (Eq. 6)       always on, divides by #tokens    the official form (#terms)
+                                                      from t; ``--length-norm`` only
+                                                      changes logging
+6   —                                                 advantages whitened              whitened over valid tokens
+7   PPO clipping (§2.3)                               clip the PRODUCT ρ·w at 0.2;     the same; the recipe's
+                                                      ``--ppo-epochs 4`` over a        ``ppo_epochs`` updates over the
+                                                      rollout store                    step's responses
+8   r_t = log p − log q                               /0.5 (reward_scaling), clip      options of
+                                                      ±100                             :func:`minillm_rewards` (off)
+9   —                                                 a second, pure-student sample    not drawn (the recipe logs
+                                                      when α > 0, only for logging     the mixed samples' lengths)
+                                                      (rev_kl, student lengths)
+==  ===============================================  ===============================  ================================
+
+At the paper's settings with the exact weights (row 2's W_t, per-decision ratios in the return, the single-step
+term weighted) the estimator is unbiased for ∇KL(q_θ ‖ p) over sequences for any α (enumeration oracle, float64,
+also with P̃ taken from the sampler's processor); rows 2 and 4 of the official code bias it, by the amounts the
+tests measure (``tests/losses/test_distill_objectives.py``).
+
 Left out:
 
 * The MiniLLM pre-training term ``L_PT = (1 − kd_ratio)·NLL + kd_ratio·KL(p ‖ q)`` on a separate corpus: it is plain
