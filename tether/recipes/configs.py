@@ -13,7 +13,7 @@ from typing import Literal
 from tether.config import LoRAConfig, ModelConfig, OptimConfig, RunConfig, check_range
 from tether.losses.policy import ONLINE_OBJECTIVES, check_loss_args
 
-__all__ = ["DistillConfig", "KLConfig", "PreferenceConfig", "QuickstartConfig", "RLConfig",
+__all__ = ["DistillConfig", "FrontierConfig", "KLConfig", "PreferenceConfig", "QuickstartConfig", "RLConfig",
            "SampleConfig"]
 
 
@@ -596,3 +596,89 @@ class SampleConfig:
                          ("max_new_tokens", self.max_new_tokens >= 1), ("temperature", self.temperature > 0),
                          ("batch_size", self.batch_size >= 1)):
             check_range(name, getattr(self, name), ok, "tether sample")
+
+
+@dataclass
+class FrontierConfig:
+    """The reward–KL frontier of several methods on the same held-out prompts: `tether frontier --config x.yaml`.
+
+    Every point is measured by one evaluator (``tether.recipes.frontier``): held-out reward and KL(π ‖ π_ref) with
+    π_ref = ``model`` at temperature 1. Empty lists switch a family off."""
+
+    model: str = "smollm2-135m-instruct"
+    """π_ref of every point and the starting policy of every training run: the embedded model or a local HF dir."""
+    prompts_file: str = "data/ifeval_heldout_prompts.jsonl"
+    """Held-out prompt rows (JSONL/Parquet/datasets) with 'prompt' plus what the rewards read ('constraints')."""
+    max_prompts: int | None = None
+    """Use the first this many rows of prompts_file (None = all)."""
+    output_dir: str = "runs/frontier"
+    """Where frontier.json, frontier.png, the point cache (frontier_cache.json) and the training runs go."""
+    rewards: dict[str, float] | None = None
+    """Rule rewards and weights (instructions, math, format, code), combined as a weighted mean; None = instructions."""
+    max_new_tokens: int = 48
+    """Length limit of every completion the evaluator samples (candidates and policy samples alike)."""
+    samples_per_prompt: int = 4
+    """Completions per prompt sampled from each model point (trained runs, saved models) for its reward and KL."""
+    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """N of the best-of-N points (all on the first N of one set of candidates per prompt)."""
+    tilted_beta: list[float] = field(default_factory=list)
+    """β of the tilted-resampling points (keep candidate i with probability ∝ exp(r_i/β) among tilted_n)."""
+    tilted_n: int = 16
+    """Candidates per prompt of tilted resampling."""
+    base_samples: int = 8
+    """Further reference draws per prompt, never selected: with the candidates they form the reward-level law the
+    plug-in KL figures and the two analytic curves are computed on."""
+    dpo_config: str | None = None
+    """A `tether dpo` YAML whose run is repeated at every dpo_beta (model, output_dir, seed and the held-out KL are
+    set by the frontier)."""
+    dpo_beta: list[float] = field(default_factory=list)
+    """β of the DPO-family points (the config's ``beta`` field)."""
+    dpo_overrides: dict[str, float | int | str | bool] = field(default_factory=dict)
+    """Fields set over dpo_config for every DPO run (e.g. {max_steps: 4})."""
+    rl_config: str | None = None
+    """A `tether rl` YAML whose run is repeated at every rl_beta × rl_steps (model, output_dir, seed set here; its
+    own held-out evaluation is switched off — the frontier measures)."""
+    rl_beta: list[float] = field(default_factory=list)
+    """β (kl_coef) of the RL-family points."""
+    rl_steps: list[int] = field(default_factory=list)
+    """RL steps of the RL-family points (one run per value); empty = the config's own steps."""
+    rl_overrides: dict[str, float | int | str | bool] = field(default_factory=dict)
+    """Fields set over rl_config for every RL run (e.g. {prompts_per_step: 2})."""
+    models: list[str] = field(default_factory=list)
+    """Saved model directories (same tokenizer as model), each one point."""
+    seed: int = 0
+    """Seeds the candidates, every policy's evaluation samples (the same seed for each: common random numbers), the
+    selections and the training runs."""
+    batch_size: int = 32
+    """Completions generated (and scored for KL) together."""
+    chunk_size: int = 512
+    """Response tokens per chunk of the LM head in the KL pass."""
+    device: str = "cpu"
+    """Where the models run ('cpu' or 'cuda')."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        from tether.rewards import REWARD_NAMES
+
+        for name in (self.rewards or {}):
+            if name not in REWARD_NAMES:
+                raise ValueError(f"rewards: unknown reward {name!r}; choose from {sorted(REWARD_NAMES)}")
+        for beta_field, config_field in (("dpo_beta", "dpo_config"), ("rl_beta", "rl_config")):
+            if getattr(self, beta_field) and not getattr(self, config_field):
+                raise ValueError(f"{beta_field}: the runs need a recipe config; set {config_field} (a YAML file)")
+        if self.rl_steps and not self.rl_beta:
+            raise ValueError("rl_steps: set rl_beta too (the runs are rl_beta × rl_steps)")
+        for name, ok in (("max_prompts", self.max_prompts is None or self.max_prompts >= 1),
+                         ("max_new_tokens", self.max_new_tokens >= 1),
+                         ("samples_per_prompt", self.samples_per_prompt >= 2),
+                         ("best_of_n", all(n >= 1 for n in self.best_of_n)),
+                         ("tilted_beta", all(b > 0 for b in self.tilted_beta)), ("tilted_n", self.tilted_n >= 1),
+                         ("base_samples", self.base_samples >= 0),
+                         ("dpo_beta", all(b > 0 for b in self.dpo_beta)),
+                         ("rl_beta", all(b >= 0 for b in self.rl_beta)),
+                         ("rl_steps", all(s >= 1 for s in self.rl_steps)),
+                         ("batch_size", self.batch_size >= 1), ("chunk_size", self.chunk_size >= 1)):
+            check_range(name, getattr(self, name), ok, "tether frontier")
+        if not (self.best_of_n or self.tilted_beta or self.dpo_beta or self.rl_beta or self.models):
+            raise ValueError("nothing to measure: set best_of_n, tilted_beta, dpo_beta, rl_beta or models")
