@@ -59,6 +59,7 @@ from tether.losses.distill.preference_kd import (
     dckd,
     teacher_topk,
     topk_forward_kl,
+    topk_forward_kl_per_position,
 )
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -73,4 +74,5 @@ __all__ = [
     "dpkd_token_ipo", "dpkd_token_per_position",
     "minillm", "minillm_advantages", "minillm_importance_weights", "minillm_long_term",
     "minillm_mixture_logprobs", "minillm_rewards", "minillm_single_step", "teacher_topk", "topk_forward_kl",
+    "topk_forward_kl_per_position",
 ]

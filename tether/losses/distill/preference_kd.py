@@ -49,6 +49,7 @@ __all__ = [
     "dckd",
     "teacher_topk",
     "topk_forward_kl",
+    "topk_forward_kl_per_position",
     # ADPA
     "adpa",
     "adpa_advantages",
@@ -104,9 +105,15 @@ def topk_forward_kl(
         Q    ← max(Q, student_floor)
         KL   = Σ_{b=1}^{K+1} P_b·(log P_b − log Q_b)
 
-    By the data-processing inequality this is ≤ the full forward KL(p ‖ q_θ) (before the clamps); with K = V it
-    equals it up to the clamps (≈ 1e-7). Gradient: the forward KL of the binned distributions (zero through clamped
-    entries).
+    The error of the compression, exactly (chain rule of KL; without the clamps)::
+
+        KL(p ‖ q_θ) = KL_bins + rest_p · KL( p(·|rest) ‖ q_θ(·|rest) )       ≥ KL_bins
+
+    where ``p(·|rest)``, ``q_θ(·|rest)`` are the two distributions restricted to the tokens outside the teacher's
+    top-k and renormalized: the compressed KL drops the mismatch INSIDE the teacher's tail, weighted by its mass
+    (``test_topk_forward_kl_error_is_the_tail_kl``). With K = V it is exact up to the clamps (≈ 1e-7). Gradient: the
+    forward KL of the binned distributions (zero through clamped entries) — the student is not pushed to shape its
+    tail like the teacher's, only to give it the right total mass.
 
     Shape: ``student_logits`` (..., V) differentiable; ``teacher`` a :class:`TopK` of (..., K) / (...); output (...).
     Stop-gradient: the teacher. Departures: none from the fork's code (the authors' own repository was not
@@ -115,6 +122,32 @@ def topk_forward_kl(
     q = torch.softmax(student_logits, dim=-1)
     q_top = q.gather(-1, teacher.ids)
     p_bins = torch.cat([teacher.probs.detach(), teacher.rest.detach()[..., None]], dim=-1).to(q.dtype)
+    q_bins = torch.cat([q_top, (1.0 - q_top.sum(-1, keepdim=True))], dim=-1)
+    if stabilize is not None:
+        p_bins = p_bins.clamp(stabilize, 1.0 - stabilize)
+        q_bins = q_bins.clamp(stabilize, 1.0 - stabilize)
+    q_bins = q_bins.clamp(min=student_floor)
+    log_p = torch.where(p_bins > 0, p_bins.log(), torch.zeros_like(p_bins))
+    return (p_bins * (log_p - q_bins.log())).sum(-1)
+
+
+def topk_forward_kl_per_position(
+    student_logps_at_ids: Tensor,
+    teacher: TopK,
+    *,
+    student_floor: float = 1e-7,
+    stabilize: float | None = 1e-8,
+) -> Tensor:
+    """:func:`topk_forward_kl` from the student's log-probs at the teacher's top-k ids, for a caller that never holds
+    (B, T, V) logits (``tether.recipes.distill`` gathers log q_θ at the stored ids chunk by chunk over the LM head,
+    ``token_stats`` ``support_logps``). Same equation, same clamps; equal to :func:`topk_forward_kl` forward and
+    backward (``test_topk_forward_kl_per_position_matches``).
+
+    Shape: ``student_logps_at_ids`` (..., K) differentiable (log of the FULL softmax at ``teacher.ids``);
+    ``teacher`` a :class:`TopK` of (..., K) / (...); output (...). Stop-gradient: the teacher.
+    """
+    q_top = student_logps_at_ids.exp()
+    p_bins = torch.cat([teacher.probs.detach(), teacher.rest.detach()[..., None]], dim=-1).to(q_top.dtype)
     q_bins = torch.cat([q_top, (1.0 - q_top.sum(-1, keepdim=True))], dim=-1)
     if stabilize is not None:
         p_bins = p_bins.clamp(stabilize, 1.0 - stabilize)
