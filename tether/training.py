@@ -20,6 +20,11 @@ Checkpoints are directories ``<output_dir>/checkpoints/step-<k>/`` holding the m
 ``torch.load(weights_only=True)``). Each is written to a temporary directory and renamed into place, so a
 checkpoint directory either exists complete or not at all; a run killed mid-write leaves only a temporary
 directory, which is ignored and cleaned up on the next save.
+
+Rank-aware (``tether.distributed``): in a run of several processes only rank 0 writes the config, logs, progress
+bar, checkpoints and final model; the others take part in the collectives. A checkpoint holds the full model (under
+FSDP2 gathered from the shards, so any number of processes — one included — loads it), rank 0's trainer state (under
+FSDP2 the optimizer as a full, name-keyed state dict) and each other rank's RNG state (``rng-rank<r>.pt``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
+
+from tether import distributed
 
 __all__ = ["set_seed", "make_optimizer", "contiguous_adam_state", "release_freed_memory", "make_scheduler",
            "save_checkpoint", "latest_checkpoint", "load_trainer_state", "load_module_state", "load_weights",
@@ -171,28 +178,58 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenize
     """Write ``checkpoints/step-<step>`` atomically and keep only the newest ``keep`` checkpoints.
 
     ``modules`` (name → ``nn.Module``) are saved alongside as ``<name>.safetensors`` (e.g. a reference model that
-    changes during training); read them back with :func:`load_module_state`."""
+    changes during training); read them back with :func:`load_module_state`. In a distributed run every rank calls
+    this (FSDP2 gathers the shards; each rank's RNG state is kept); rank 0 writes."""
+    dist = distributed.current()
     root = Path(output_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": _rng_state(), "extra": extra or {}}
-    torch.save(state, tmp / "trainer_state.pt")
-    for name, module in (modules or {}).items():
-        from safetensors.torch import save_model
-
-        save_model(module, str(tmp / f"{name}.safetensors"))  # tied weights are stored once
+    model_state, optim_state = _full_states(model, optimizer)  # collective under FSDP2
+    tmp = None
+    if dist.main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+    tmp = Path(distributed.broadcast_object(tmp))
+    if not dist.main:
+        torch.save(_rng_state(), tmp / f"rng-rank{dist.rank}.pt")
     final = root / f"step-{step}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(_complete(root), key=_step_of)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if dist.main:
+        model.save_pretrained(tmp, safe_serialization=True, **({} if model_state is None else
+                                                                {"state_dict": model_state}))
+        tokenizer.save_pretrained(tmp)
+        state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                 "rng": _rng_state(), "extra": extra or {}, "optimizer_by_name": model_state is not None}
+        torch.save(state, tmp / "trainer_state.pt")
+        for name, module in (modules or {}).items():
+            from safetensors.torch import save_model
+
+            save_model(module, str(tmp / f"{name}.safetensors"))  # tied weights are stored once
+    distributed.barrier()  # every rank's RNG file is in place
+    if dist.main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(_complete(root), key=_step_of)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
+
+
+def _full_states(model, optimizer) -> tuple[dict | None, dict]:
+    """(model state dict or None, optimizer state dict) to save. Under FSDP2 both are gathered from the shards
+    into full state dicts on the CPU (the optimizer's keyed by parameter name); otherwise (None: the model saves
+    itself, the optimizer's own ``state_dict``)."""
+    if not distributed.is_sharded(model):
+        return None, None if optimizer is None else optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=opts),
+            None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=opts))
 
 
 def _step_of(path: Path) -> int:
@@ -231,12 +268,24 @@ def load_module_state(module, checkpoint: Path, name: str) -> None:
     load_model(module, str(checkpoint / f"{name}.safetensors"))
 
 
-def load_trainer_state(checkpoint: Path, *, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG states; return the saved dict (``step``, ``extra``)."""
+def load_trainer_state(checkpoint: Path, *, optimizer, scheduler, model=None) -> dict:
+    """Restore optimizer, scheduler and RNG states (this rank's own, in a distributed run); return the saved dict
+    (``step``, ``extra``). ``model``: the trained model, needed when the optimizer is sharded (FSDP2)."""
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    sharded = model is not None and distributed.is_sharded(model)
+    if bool(state.get("optimizer_by_name", False)) != sharded:
+        raise ValueError(f"{checkpoint}: its optimizer state was saved {'with' if not sharded else 'without'} "
+                         "FSDP2 sharding; resume with the same distributed setting (weights load anywhere)")
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    rank = distributed.current().rank
+    own = checkpoint / f"rng-rank{rank}.pt"
+    _set_rng_state(torch.load(own, weights_only=True) if rank > 0 and own.is_file() else state["rng"])
     return state
 
 
@@ -294,17 +343,24 @@ def load_weights(policy, ckpt: Path, *, lora: bool) -> None:
     state = {}
     for shard in sorted(ckpt.glob("model*.safetensors")):  # save_pretrained's file or shards, nothing else
         state.update(load_file(shard))
-    missing, unexpected = policy.load_state_dict(state, strict=False)
+    if distributed.is_sharded(policy):  # FSDP2: each rank keeps its shard of the full tensors
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        missing, unexpected = set_model_state_dict(policy, state, options=StateDictOptions(full_state_dict=True,
+                                                                                          strict=False))
+    else:
+        missing, unexpected = policy.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(policy.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {sorted(set(missing) - tied)}, "
                            f"unexpected {sorted(unexpected)}")
 
 
-def save_pretrained_atomic(model, tokenizer, target: Path) -> None:
-    """``save_pretrained`` into a temporary sibling directory, then rename it to ``target``."""
+def save_pretrained_atomic(model, tokenizer, target: Path, *, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` (of ``state_dict`` when given) into a temporary sibling directory, then rename it to
+    ``target``."""
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=target.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(tmp)
     if target.exists():
         shutil.rmtree(target)
@@ -321,10 +377,14 @@ class NonFiniteError(ValueError):
 
 
 def start_run(cfg) -> Path:
-    """Create ``cfg.output_dir``, write the config there as ``config.json``, and seed every RNG with ``cfg.seed``."""
+    """Join the run's processes (``cfg.distributed``: ``tether.distributed.init``), create ``cfg.output_dir``, write
+    the config there as ``config.json`` (rank 0), and seed every RNG with ``cfg.seed`` (the same on every rank)."""
+    dist = distributed.init(getattr(cfg, "distributed", "none"), getattr(cfg, "device", "cpu"))
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    distributed.barrier()
     set_seed(cfg.seed)
     return out_dir
 
@@ -335,16 +395,19 @@ def resume_or_fresh(out_dir: Path, *, resume: bool, model, optimizer, scheduler,
     RNG states and the named ``modules`` (e.g. a reference that moves) — and return its state (``step``, ``extra``).
     Otherwise, or when there is none, return None after removing an earlier run's checkpoints (which would outrank
     this run's in pruning and in a later resume), saying which."""
-    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
+    dist = distributed.current()
+    if resume and (ckpt := distributed.broadcast_object(latest_checkpoint(out_dir))) is not None:
         load_weights(model, ckpt, lora=lora)
-        state = load_trainer_state(ckpt, optimizer=optimizer, scheduler=scheduler)
+        state = load_trainer_state(ckpt, optimizer=optimizer, scheduler=scheduler, model=model)
         for name, module in (modules or {}).items():
             load_module_state(module, ckpt, name)
-        print(f"resumed from {ckpt} at step {state['step']}" + (f"/{total}" if total else ""))
+        if dist.main:
+            print(f"resumed from {ckpt} at step {state['step']}" + (f"/{total}" if total else ""))
         return state
-    if removed := remove_checkpoints(out_dir):
+    if dist.main and (removed := remove_checkpoints(out_dir)):
         print(f"fresh run: removed the checkpoints of an earlier run in {Path(out_dir) / 'checkpoints'} "
               f"({', '.join(removed)}); resume=True continues a run instead")
+    distributed.barrier()
     return None
 
 
@@ -353,7 +416,8 @@ def optimizer_step(model, optimizer, scheduler, *, max_grad_norm: float, step: i
     return the gradient norm before clipping. A non-finite norm (a NaN or inf anywhere in the gradient) raises
     :class:`NonFiniteError` before the optimizer touches the weights."""
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: the norm of all shards
     if not math.isfinite(norm):
         where = f"step {step}: " if step is not None else ""
         raise NonFiniteError(f"{where}the gradient norm is {norm}: the loss or a reward is not finite (or lr is too "
@@ -375,12 +439,14 @@ class RunLog:
                  tensorboard: bool = True, progress: bool = True):
         self.total, self.show, self.finite = total, show, finite
         self.save_every, self.stop_after = save_every, stop_after
-        self.metrics = MetricsLogger(out_dir, resume_step=start, tensorboard=tensorboard)
-        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+        main = distributed.current().main  # other ranks write nothing but still checkpoint (a collective) and stop
+        self.metrics = MetricsLogger(out_dir, resume_step=start, tensorboard=tensorboard) if main else None
+        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not (progress and main), dynamic_ncols=True)
 
     def log(self, step: int, row: dict[str, float]) -> None:
         """Record metrics without ending a step (e.g. an evaluation before the first step)."""
-        self.metrics.log(step, row)
+        if self.metrics is not None:
+            self.metrics.log(step, row)
 
     def end_step(self, step: int, row: dict[str, float], *, checkpoint) -> bool:
         """Record step ``step``'s metrics, call ``checkpoint()`` when one is due; True when the loop must stop here
@@ -389,19 +455,21 @@ class RunLog:
         if bad:
             raise NonFiniteError(f"step {step}: {', '.join(f'{k}={row[k]}' for k in bad)} is not finite; stopping "
                                  "(the last checkpoint holds the weights before this step)")
-        self.metrics.log(step, row)
+        self.log(step, row)
         self.bar.set_postfix({k: f"{row[k]:.3g}" for k in self.show if k in row})
         self.bar.update(1)
         if (self.save_every and step % self.save_every == 0) or step == self.total or step == self.stop_after:
             checkpoint()
         if self.stop_after is not None and self.stop_after <= step < self.total:
-            print(f"stopped after step {step} (stop_after); continue with resume=True")
+            if self.metrics is not None:
+                print(f"stopped after step {step} (stop_after); continue with resume=True")
             return True
         return False
 
     def close(self) -> None:
         self.bar.close()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def merged_copy(model):
@@ -413,6 +481,10 @@ def merged_copy(model):
 
 def save_final(model, tokenizer, target: Path, *, lora: bool) -> Path:
     """The final model in Hugging Face format at ``target``, written atomically; with LoRA, the adapters merged
-    into a copy (the live model keeps its adapters)."""
-    save_pretrained_atomic(merged_copy(model) if lora else model, tokenizer, target)
+    into a copy (the live model keeps its adapters). In a distributed run every rank calls this (FSDP2 gathers the
+    shards) and rank 0 writes."""
+    state, _ = _full_states(model, None)
+    if distributed.current().main:
+        save_pretrained_atomic(merged_copy(model) if lora else model, tokenizer, target, state_dict=state)
+    distributed.barrier()
     return target
