@@ -20,6 +20,7 @@ commands:
   kl           measure KL(policy ‖ reference) on held-out prompts (token-level exact, sequence-level with CI)
   sample       best-of-N, soft best-of-N, tilted / rejection sampling, Q-probe: rewards, win rate, KL to the base
   distill      distill a teacher into a student (forward / reverse KL, JSD, skew KL, AKL …; off-/on-policy)
+  frontier     reward vs KL(π ‖ π_ref) of best-of-N, tilting, DPO / RL runs and saved models, one evaluator, cached
 
 `tether <command> --help` shows every field of that command's config."""
 
@@ -40,9 +41,16 @@ def _run_distill(cfg):
     return train(cfg)
 
 
+def _run_frontier(cfg):
+    from tether.recipes.frontier import run
+
+    return run(cfg)
+
+
 def _commands():
     from tether.recipes.configs import (
         DistillConfig,
+        FrontierConfig,
         KLConfig,
         PreferenceConfig,
         QuickstartConfig,
@@ -56,7 +64,7 @@ def _commands():
 
     return {"quickstart": (QuickstartConfig, run), "dpo": (PreferenceConfig, train), "rl": (RLConfig, train_rl),
             "kl": (KLConfig, _run_kl), "sample": (SampleConfig, sample),
-            "distill": (DistillConfig, _run_distill)}
+            "distill": (DistillConfig, _run_distill), "frontier": (FrontierConfig, _run_frontier)}
 
 
 def load_config(cls, path: str | Path | None, overrides: list[str], prog: str):
