@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from tether.cli import main
 from tether.data import load_preference_dataset
-from tether.losses.distill import adpa, adpa_advantages, dpkd_token
+from tether.losses.distill import adpa, adpa_advantages, dpkd_token, teacher_topk, topk_forward_kl
 from tether.models import derive_student, load_model, load_tokenizer
 from tether.recipes.distill import DistillConfig, response_source, step_rows, train
 from tether.sampling import sample
@@ -125,6 +125,46 @@ def test_dckd_scores_the_rejected_responses(teacher_dir, pairs, tmp_path):
     assert row["kl_rejected"] == pytest.approx(kl_r, rel=1e-3, abs=1e-7)
     assert abs(kl_r - kl_c) > 5e-3 * kl_c  # the sides differ by more than the tolerance: each log is its own side
     assert row["loss"] == pytest.approx(0.7 * row["kl_chosen"] + 0.3 * row["kl_rejected"] + 0.2 * row["nll"], rel=1e-5)
+
+
+def binned_kl_oracle(teacher_dir, pairs, cfg, side: str, k: int) -> float:
+    """Token mean of DCKD's binned forward KL (``topk_forward_kl`` at its defaults, teacher top-k + rest) over the
+    ``side`` responses of step 1's rows, from full float64 logits of both models, one unpadded sequence at a time."""
+    tok = load_tokenizer(teacher_dir)
+    teacher = load_model(teacher_dir).double()
+    student = load_model(derive_student(teacher_dir, stride=2)).double()
+    examples, _ = load_preference_dataset(pairs, tok, max_length=cfg.max_length,
+                                          max_prompt_length=cfg.max_prompt_length)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in step_rows(len(examples), 0, cfg.batch_size, cfg.seed):
+            p, c = examples[i].prompt_ids, getattr(examples[i], f"{side}_ids")
+            x = torch.tensor([p + c])
+            zt, zs = teacher(x).logits[0, len(p) - 1:-1], student(x).logits[0, len(p) - 1:-1]
+            total += float(topk_forward_kl(zs, teacher_topk(zt, k)).sum())
+            n += len(c)
+    return total / n
+
+
+def test_dckd_topk_store_against_the_uncompressed_kl(teacher_dir, pairs, tmp_path):
+    """DCKD with the teacher stored as its top-k + rest (computed once per side, saved in output_dir). k = V − 1 (258;
+    the tail is one token, whose renormalized KL is 0): each side's logged KL is the exact full-vocabulary one
+    (float64 oracle; the clamps move it by < 1e-7 per token).
+    k = 5: each side logs the binned KL of the float64 oracle, which is below the exact KL by rest_p × the tails' KL
+    (> 2% of it here: the compression is visible)."""
+    extra = dict(steps=1, mode="dckd", dckd_chosen_weight=0.7, dckd_rejected_weight=0.3, nll_weight=0.0)
+    full = tiny(teacher_dir, pairs, tmp_path / "full", dckd_teacher_top_k=258, **extra)
+    row_full = train(full).metrics[0]
+    top5 = tiny(teacher_dir, pairs, tmp_path / "top5", dckd_teacher_top_k=5, **extra)
+    row5 = train(top5).metrics[0]
+    for side in ("chosen", "rejected"):
+        exact, _ = forward_kl_oracle(teacher_dir, pairs, full, side)
+        assert row_full[f"kl_{side}"] == pytest.approx(exact, rel=1e-3, abs=1e-6), side
+        binned = binned_kl_oracle(teacher_dir, pairs, top5, side, 5)
+        assert row5[f"kl_{side}"] == pytest.approx(binned, rel=1e-3, abs=1e-7), side
+        assert exact - binned > 0.02 * exact, (side, exact, binned)
+        assert (tmp_path / "top5" / f"teacher_top5_{side}.safetensors").is_file()
+    assert row5["loss"] == pytest.approx(0.7 * row5["kl_chosen"] + 0.3 * row5["kl_rejected"], rel=1e-5)
 
 
 def test_dpkd_at_student_equal_teacher_is_log2_with_zero_gradient(teacher_dir, pairs, tmp_path):

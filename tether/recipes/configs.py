@@ -431,6 +431,11 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     dckd_rejected_weight: float = 1.0
     """dckd: weight w_r of the token-mean forward KL on the rejected responses (0 skips them). UNVERIFIED recipe
     value, as dckd_chosen_weight."""
+    dckd_teacher_top_k: int = 0
+    """dckd: 0 — the exact forward KL over the full vocabulary; k (official 50) — the teacher stored once per
+    position of the chosen and rejected responses as its top-k probabilities + the remaining mass (fingerprinted file
+    in output_dir), the KL taken over those k + 1 bins. It drops rest_p × KL of the two renormalized tails
+    (tether.losses.distill.topk_forward_kl)."""
     dpkd_beta: float = 0.1
     """dpkd: β of the per-position Bradley–Terry loss (official --dpo-beta 0.1)."""
     teacher_mixed_alpha: float = 0.0
@@ -480,6 +485,8 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
 
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence: unknown {self.divergence!r}; choose one of {sorted(DIVERGENCES)}")
+        if self.mode != "dckd" and self.dckd_teacher_top_k:
+            raise ValueError(f"dckd_teacher_top_k: only mode 'dckd' reads it (mode {self.mode!r}); leave it at 0")
         if self.mode != "minillm" and (self.teacher_mixed_alpha != 0.0 or self.ppo_epochs != 1):
             raise ValueError(f"teacher_mixed_alpha / ppo_epochs: only mode 'minillm' reads them (mode {self.mode!r}); "
                              "leave them at 0 / 1")
@@ -500,7 +507,7 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
                          ("lmbda", 0 <= self.lmbda <= 1), ("nll_weight", self.nll_weight >= 0),
                          ("dckd_chosen_weight", self.dckd_chosen_weight >= 0),
                          ("dckd_rejected_weight", self.dckd_rejected_weight >= 0), ("dpkd_beta", self.dpkd_beta > 0),
-                         ("adpa_top_k", self.adpa_top_k >= 1),
+                         ("adpa_top_k", self.adpa_top_k >= 1), ("dckd_teacher_top_k", self.dckd_teacher_top_k >= 0),
                          ("teacher_mixed_alpha", 0 <= self.teacher_mixed_alpha < 1),
                          ("ppo_epochs", self.ppo_epochs >= 1),
                          ("max_prompt_length", 0 < self.max_prompt_length < self.max_length),

@@ -19,9 +19,13 @@ One step (:func:`distill_step`), in order:
    * ``dckd`` (DCKD, Gao et al. 2025, arXiv:2502.17927; ``tether.losses.distill.dckd``): the exact forward
      KL(teacher ‖ student) per position on the dataset's chosen AND rejected responses, each side a token mean over
      its own tokens, plus ``nll_weight`` × the NLL of chosen; weights ``dckd_chosen_weight`` / ``dckd_rejected_weight``
-     (UNVERIFIED: the authors' values were not accessible). Departure: the teacher is whatever ``teacher_model`` is
-     (the paper's is a DPO-trained teacher) and the KL is over the full vocabulary, not the official top-50 store.
-     The rejected side's teacher states are computed every step (only chosen is cached).
+     (UNVERIFIED: the authors' values were not accessible). The KL is exact over the full vocabulary
+     (``dckd_teacher_top_k`` 0; the rejected side's teacher states are then computed every step, only chosen is
+     cached), or — as the authors' pipeline stores it — over the teacher's top-k + remaining-mass bins
+     (``dckd_teacher_top_k`` k, official 50), read from a store computed once for both sides (fingerprinted) and
+     compared with the student's log-probs at the stored ids chunk by chunk; that drops rest_p × the KL of the two
+     renormalized tails (``topk_forward_kl``). Departure: the teacher is whatever ``teacher_model`` is (the paper's
+     is a DPO-trained teacher).
    * ``dpkd`` (DPKD, Li et al. 2024, arXiv:2406.19774; ``tether.losses.distill.dpkd_token``): the official
      token-level form under teacher forcing on the dataset response — at each position a Bradley–Terry loss (β
      ``dpkd_beta``) of the teacher's argmax token over the student's, the teacher as reference; token mean, plus
@@ -79,6 +83,7 @@ from tether.group_filter import prompt_schedule
 from tether.head_divergence import head_divergence
 from tether.logprobs import lm_head, token_stats
 from tether.losses.distill import (
+    TopK,
     adpa_advantages,
     adpa_per_position,
     dckd,
@@ -87,6 +92,8 @@ from tether.losses.distill import (
     minillm_advantages,
     minillm_importance_weights,
     minillm_rewards,
+    teacher_topk,
+    topk_forward_kl_per_position,
 )
 from tether.models import (
     apply_lora,
@@ -137,6 +144,9 @@ class DistillRun:
     scheduler: Any
     reference: Any = None
     """adpa: the reference teacher (ref_model), frozen; None otherwise."""
+    teacher_topk: dict[str, list[TopK]] | None = None
+    """dckd with dckd_teacher_top_k: the teacher's stored top-k per position of every row's 'chosen' (and
+    'rejected') response, one TopK of (len(response), K) per row; None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -176,15 +186,19 @@ def setup(cfg: DistillConfig) -> DistillRun:
     student.train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_ids, responses, rejected = _training_data(cfg, tokenizer)
-    teacher_states = None
-    if responses is not None and cfg.cache_teacher and cfg.mode not in ("seqkd", "minillm", "adpa"):
+    teacher_states, teacher_topk = None, None
+    if cfg.mode == "dckd" and cfg.dckd_teacher_top_k:
+        sides = {"chosen": responses, "rejected": rejected if cfg.dckd_rejected_weight > 0 else None}
+        teacher_topk = {side: _teacher_topk_store(cfg, teacher, prompt_ids, resp, pad, side)
+                        for side, resp in sides.items() if resp is not None}
+    elif responses is not None and cfg.cache_teacher and cfg.mode not in ("seqkd", "minillm", "adpa"):
         teacher_states = _cached_teacher_states(cfg, teacher, prompt_ids, responses, pad)
     optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay)
     updates = cfg.steps * cfg.ppo_epochs  # the schedule counts optimizer updates
     scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=int(cfg.warmup_ratio * updates),
                                total_steps=updates)
     return DistillRun(cfg, student, teacher, tokenizer, pad, prompt_ids, responses, rejected, teacher_states,
-                      _eval_rows(cfg), optimizer, scheduler, reference)
+                      _eval_rows(cfg), optimizer, scheduler, reference, teacher_topk)
 
 
 def _training_data(cfg: DistillConfig, tokenizer) -> tuple[list[list[int]], list[list[int]] | None,
@@ -255,6 +269,42 @@ def _cached_teacher_states(cfg: DistillConfig, teacher, prompt_ids, responses, p
                "fingerprint": fingerprint}, tmp)
     tmp.replace(path)
     return states
+
+
+def _teacher_topk_store(cfg: DistillConfig, teacher, prompt_ids, responses, pad: int, side: str) -> list[TopK]:
+    """dckd: the teacher at every position of every ``side`` response compressed to its top ``dckd_teacher_top_k``
+    probabilities and the remaining mass (``teacher_topk``; the DCKD pipeline's store), computed once chunk by chunk
+    over the LM head and saved in ``output_dir`` under a fingerprint of the teacher, k, the side and the token ids."""
+    k, vocab = cfg.dckd_teacher_top_k, lm_head(teacher)[0].shape[0]
+    if k >= vocab:
+        raise ValueError(f"dckd_teacher_top_k: {k} must be below the vocabulary size {vocab} (k = {vocab - 1} "
+                         "already gives the exact KL: a one-token tail has nothing to drop)")
+    h = hashlib.sha256(f"{cfg.teacher_model}|top{k}|{side}".encode())
+    for p, r in zip(prompt_ids, responses):
+        h.update(json.dumps([p, r]).encode())
+    fingerprint = torch.tensor(list(h.digest()), dtype=torch.uint8)
+    path = Path(cfg.output_dir) / f"teacher_top{k}_{side}.safetensors"
+    lengths = [len(r) for r in responses]
+    if path.exists():
+        cached = load_file(path)
+        if torch.equal(cached["fingerprint"], fingerprint):
+            parts = zip(*(cached[f].split(lengths) for f in TopK._fields))
+            return [TopK(*(t.to(cfg.device) for t in part)) for part in parts]
+        print(f"{path} was computed for another teacher, k or other data; recomputing")
+    t_weight, t_bias = lm_head(teacher)
+    rows: list[TopK] = []
+    for start in range(0, len(prompt_ids), cfg.micro_batch_size):
+        sl = slice(start, start + cfg.micro_batch_size)
+        for states in _teacher_states(teacher, collate(_as_completions(prompt_ids[sl], responses[sl]), pad,
+                                                                       cfg.device)):
+            chunks = [teacher_topk(F.linear(states[c:c + cfg.chunk_size], t_weight, t_bias).float(), k)
+                      for c in range(0, max(len(states), 1), cfg.chunk_size)]
+            rows.append(TopK(*(torch.cat(f) for f in zip(*chunks))))
+    tmp = path.with_suffix(".tmp")
+    save_file({**{f: torch.cat([getattr(r, f) for r in rows]).cpu().contiguous() for f in TopK._fields},
+               "fingerprint": fingerprint}, tmp)
+    tmp.replace(path)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -414,7 +464,11 @@ def dckd_loss(run: DistillRun, batch: StepBatch, idx: Tensor) -> tuple[Tensor, d
     cfg = run.cfg
     chosen = batch.rollout.rows(idx)
     hidden = backbone_states(run.student, chosen, share_prompts=False, embedding_grad_in_place=True)
-    kl_c = _at(chosen.mask, _per_position(run, hidden, _teacher(run, batch, idx, chosen), chosen.mask, "forward_kl"))
+    if run.teacher_topk is not None:
+        kl_c = _topk_kl(run, hidden, chosen, _stored(run, "chosen", batch, idx))
+    else:
+        kl_c = _at(chosen.mask, _per_position(run, hidden, _teacher(run, batch, idx, chosen), chosen.mask,
+                                              "forward_kl"))
     n_c = int(chosen.mask.sum())
     logps = _logps(run, hidden, chosen.labels) if cfg.nll_weight > 0 else None
     kl_r, mask_r, n_r = None, None, 0
@@ -422,8 +476,11 @@ def dckd_loss(run: DistillRun, batch: StepBatch, idx: Tensor) -> tuple[Tensor, d
         rejected = batch.rejected.rows(idx)
         hidden_r = backbone_states(run.student, rejected, share_prompts=False, embedding_grad_in_place=True)
         mask_r, n_r = rejected.mask, int(rejected.mask.sum())
-        teacher_r = torch.cat(_teacher_states(run.teacher, rejected))
-        kl_r = _at(mask_r, _per_position(run, hidden_r, teacher_r, mask_r, "forward_kl"))
+        if run.teacher_topk is not None:
+            kl_r = _topk_kl(run, hidden_r, rejected, _stored(run, "rejected", batch, idx))
+        else:
+            teacher_r = torch.cat(_teacher_states(run.teacher, rejected))
+            kl_r = _at(mask_r, _per_position(run, hidden_r, teacher_r, mask_r, "forward_kl"))
     c_share, r_share = n_c / batch.n_tokens, n_r / batch.n_rejected
     out = dckd(kl_c, chosen.mask, sft_weight=cfg.nll_weight * c_share, chosen_weight=cfg.dckd_chosen_weight * c_share,
                rejected_weight=cfg.dckd_rejected_weight * r_share, chosen_logps=logps, rejected_kl=kl_r,
@@ -432,6 +489,23 @@ def dckd_loss(run: DistillRun, batch: StepBatch, idx: Tensor) -> tuple[Tensor, d
                       "kl_rejected": 0.0 if kl_r is None else float(kl_r.detach().sum()) / batch.n_rejected,
                       "nll": 0.0 if logps is None else -float(logps.detach()[chosen.mask].sum()) / batch.n_tokens,
                       "chosen_tokens": float(n_c), "rejected_tokens": float(n_r)}
+
+
+def _stored(run: DistillRun, side: str, batch: StepBatch, idx: Tensor) -> TopK:
+    """The stored teacher top-k of the micro-batch's ``side`` responses, (N, K) / (N,), rows in micro-batch order."""
+    rows = [run.teacher_topk[side][batch.rows[i]] for i in idx.tolist()]
+    return TopK(*(torch.cat(f) for f in zip(*rows)))
+
+
+def _topk_kl(run: DistillRun, hidden: Tensor, mb: Rollout, top: TopK) -> Tensor:
+    """(B, T) DCKD's binned forward KL at the response positions (0 elsewhere): log q_θ at the stored ids chunk by
+    chunk over the LM head (``token_stats`` ``support_logps``), then ``topk_forward_kl_per_position``."""
+    support = mb.labels.new_zeros(*mb.mask.shape, top.ids.shape[-1]).index_put(mb.mask.nonzero(as_tuple=True),
+                                                                                top.ids)
+    weight, bias = lm_head(run.student)
+    logps = token_stats(hidden, weight, mb.labels, bias=bias, stats=("support_logps",), support_ids=support,
+                        chunk_size=run.cfg.chunk_size)["support_logps"][mb.mask]
+    return _at(mb.mask, topk_forward_kl_per_position(logps, top))
 
 @torch.no_grad()
 def _argmaxes(run: DistillRun, hidden: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
