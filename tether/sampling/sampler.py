@@ -90,9 +90,12 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings: Sequence[str] = (),
            seed: int = 0, batch_size: int = 32, progress: bool = False, desc: str = "sampling",
            engine: str = "tether", processors: Sequence[LogitsProcessor] = (),
-           lean_decode: bool | None = None) -> Completions:
+           lean_decode: bool | None = None, first_batch: int = 0) -> Completions:
     """``n`` completions for each prompt (``batch_size`` completions generated together; ``temperature=0`` is
     greedy). Deterministic for a given (seed, batch_size): batch b draws from its own RNG stream seeded by (seed, b).
+    ``first_batch``: number the batches from there (batch b's stream is (seed, first_batch + b)) — a process that
+    samples batches k, k+1, … of a longer prompt list (``tether.online_step`` under torchrun) draws what one process
+    sampling the whole list draws for them.
 
     ``engine="tether"`` runs tether's own loop (prefill once per prompt, finished rows leave the batch, log-probs
     recorded while sampling); ``engine="hf"`` runs ``model.generate`` and recomputes the sampler log-probs with one
@@ -131,7 +134,7 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
     starts = range(0, len(prompt_ids), prompts_per_batch)
     for b, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
         batch_prompts = [list(p) for p in prompt_ids[start:start + prompts_per_batch]]
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + first_batch + b)
         common = dict(n=n, max_new_tokens=max_new_tokens, temperature=temperature, processors=chain,
                       first_row=len(out.prompt_index), eos=eos, pad=pad, stop_strings=tuple(stop_strings),
                       tokenizer=tokenizer, gen=gen)
