@@ -45,9 +45,10 @@ def tiny_overrides(command: str, model: str, out: Path) -> dict:
         "rl": {"model": model, "output_dir": out, "steps": 2, "prompts_per_step": 2, "group_size": 2,
                "max_new_tokens": 8, "train_prompts": 4, "eval_prompts": 2, "eval_samples_per_prompt": 1,
                "kl_samples_per_prompt": 1, "progress": False, "tensorboard": False},
-        "distill": {"teacher_model": model, "output_dir": out, "steps": 2, "batch_size": 2, "max_new_tokens": 6,
-                    "kl_samples_per_prompt": 1, "eval_samples_per_prompt": 1, "progress": False,
-                    "tensorboard": False},
+        # ref_model: adpa's reference teacher (the tiny model, as the DPO teacher: advantages 0, the run still whole)
+        "distill": {"teacher_model": model, "ref_model": model, "output_dir": out, "steps": 2, "batch_size": 2,
+                    "max_new_tokens": 6, "kl_samples_per_prompt": 1, "eval_samples_per_prompt": 1,
+                    "progress": False, "tensorboard": False},
         "kl": {"policy": model, "reference": model, "samples_per_prompt": 1, "max_new_tokens": 4,
                "output": out / "kl_report.json"},
         "sample": {"model": model, "output_dir": out, "n": 2, "base_samples": 1, "max_new_tokens": 6,
