@@ -1,15 +1,19 @@
 """`tether <command> [--config file.yaml] [--field value ...]`.
 
 Each command is one typed config dataclass (fields documented in place) and one function. The YAML file, if
-given, sets fields; flags on the command line override it; the dataclass validates the result, so a bad value
-fails before any work with a message that names the field. `tether <command> --help` lists every field.
+given, sets fields; flags on the command line override it; both go through one typed parser
+(``tether.config.build_config``) and the dataclass validates the result; then input files, output locations and
+data rows are checked (``preflight``), so a bad value fails before any work. Every expected failure (a bad value,
+file, data row, a YAML or OS error) is one line on stderr naming the file or field, exit code 2.
+`tether <command> --help` lists every field.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import fields
 from pathlib import Path
+
+from tether.config import build_config, check_paths
 
 USAGE = """usage: tether <command> [--config FILE.yaml] [--field value ...]
 
@@ -68,24 +72,36 @@ def _commands():
 
 
 def load_config(cls, path: str | Path | None, overrides: list[str], prog: str):
-    """YAML (optional) → defaults → CLI overrides → validated instance of ``cls``."""
-    import tyro
-    import yaml
+    """YAML (optional) → flags over it → every value type- and range-checked → validated instance of ``cls``
+    (``tether.config.build_config``: one typed path for YAML values and flags). ``--help`` prints the fields."""
+    if any(a in ("-h", "--help") for a in overrides):
+        import tyro
 
-    values = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: a config file must be a mapping of field: value")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown field(s) {unknown} for `{prog}`; known fields: {sorted(known)}")
-    default = cls(**values)
-    return tyro.cli(cls, default=default, args=overrides, prog=prog, use_underscores=True)
+        tyro.cli(cls, args=["--help"], prog=prog, use_underscores=True)  # prints every field, exits 0
+    return build_config(cls, path, overrides, command=prog)
+
+
+def preflight(cfg, prog: str) -> None:
+    """Checks that need no model, run before any work: input paths exist, outputs are writable
+    (``tether.config.check_paths``), prompt files and preference files are valid row by row."""
+    from tether.data import check_preference_file, load_prompt_rows
+    from tether.models import EMBEDDED
+
+    check_paths(cfg, model_names=frozenset({EMBEDDED, "embedded", "derived"}), command=prog)
+    for name in ("prompts_file", "eval_prompts_file", "qprobe_train_file"):
+        if getattr(cfg, name, None):
+            load_prompt_rows(getattr(cfg, name))
+    if getattr(cfg, "train_file", None):
+        check_preference_file(cfg.train_file, on_error=getattr(cfg, "on_error", "raise"))
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (a multi-line data report is joined with '; ')."""
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    else:
+        text = str(err) or type(err).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
@@ -119,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             cfg = load_config(cls, config_path, overrides, prog=f"tether {command}")
-        except SystemExit as exit_:  # tyro has printed the problem (or --help) to the terminal; return its code
+        except SystemExit as exit_:  # --help has been printed
             return exit_.code if isinstance(exit_.code, int) else 2
+        preflight(cfg, f"tether {command}")
         fn(cfg)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"tether {command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as err:  # expected failures: bad values, data, files, disk, imports
+        print(f"tether {command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from tether.data.chat import control_token_problem, message_problem, texts_of
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -188,6 +190,11 @@ def _parse_jsonl_line(raw: bytes, line_no: int) -> dict:
             "unreadable",
             f"line {line_no} is not valid JSON ({e.msg} at column {e.colno}); fix the JSON syntax",
         )
+    except RecursionError:
+        return UnreadableRow(
+            "unreadable",
+            f"line {line_no} nests JSON arrays/objects deeper than the parser's recursion limit; flatten the row",
+        )
     if not isinstance(row, dict):
         return UnreadableRow(
             "wrong_type",
@@ -243,6 +250,9 @@ def _validate_structure(row: Any) -> tuple[str, dict]:
     kinds = {name: _check_field(name, row[name]) for name in FIELDS}
     for name in FIELDS:
         _check_encodable(name, row[name])
+    for name in FIELDS:
+        if found := control_token_problem(texts_of(row[name])):
+            raise _RowProblem("control_token", name + found[0], found[1])
     if len(set(kinds.values())) > 1:
         other = next(n for n in FIELDS if kinds[n] != kinds["prompt"])
         raise _RowProblem(
@@ -277,36 +287,8 @@ def _check_field(name: str, value: Any) -> str:
             f"expected a string or a list of {{'role', 'content'}} messages, got {type(value).__name__}; "
             "convert the field to one of those",
         )
-    for j, msg in enumerate(value):
-        where = f"{name}[{j}]"
-        if not isinstance(msg, dict):
-            raise _RowProblem(
-                "wrong_type",
-                where,
-                f"expected a {{'role', 'content'}} message dict, got {type(msg).__name__}; "
-                "write each message as {'role': ..., 'content': ...}",
-            )
-        for key in ("role", "content"):
-            if key not in msg:
-                raise _RowProblem(
-                    "wrong_type",
-                    where,
-                    f"message has no '{key}' (keys: {sorted(map(str, msg))}); add '{key}'",
-                )
-            if not isinstance(msg[key], str):
-                raise _RowProblem(
-                    "wrong_type",
-                    f"{where}.{key}",
-                    f"expected a string, got {type(msg[key]).__name__}; "
-                    f"make the message {key} a plain string",
-                )
-        if name != "prompt" and msg["role"] != "assistant":
-            raise _RowProblem(
-                "wrong_type",
-                f"{where}.role",
-                f"is {msg['role']!r} but completions hold only assistant messages; move earlier turns "
-                "into 'prompt'",
-            )
+    if value and (found := message_problem(value, completion=name != "prompt")):
+        raise _RowProblem("wrong_type", name + found[0], found[1])
     return "conversational"
 
 
@@ -544,6 +526,26 @@ def load_preference_dataset(
         on_error=on_error,
         truncation=truncation,
     )
+
+
+def check_preference_file(path: str | Path, *, on_error: OnError = "raise") -> int:
+    """Check a preference file's rows before any model is loaded: readable lines, the three fields, message
+    structure and roles, control-token text (what ``tokenize_preference_rows`` checks without a tokenizer; lengths
+    wait for it). Under ``on_error="raise"`` bad rows raise one ``DataError`` naming them; return how many rows are
+    bad (``"skip"`` drops and counts them later)."""
+    rows = load_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows; check that the file holds preference data")
+    errors = []
+    for i, row in enumerate(rows):
+        try:
+            _validate_structure(row)
+        except _RowProblem as p:
+            errors.append(f"{path}: row {i}: field '{p.field_name}': {p.text}")
+    if errors and on_error == "raise":
+        raise DataError(_listing(f"{path}: {len(errors)} of {len(rows)} rows are bad", errors)
+                        + "\nfix these rows, or set on_error: skip to drop and count them")
+    return len(errors)
 
 
 # -------------------------------------------------------------------------------------------------- collation
