@@ -20,6 +20,7 @@ Records are frozen: a stage returns a new record (``rollout.rows(idx)``) instead
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -264,9 +265,28 @@ def _prompt_text(prompt: str | list[dict]) -> str:
 def score_completions(reward: Reward, rows: Sequence[dict], done: Completions) -> list[float | None]:
     """Reward of every completion (None = no opinion). Each call gets the prompt, the completion's text and the
     prompt's row (the reward's metadata) plus the completion's token count (``completion_tokens``, for length
-    shaping)."""
-    return [reward(_prompt_text(rows[i]["prompt"]), text, {**rows[i], "completion_tokens": len(ids)})
-            for i, text, ids in zip(done.prompt_index, done.texts, done.completion_ids)]
+    shaping). A value that is neither None nor a finite real number (NaN, ±inf, a string …) raises ``ValueError``
+    naming the reward and the row: it would otherwise reach the advantages and the weights."""
+    out = []
+    for i, text, ids in zip(done.prompt_index, done.texts, done.completion_ids):
+        value = reward(_prompt_text(rows[i]["prompt"]), text, {**rows[i], "completion_tokens": len(ids)})
+        if value is not None and not _finite_number(value):
+            name = getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__
+            row = f"row id={rows[i]['id']!r}" if "id" in rows[i] else f"row {i} of the {len(rows)} rows scored"
+            prompt = _prompt_text(rows[i]["prompt"])[:60]
+            raise ValueError(f"reward {name!r} returned {value!r} for {row} (prompt {prompt!r}); a reward must be "
+                             "a finite number, or None for no opinion — nothing was trained on it")
+        out.append(value)
+    return out
+
+
+def _finite_number(value) -> bool:
+    if isinstance(value, (str, bytes)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def fill_no_opinion(raw: Sequence[float | None], group_size: int) -> tuple[Tensor, Tensor]:

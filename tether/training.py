@@ -183,6 +183,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenize
     dist = distributed.current()
     root = Path(output_dir) / "checkpoints"
     model_state, optim_state = _full_states(model, optimizer)  # collective under FSDP2
+    _refuse_non_finite_weights(model if model_state is None else model_state, f"checkpoint step-{step}")
     tmp = None
     if dist.main:
         root.mkdir(parents=True, exist_ok=True)
@@ -376,6 +377,22 @@ class NonFiniteError(ValueError):
     """A loss or gradient became NaN or infinite: the step is refused before it reaches the weights."""
 
 
+def _refuse_non_finite_weights(source, what: str) -> None:
+    """Raise :class:`NonFiniteError` instead of saving ``what`` when a floating-point weight of ``source`` (a
+    module, or a full state dict on rank 0) holds NaN or inf; the decision is rank 0's, broadcast to every rank.
+    A step whose gradient was finite can still push a weight past the float range (a huge learning rate); this
+    keeps such weights out of every checkpoint and final model."""
+    bad = None
+    if distributed.current().main:
+        items = source.items() if isinstance(source, dict) else source.named_parameters()
+        bad = [name for name, t in items if torch.is_tensor(t) and t.is_floating_point()
+               and not bool(torch.isfinite(t).all())]
+    bad = distributed.broadcast_object(bad)
+    if bad:
+        raise NonFiniteError(f"{what}: weights {bad[:3]}{' …' if len(bad) > 3 else ''} hold NaN or inf; not saved "
+                             "(the previous checkpoint holds finite weights) — lower lr or max_grad_norm")
+
+
 def start_run(cfg) -> Path:
     """Join the run's processes (``cfg.distributed``: ``tether.distributed.init``), create ``cfg.output_dir``, write
     the config there as ``config.json`` (rank 0), and seed every RNG with ``cfg.seed`` (the same on every rank)."""
@@ -484,6 +501,7 @@ def save_final(model, tokenizer, target: Path, *, lora: bool) -> Path:
     into a copy (the live model keeps its adapters). In a distributed run every rank calls this (FSDP2 gathers the
     shards) and rank 0 writes."""
     state, _ = _full_states(model, None)
+    _refuse_non_finite_weights(model if state is None else state, f"the final model {target}")
     if distributed.current().main:
         save_pretrained_atomic(merged_copy(model) if lora else model, tokenizer, target, state_dict=state)
     distributed.barrier()
