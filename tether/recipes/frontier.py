@@ -233,7 +233,8 @@ def inference_point(result: MethodResult, cands: Candidates) -> dict:
     lo, hi = fig["ci95"]
     return {"reward": summarize_values(result.reward),
             "sequence_kl": {"mean": fig["mean"], "ci95": [lo, hi], "n": fig["n"], "kind": fig["kind"],
-                            "figure": name, "how": fig["how"]},
+                            "figure": name, "how": fig["how"] + "; 95% CI over prompts (a plug-in's or estimate's "
+                                                                 "own bias is not in it)"},
             "token_kl": {"mean": fig["mean"] / mean_len, "ci95": [lo / mean_len, hi / mean_len], "kind": fig["kind"],
                          "how": f"the sequence-level figure ÷ the mean kept length ({mean_len:.1f} tokens)"},
             "kl_figures": figures, "win_rate": summarize_values(result.win_rate)}
