@@ -6,6 +6,7 @@ layer), built in a temporary ``TETHER_CACHE``."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -382,6 +383,62 @@ def test_each_mode_scores_the_rows_it_names(teacher_dir, pairs, tmp_path, mode, 
         assert row["source_teacher"] == float(expected == "teacher")
 
 
+def divergence_on_samples(teacher_dir, pairs, cfg, writer_dir, student_dir) -> float:
+    """Token mean of the forward KL(teacher ‖ student) over step 1's responses when ``writer_dir``'s model wrote them:
+    the sampler replayed (same seed and batch), then full float64 logits, one unpadded sequence at a time."""
+    tok = load_tokenizer(teacher_dir)
+    examples, _ = load_preference_dataset(pairs, tok, max_length=cfg.max_length,
+                                          max_prompt_length=cfg.max_prompt_length)
+    prompts = [examples[i].prompt_ids for i in step_rows(len(examples), 0, cfg.batch_size, cfg.seed)]
+    done = sample(load_model(writer_dir), tok, prompts, n=1, max_new_tokens=cfg.max_new_tokens,
+                  temperature=cfg.temperature, seed=cfg.seed * 100_003, batch_size=cfg.batch_size)
+    teacher, student = load_model(teacher_dir).double(), load_model(student_dir).double()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for p, c in zip(done.prompt_ids, done.completion_ids):
+            x = torch.tensor([list(p) + list(c)])
+            lp_t = F.log_softmax(teacher(x).logits[0, len(p) - 1:-1], -1)
+            lp_s = F.log_softmax(student(x).logits[0, len(p) - 1:-1], -1)
+            total += float((lp_t.exp() * (lp_t - lp_s)).sum())
+            n += len(c)
+    return total / n
+
+
+def test_lambda_and_seqkd_score_exactly_the_rows_they_name(teacher_dir, pairs, tmp_path):
+    """Which responses step 1 scored, by their divergence: λ = 1 → the student's samples (float64 oracle on the
+    replayed student draw), seqkd → the teacher's samples (replayed teacher draw), λ = 0 → the dataset responses
+    (every logged number equals off_policy's, step for step). The three oracles differ from one another by more than
+    the tolerance, so a mode scoring other rows would fail. The student is ``sharp_student`` (far from the near-uniform
+    tiny teacher, so the KL depends on which responses are scored)."""
+    student_dir = sharp_student(tmp_path / "student")
+    on1 = tiny(teacher_dir, pairs, tmp_path / "on1", steps=1, mode="on_policy", lmbda=1.0, model=student_dir)
+    kl_student = divergence_on_samples(teacher_dir, pairs, on1, student_dir, student_dir)
+    assert train(on1).metrics[0]["divergence"] == pytest.approx(kl_student, rel=1e-3, abs=1e-7)
+    seq = tiny(teacher_dir, pairs, tmp_path / "seq", steps=1, mode="seqkd", model=student_dir)
+    kl_teacher = divergence_on_samples(teacher_dir, pairs, seq, teacher_dir, student_dir)
+    assert train(seq).metrics[0]["divergence"] == pytest.approx(kl_teacher, rel=1e-3, abs=1e-7)
+    kl_dataset, _ = forward_kl_oracle(teacher_dir, pairs, on1, student_dir=student_dir)
+    for a, b in itertools.combinations([kl_student, kl_teacher, kl_dataset], 2):
+        assert abs(a - b) > 1e-2 * max(a, b), (kl_student, kl_teacher, kl_dataset)
+    on0 = train(tiny(teacher_dir, pairs, tmp_path / "on0", steps=3, mode="on_policy", lmbda=0.0,
+                     model=student_dir)).metrics
+    off = train(tiny(teacher_dir, pairs, tmp_path / "off", steps=3, mode="off_policy", model=student_dir)).metrics
+    for a, b in zip(on0, off):
+        assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == \
+            {k: v for k, v in b.items() if k not in TIMING_KEYS}
+
+
+def test_teacher_cache_is_fingerprinted(teacher_dir, pairs, tmp_path, capsys):
+    """A cache written for one teacher is not read for another: the second run in the same output_dir recomputes
+    (and says so), and logs what a fresh run with that teacher logs."""
+    other = str(make_tiny_model_dir(tmp_path / "other_teacher", seed=2))
+    train(tiny(teacher_dir, pairs, tmp_path / "shared", steps=1))
+    again = train(tiny(other, pairs, tmp_path / "shared", steps=1)).metrics[0]
+    assert "was computed for another teacher or other data; recomputing" in capsys.readouterr().out
+    fresh = train(tiny(other, pairs, tmp_path / "fresh", steps=1)).metrics[0]
+    assert again["divergence"] == fresh["divergence"] and again["loss"] == fresh["loss"]
+
+
 def test_on_policy_mixes_by_a_seeded_draw_per_step():
     cfg = DistillConfig(mode="on_policy", lmbda=0.5, train_file="x.jsonl")
     sources = [response_source(cfg, step) for step in range(200)]
@@ -418,7 +475,10 @@ def test_report_measures_both_directions_and_the_reward(teacher_dir, pairs, held
         for direction in ("kl_student_teacher", "kl_teacher_student"):
             kl = report[when][direction]
             assert kl["completions"] == 2 * 2 and kl["token_kl"]["mean"] > 0
-        assert report[when]["reward"]["n"] == 2
+            for level in ("token_kl", "sequence_kl_rao_blackwell", "sequence_kl_monte_carlo"):
+                lo, hi = kl[level]["ci95"]
+                assert lo <= kl[level]["mean"] <= hi, level
+        assert report[when]["reward"]["n"] == 2 and "reward_ci95_halfwidth" in report[when]["reward"]
 
 
 def test_vocabulary_mismatch_is_one_line(teacher_dir, pairs, tmp_path, capsys):
