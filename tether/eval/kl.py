@@ -70,6 +70,9 @@ def completions_kl(policy, reference, tokenizer, done: Completions, *, prompts: 
         token_kl.append(stats["kl"][mb.mask])
     seq_k1, seq_rb, lengths = torch.cat(seq_k1).double(), torch.cat(seq_rb).double(), torch.cat(lengths).double()
     all_tokens = torch.cat(token_kl).double()
+    if not (torch.isfinite(all_tokens).all() and torch.isfinite(seq_k1).all()):
+        raise ValueError("measure_kl: the KL is not finite — the policy or the reference gives NaN or inf "
+                         "log-probs (non-finite weights); no report is written")
     # Ratio estimator Σ KL_t / Σ |y| with a delta-method CI over sequences.
     ratio = seq_rb.sum().item() / max(lengths.sum().item(), 1.0)
     n = seq_rb.numel()

@@ -20,6 +20,10 @@ Between the logits and the draw, every step runs a chain of logits processors (`
 the caller's ``processors``, then top-k and top-p. Which of them the recorded log-probs see is declared by each
 (``changes_logprobs``); by default the log-probs are the policy's own, softmax(logits / temperature), before any
 truncation.
+
+The KL cost of an intervention: when the caller passes ``processors``, the sampler also sums, along each
+completion, the exact next-token KL between the distribution after the caller's processors and the model's own
+(``Completions.kl_cost``, defined there precisely).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tether.kl import reverse_kl
 from tether.sampling.decode import LlamaDecoder, supports
 from tether.sampling.processors import LogitsProcessor, TopK, TopP, check_processors, is_stateful
 
@@ -56,6 +61,25 @@ class Completions:
     finished: list[bool] = field(default_factory=list)
     """False when the completion was cut at max_new_tokens (True at end-of-sequence, a stop string, or when a
     logits processor finished it)."""
+    kl_cost: torch.Tensor | None = None
+    """(N,) float64, the KL cost of the caller's logits processors along each completion, or None when ``sample``
+    was given no ``processors`` (nothing to cost) or ran ``engine="hf"`` (which does not record it):
+
+        kl_cost[k] = Σ_t KL(q_t ‖ p_t) = Σ_t Σ_v q_t(v) · (log q_t(v) − log p_t(v))
+
+    over the generated positions t of completion k (its end-of-sequence token included), where, at the sampling
+    temperature T (T = 1 at temperature 0),
+
+    * p_t = softmax(logits_t / T): the sampled model's own next-token law, before any processor;
+    * q_t = softmax(P(logits_t / T)): the law after the caller's ``processors`` P (all of them, in order: those
+      that change the recorded log-probs and those that only shape the draw), before the sampler's own ``top_k`` /
+      ``top_p`` (which apply to both laws alike and are not part of the intervention).
+
+    Without top-k / top-p at T > 0, q_t is exactly the law y_t was drawn from, so by the chain rule of KL the
+    expected ``kl_cost`` of a completion is the sequence-level KL(Q ‖ P) between the intervened sampler Q and the
+    model P at temperature T, both up to ``max_new_tokens``. A processor that changes nothing costs exactly 0; a
+    banned set B costs −log P_t(B^c) per step; a processor that replaces the logits by another model's
+    (``tether.sampling.steering.SteeredStream``) costs that model's KL to the sampled one."""
 
 
 def render_prompts(tokenizer, prompts: Sequence[str | list[dict]], *,
@@ -105,7 +129,8 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
     and top-p (``tether.sampling.processors`` has the contract). Those with ``changes_logprobs=True`` (constraints)
     come first and the recorded log-probs are taken after them; the others only shape the draw. ``top_k``/``top_p``
     become ``TopK``/``TopP`` at the end of the chain (draw-only; not applied at temperature 0). ``engine="hf"``
-    accepts only stateless, draw-only processors.
+    accepts only stateless, draw-only processors. With ``processors`` (``engine="tether"``) the result carries each
+    completion's summed KL cost of them, ``Completions.kl_cost``.
 
     ``lean_decode``: run the one-token steps of ``engine="tether"`` through ``tether.sampling.decode`` (True), through
     the model's own forward (False, the plain twin), or the former whenever the model qualifies (None)."""
@@ -119,6 +144,7 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
         raise ValueError(f"sample: lean_decode=True needs engine='tether' and a plain LlamaForCausalLM with silu MLP, "
                          f"no biases and default RoPE (got engine={engine!r}, {type(model).__name__}); pass "
                          "lean_decode=None to use it where it applies")
+    _check_context(model, prompt_ids, max_new_tokens)
     processors = list(processors)
     n_reporting = check_processors(processors)
     if engine == "hf":
@@ -129,6 +155,8 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompts_per_batch = max(1, batch_size // n)
     out = Completions()
+    cost = engine == "tether" and bool(processors)
+    costs: list[float] = []
     was_training = model.training
     model.eval()
     starts = range(0, len(prompt_ids), prompts_per_batch)
@@ -139,11 +167,12 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
                       first_row=len(out.prompt_index), eos=eos, pad=pad, stop_strings=tuple(stop_strings),
                       tokenizer=tokenizer, gen=gen)
         if engine == "tether":
-            batch = _sample_batch(model, batch_prompts, n_reporting=n_reporting, checked=bool(processors),
+            batch = _sample_batch(model, batch_prompts, n_reporting=n_reporting, n_costed=len(processors) if cost
+                                  else 0, checked=bool(processors),
                                   lean_decode=supports(model) if lean_decode is None else lean_decode, **common)
         else:
             batch = _sample_batch_hf(model, batch_prompts, **common)
-        for k, (tokens, logps, finished) in enumerate(batch):
+        for k, (tokens, logps, finished, kl) in enumerate(batch):
             i = start + k // n
             out.prompt_index.append(i)
             out.prompt_ids.append(list(prompt_ids[i]))
@@ -151,25 +180,52 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
             out.logprobs.append(logps)
             out.texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
             out.finished.append(finished)
+            costs.append(kl)
+    if cost:
+        out.kl_cost = torch.tensor(costs, dtype=torch.float64)
     model.train(was_training)
     return out
 
 
+def _check_context(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Refuse prompts that, with ``max_new_tokens``, do not fit the model's context (``max_position_embeddings``):
+    beyond it the positions are ones the model never saw. Prompts are never truncated silently."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    long = [i for i, p in enumerate(prompt_ids) if len(p) + max_new_tokens > limit]
+    if long:
+        raise ValueError(f"sample: prompt(s) {long[:5]}{' …' if len(long) > 5 else ''} ({len(long)} of "
+                         f"{len(prompt_ids)}; the longest {max(len(prompt_ids[i]) for i in long)} tokens) plus "
+                         f"max_new_tokens={max_new_tokens} exceed the model's context of {limit} positions; shorten "
+                         "those prompts or lower max_new_tokens")
+
+
 def _choose(logits: torch.Tensor, temperature: float, processors: list, n_reporting: int, rows: torch.Tensor | None,
-            gen: torch.Generator, checked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            gen: torch.Generator, checked: bool,
+            n_costed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The token of each live row and its recorded log-prob, both (R,), from the step's logits (R, V): temperature,
     the processors that change the recorded log-probs, the log-softmax that is recorded, the draw-only processors,
     then the inverse-CDF draw (arg-max at temperature 0). ``checked``: fail on a row the processors left without
-    an allowed token, or a drawn token the recorded distribution gives probability 0."""
+    an allowed token, or a drawn token the recorded distribution gives probability 0.
+
+    ``n_costed > 0``: also return (R,) float64 KL(softmax(s) ‖ softmax(logits / T)), s the scores after the first
+    ``n_costed`` processors (the caller's; ``Completions.kl_cost``), exactly 0 where they returned their input
+    unchanged; else None."""
     scores = logits.float()
     if temperature > 0:
         scores = scores / temperature
-    for p in processors[:n_reporting]:
+    base = costed = scores
+    for i, p in enumerate(processors[:n_reporting]):
         scores = p(scores, rows)
+        if i < n_costed:
+            costed = scores
     reported = scores
     logp_all = F.log_softmax(reported, dim=-1)
-    for p in processors[n_reporting:]:
+    for i, p in enumerate(processors[n_reporting:], n_reporting):
         scores = p(scores, rows)
+        if i < n_costed:
+            costed = scores
     if checked and not torch.isfinite(scores.amax(-1)).all():
         bad = (~torch.isfinite(scores.amax(-1))).nonzero().flatten()
         raise ValueError(f"sample: the logits processors left completion(s) {rows[bad].tolist()} with no allowed "
@@ -179,11 +235,18 @@ def _choose(logits: torch.Tensor, temperature: float, processors: list, n_report
     else:
         nxt = scores.argmax(-1)
     chosen = logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+    if torch.isnan(chosen).any():  # NaN or +inf logits make the whole row's log-softmax NaN
+        raise ValueError("sample: the model's logits hold NaN or inf (its weights are not finite), so no token can "
+                         "be drawn; use a model with finite weights")
     if checked and torch.isneginf(chosen).any():
         bad = torch.isneginf(chosen).nonzero().flatten()
         raise ValueError(f"sample: completion(s) {rows[bad].tolist()} drew a token that a processor with "
                          "changes_logprobs=True had banned: a later processor raised a -inf score")
-    return nxt, chosen
+    kl = None
+    if n_costed:
+        kl = (torch.zeros(len(nxt), dtype=torch.float64, device=nxt.device) if costed is base
+              else reverse_kl(costed, base).double())
+    return nxt, chosen, kl
 
 
 def _check_hf_processors(processors: list) -> None:
@@ -265,11 +328,11 @@ def _sample_batch_hf(model, prompts, *, n, max_new_tokens, temperature, processo
     full, full_mask, labels = full.to(device), full_mask.to(device), labels.to(device)
     logps = token_stats(hidden_states(model, full, full_mask), weight, labels, bias=bias,
                         temperature=temperature if temperature > 0 else 1.0)["logps"]
-    return [(c, logps[r][labels[r] != IGNORE_INDEX].tolist(), f) for r, (c, f) in enumerate(results)]
+    return [(c, logps[r][labels[r] != IGNORE_INDEX].tolist(), f, None) for r, (c, f) in enumerate(results)]
 
 
-def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, processors, n_reporting, checked, first_row,
-                  lean_decode, eos, pad, stop_strings, tokenizer, gen):
+def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, processors, n_reporting, n_costed, checked,
+                  first_row, lean_decode, eos, pad, stop_strings, tokenizer, gen):
     from transformers import DynamicCache
 
     P, width = len(prompts), max(len(p) for p in prompts)
@@ -301,13 +364,17 @@ def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, processors,
     tokens: list[list[int]] = [[] for _ in range(rows)]
     logps: list[list[float]] = [[] for _ in range(rows)]
     finished = [False] * rows
+    kl_cost = torch.zeros(rows, dtype=torch.float64)  # Completions.kl_cost of each row
     stop_window = max((len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings), default=0) + 2
     stateful = [p for p in processors if is_stateful(p)]
     for p in stateful:
         p.start(alive + first_row)
     for _ in range(max_new_tokens):
         completions = alive + first_row if processors else None  # what the processors call rows
-        nxt, chosen_logp = _choose(logits, temperature, processors, n_reporting, completions, gen, checked)
+        nxt, chosen_logp, step_kl = _choose(logits, temperature, processors, n_reporting, completions, gen, checked,
+                                            n_costed)
+        if step_kl is not None:
+            kl_cost.index_add_(0, alive.cpu(), step_kl.cpu())
         ended = [False] * len(alive)  # rows a processor finishes
         for p in stateful:
             if (done := p.accept(nxt, completions)) is not None:
@@ -341,4 +408,4 @@ def _sample_batch(model, prompts, *, n, max_new_tokens, temperature, processors,
             logits = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos.unsqueeze(-1),
                            use_cache=True, **{cache_kw: cache}).logits[:, -1]
         next_pos = next_pos + 1
-    return [(tokens[r], logps[r], finished[r]) for r in range(rows)]
+    return [(tokens[r], logps[r], finished[r], float(kl_cost[r])) for r in range(rows)]
