@@ -36,6 +36,7 @@ temperature 1.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -319,7 +320,8 @@ def run(cfg: FrontierConfig, *, model=None, tokenizer=None, reward: Callable | N
     if cfg.max_prompts is not None:
         rows = rows[:cfg.max_prompts]
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-    reference = model if model is not None else load_model(cfg.model).to(cfg.device).eval()
+    # π_ref is loaded on first use: a sweep read wholly from the cache loads no model.
+    reference = functools.cache(lambda: model if model is not None else load_model(cfg.model).to(cfg.device).eval())
     reward = reward if reward is not None else build_reward(cfg.rewards or {"instructions": 1.0})
     cache = PointCache(out_dir / "frontier_cache.json")
 
@@ -341,7 +343,7 @@ def run(cfg: FrontierConfig, *, model=None, tokenizer=None, reward: Callable | N
         cache.get(curves_key) is None or any(cache.get(k) is None for s, k in zip(specs, keys)
                                              if s.method in INFERENCE_KL_ORDER))
     if need_cands:
-        cands = draw_candidates(reference, tokenizer, rows, reward, n=n_cands, base_samples=cfg.base_samples,
+        cands = draw_candidates(reference(), tokenizer, rows, reward, n=n_cands, base_samples=cfg.base_samples,
                                 max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=cfg.seed,
                                 batch_size=cfg.batch_size, use_chat_template=use_chat_template,
                                 progress=cfg.progress)
@@ -365,7 +367,7 @@ def run(cfg: FrontierConfig, *, model=None, tokenizer=None, reward: Callable | N
             else:
                 path = _train(spec) if spec.run_config is not None else Path(spec.params["path"])
                 policy = load_model(str(path)).to(cfg.device).eval()
-                record = evaluate_policy(policy, reference, tokenizer, rows, reward,
+                record = evaluate_policy(policy, reference(), tokenizer, rows, reward,
                                          samples_per_prompt=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
                                          seed=cfg.seed, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size,
                                          use_chat_template=use_chat_template, progress=cfg.progress)
