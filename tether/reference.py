@@ -10,6 +10,11 @@ weights, and how those weights are chosen is a design decision of its own.
   2025; WARP's EMA anchor, Ramé et al. 2024, is the same update).
 * ``ReferenceResetSchedule`` — ProRL's periodic hard reset of the reference onto the policy (Liu et al. 2025), which
   also re-initializes the optimizer; ``reset_reference_`` does both.
+* ``ReferenceSync`` — the reference strategies the training recipes take by name (``reference:`` in their configs):
+  ``fixed``, ``ema`` (WARP's EMA anchor), ``reset`` (ProRL), ``soup`` (SALSA), ``trdpo_soft`` / ``trdpo_hard``
+  (TR-DPO). All moving strategies are one update, θ_ref ← (1 − r)·θ_ref + r·θ every K optimizer steps, with their
+  own r and K; ``ReferenceSync.metrics`` says which reference was in force at a step.
+* ``soup_state`` — the weighted average of several models' state dicts (SALSA's reference; ``tether merge``'s soups).
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["EMAReference", "ReferenceResetSchedule", "ema_update_", "frozen_copy", "reference_context",
-           "reset_reference_"]
+__all__ = ["REFERENCE_STRATEGIES", "EMAReference", "ReferenceResetSchedule", "ReferenceSync", "ema_update_",
+           "frozen_copy", "reference_context", "reset_reference_", "soup_state"]
 
 
 def frozen_copy(model):
@@ -175,3 +180,152 @@ def reset_reference_(reference, policy, optimizer) -> None:
     """
     reference.load_state_dict(policy.state_dict())
     optimizer.state.clear()
+
+
+REFERENCE_STRATEGIES = ("fixed", "ema", "reset", "soup", "trdpo_soft", "trdpo_hard")
+"""The reference strategies by name (``ReferenceSync.strategy``; the ``reference`` field of the recipes' configs)."""
+
+MOVING_STRATEGIES = ("ema", "reset", "trdpo_soft", "trdpo_hard")
+
+
+@dataclass
+class ReferenceSync:
+    """Which reference is in force at every optimizer step, and when it moves.
+
+    Every moving strategy is the same update applied after optimizer steps K, 2K, 3K, …::
+
+        θ_ref ← (1 − r)·θ_ref + r·θ          (r = rate, K = every)
+
+    ========== ======================================= ============ ====== ===============================
+    strategy   source                                   r            K      optimizer state
+    ========== ======================================= ============ ====== ===============================
+    fixed      the starting policy (or ``ref_model``)   —            —      kept
+    soup       SALSA (Chegini et al. 2024): the         —            —      kept
+               uniform average of ``ref_soup`` models
+    ema        WARP's EMA anchor (Ramé et al. 2024,     μ (0.01)     1      kept
+               θ_ema ← (1 − μ)·θ_ema + μ·θ)
+    reset      ProRL (Liu et al. 2025, "reference       1            N      **cleared** (AdamW's moments
+               policy reset")                                               and step count start again)
+    trdpo_soft TR-DPO (Gorbatovski et al. 2024),        α (0.6)      τ      kept
+               soft update π_ref ← α·π_θ + (1 − α)·π_ref
+    trdpo_hard TR-DPO, hard update: π_ref ← π_θ         1            τ      kept
+    ========== ======================================= ============ ====== ===============================
+
+    Limits that follow from the formula: r = 0 is the fixed reference; r = 1 with K = 1 makes the reference the
+    policy of the previous step (at every step the KL to it starts at 0). TR-DPO's soft update is applied every τ
+    steps, as TRL's ``SyncRefModelCallback`` does (TR-DPO's defaults there: α = 0.6, τ = 512). ProRL's reset clears
+    the optimizer's per-parameter state (:func:`reset_reference_`): after a reset the first AdamW step is a fresh
+    one (bias-corrected moments from zero, so a step of size ≈ lr·sign(g) per coordinate); the learning-rate
+    schedule continues (it is the run's). ProRL's own trigger (validation stalls) is :class:`ReferenceResetSchedule`;
+    here the reset is periodic.
+
+    Fields:
+        strategy: one of :data:`REFERENCE_STRATEGIES`.
+        rate: r of the update (``ema``: μ; ``trdpo_soft``: α); ``reset`` and ``trdpo_hard`` use 1.
+        every: K, optimizer steps between updates.
+        steps: optimizer steps seen (state).
+        version: updates applied so far (state): version v is the reference after the v-th update; 0 is the start.
+        last_sync: the optimizer step of the last update, 0 before the first (state).
+    """
+
+    strategy: str = "fixed"
+    rate: float = 1.0
+    every: int = 1
+    steps: int = field(default=0, init=False)
+    version: int = field(default=0, init=False)
+    last_sync: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in REFERENCE_STRATEGIES:
+            raise ValueError(f"reference: unknown strategy {self.strategy!r}; choose one of "
+                             f"{', '.join(REFERENCE_STRATEGIES)}")
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"ref_rate must be in [0, 1] (0 = fixed, 1 = copy the policy), got {self.rate}")
+        if self.every < 1:
+            raise ValueError(f"ref_every must be ≥ 1 (optimizer steps between reference updates), got {self.every}")
+        if self.strategy in ("reset", "trdpo_hard"):
+            self.rate = 1.0
+
+    @property
+    def moving(self) -> bool:
+        """True when the reference changes during the run (it then has to be scored online and checkpointed)."""
+        return self.strategy in MOVING_STRATEGIES
+
+    @property
+    def resets_optimizer(self) -> bool:
+        return self.strategy == "reset"
+
+    def due(self) -> bool:
+        """Whether the optimizer step just taken (``steps + 1``) is followed by an update."""
+        return self.moving and (self.steps + 1) % self.every == 0
+
+    @torch.no_grad()
+    def step(self, reference, policy, optimizer=None) -> bool:
+        """Call after every optimizer step with the reference and policy modules; True when the reference moved.
+        With ``reset`` the optimizer's per-parameter state is cleared too."""
+        update = self.due()
+        self.steps += 1
+        if not update:
+            return False
+        ema_update_(reference.state_dict(), policy.state_dict(), 1.0 - self.rate)
+        if self.resets_optimizer and optimizer is not None:
+            optimizer.state.clear()
+        self.version += 1
+        self.last_sync = self.steps
+        return True
+
+    def metrics(self) -> dict:
+        """The reference in force during the step just recorded, for the run's metrics: ``ref/strategy``,
+        ``ref/version`` (updates applied before the step) and ``ref/steps_since_sync`` (optimizer steps taken
+        since the reference last moved, or since the start)."""
+        return {"ref/strategy": self.strategy, "ref/version": self.version,
+                "ref/steps_since_sync": self.steps - self.last_sync}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"steps": self.steps, "version": self.version, "last_sync": self.last_sync}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.steps, self.version, self.last_sync = int(state["steps"]), int(state["version"]), int(state["last_sync"])
+
+
+@torch.no_grad()
+def soup_state(states: list[Mapping[str, Tensor]], weights: list[float] | None = None, *,
+               names: list[str] | None = None) -> dict[str, Tensor]:
+    """The weighted average ``Σ_i w_i·θ_i`` of several state dicts (uniform ``w_i = 1/n`` by default), accumulated in
+    float64 and returned in each tensor's own dtype; non-floating tensors must agree and are copied.
+
+    SALSA (Chegini et al. 2024, arXiv:2411.01798) uses the soup of independently fine-tuned models as the KL
+    reference; model soups (Wortsman et al. 2022) average fine-tuned weights. A soup of n identical fp32 models is
+    that model exactly: the float64 sum's error is far below fp32's spacing, so it rounds back to θ.
+    Mismatched keys or shapes are a one-line error naming the model (``names``) and the tensor.
+    Weights need not sum to 1 (then it is an extrapolation, not an average).
+    """
+    if not states:
+        raise ValueError("soup_state: no models to average")
+    names = names or [f"model {i}" for i in range(len(states))]
+    if weights is None:
+        weights = [1.0 / len(states)] * len(states)
+    if len(weights) != len(states):
+        raise ValueError(f"soup_state: {len(weights)} weights for {len(states)} models; give one weight per model")
+    first = states[0]
+    for name, state in zip(names[1:], states[1:]):
+        if set(state) != set(first):
+            diff = sorted(set(state) ^ set(first))
+            raise ValueError(f"soup: {name} and {names[0]} differ in tensors {diff[:3]} ({len(diff)} in all); "
+                             "average only models of one architecture")
+        for key, value in state.items():
+            if value.shape != first[key].shape:
+                raise ValueError(f"soup: tensor {key!r} is {tuple(value.shape)} in {name} but "
+                                 f"{tuple(first[key].shape)} in {names[0]}; average only models of one architecture")
+    out = {}
+    for key, value in first.items():
+        if not value.is_floating_point():
+            if any(not torch.equal(state[key], value) for state in states[1:]):
+                raise ValueError(f"soup: integer tensor {key!r} differs between models; it cannot be averaged")
+            out[key] = value.clone()
+            continue
+        acc = torch.zeros(value.shape, dtype=torch.float64, device=value.device)
+        for w, state in zip(weights, states):
+            acc.add_(state[key].to(torch.float64), alpha=float(w))
+        out[key] = acc.to(value.dtype)
+    return out
