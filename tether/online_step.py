@@ -9,16 +9,27 @@ composes into ``rl_step``.
 * :func:`targets` — GRPO-CARE's bonus, KL-shaped rewards and advantages (:class:`Targets`).
 * :func:`update` — ``ppo_epochs`` × ``mini_batches`` optimizer steps over micro-batches (:func:`micro_batches`,
   :func:`micro_loss`: the objective called by name through ``ONLINE_OBJECTIVES``, plus β·KL when it is in the loss).
+
+Under torchrun (``distributed: ddp | fsdp2``, ``tether.distributed``) a step computes what one process computes:
+each rank samples its share of the step's sampling batches (the same RNG streams: ``sample(first_batch=...)``) and
+the completions are gathered, so rewards, scores, advantages and the group filter see the whole batch on every rank
+(they are computed on every rank, which costs a scoring pass per rank but keeps the batch-level normalizations
+exact); in the update each micro-batch's groups are dealt to the ranks and each loss runs inside the wrapper's
+forward (``RLRun.trainable``). Objectives that are not splittable into micro-batches run their whole mini-batch on
+every rank (exact; no speed-up).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from tether import distributed
+from tether.distributed import Trainable, shard_rows
 from tether.group_filter import GroupFilter, draw_groups, prompt_schedule, round_seed
 from tether.logprobs import lm_head, token_stats
 from tether.losses.policy import (
@@ -126,6 +137,12 @@ class RLRun:
     """The reference's EMA schedule (``ema_reference_decay``), or None for a reference that does not average."""
     values: Tensor | None = None
     """(n_train_rows,) A*-PO's V*(x) of every training prompt, or None."""
+    trainable: Trainable | None = None
+    """The policy as the update trains it (DDP / FSDP2 under torchrun); None = ``Trainable(policy)``, one process."""
+
+    def __post_init__(self) -> None:
+        if self.trainable is None:
+            self.trainable = Trainable(self.policy, distributed.Dist())
 
 
 @dataclass(frozen=True)
@@ -181,8 +198,34 @@ def generate(run: RLRun, step: int, chosen: list[int] | None = None, round_: int
     if run.engine is not None:
         done = run.engine.sample(ids, **kwargs)
     else:
-        done = sample(run.policy, run.tokenizer, ids, batch_size=cfg.sample_batch_size, engine=cfg.engine, **kwargs)
+        done = _sample_sharded(run, ids, **kwargs)
     return [run.train_rows[i] for i in chosen], done
+
+
+def _sample_sharded(run: RLRun, ids: list[list[int]], **kwargs) -> Completions:
+    """``sample`` over ``ids``; under torchrun rank r samples the sampling batches r, r+W, … (each with its own RNG
+    stream, as one process draws it) and every rank gets all completions, in order."""
+    cfg, dist = run.cfg, run.trainable.dist
+    common = dict(batch_size=cfg.sample_batch_size, engine=cfg.engine, **kwargs)
+    if dist.world == 1:
+        return sample(run.policy, run.tokenizer, ids, **common)
+    per = max(1, cfg.sample_batch_size // cfg.group_size)  # sample()'s prompts per batch
+    starts = list(range(0, len(ids), per))[dist.rank::dist.world]
+    with run.trainable.gathered():
+        mine = [(start, sample(run.policy, run.tokenizer, ids[start:start + per], first_batch=start // per, **common))
+                for start in starts]
+    parts = sorted((p for parts in distributed.gather_objects(mine) for p in parts), key=lambda p: p[0])
+    merged = {}
+    for f in dataclasses.fields(Completions):  # every per-completion field, concatenated; None stays None
+        values = [getattr(part, f.name) for _, part in parts]
+        if any(v is None for v in values):
+            merged[f.name] = None
+        elif isinstance(values[0], torch.Tensor):
+            merged[f.name] = torch.cat(values)
+        else:
+            merged[f.name] = [x for v in values for x in v]
+    merged["prompt_index"] = [start + i for start, part in parts for i in part.prompt_index]
+    return Completions(**merged)
 
 
 def targets(run: RLRun, batch: RewardedBatch, row_ids: Tensor, scores: TokenScores, beta: float) -> Targets:
@@ -217,7 +260,9 @@ def update(run: RLRun, batch: RewardedBatch, scores: TokenScores, goals: Targets
     """``ppo_epochs`` × ``mini_batches`` optimizer steps. Returns the metrics averaged over them and, from the
     first pass, the (B, T) exact KL and entropy the update pass computed (for a one-update plan)."""
     cfg, G = run.cfg, run.cfg.group_size
+    dist, splittable = run.trainable.dist, run.plan.objective.splittable
     sums: dict[str, float] = {}
+    grad_norms = 0.0
     moved = 0
     seen = {k: torch.zeros_like(batch.rollout.sampler_logps) for k in ("kl", "entropy")}
     n_groups = batch.rollout.size // G
@@ -226,20 +271,28 @@ def update(run: RLRun, batch: RewardedBatch, scores: TokenScores, goals: Targets
         order = torch.randperm(n_groups, generator=torch.Generator().manual_seed(cfg.seed * 31 + step * 1009 + epoch))
         for m in range(cfg.mini_batches):
             rows = (order[m * per_mini:(m + 1) * per_mini, None] * G + torch.arange(G)).reshape(-1)
-            for idx, share in micro_batches(run, batch.loss_mask, rows):
-                loss, metrics, tok = micro_loss(run, batch, scores, goals, idx, beta)
-                release_freed_memory()  # lower peak RSS: the backward pass is where the gradients appear
-                (loss * share).backward()
+            pieces = micro_batches(run, batch.loss_mask, rows)
+            for k_micro, (idx, share, weight) in enumerate(_my_pieces(run, batch.loss_mask, pieces)):
+                with run.trainable.sync(k_micro == len(pieces) - 1):  # reduce gradients once per mini-batch
+                    loss, metrics, tok = run.trainable(_micro_loss_of, run, batch, scores, goals, idx, beta)
+                    release_freed_memory()  # lower peak RSS: the backward pass is where the gradients appear
+                    # DDP / FSDP2 average over ranks: W × this rank's share of a split piece; a whole piece
+                    # computed on every rank (unsplittable objective) is already the average.
+                    (loss * (share * weight * (dist.world if splittable else 1))).backward()
+                writes = weight > 0 and (splittable or dist.main)  # each row's statistics from one rank
                 for k in seen:
-                    if k in tok and epoch == 0:
+                    if k in tok and epoch == 0 and writes:
                         seen[k][idx.to(seen[k].device), :tok[k].shape[1]] = tok[k].detach()
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v * share
-            grad_norm = optimizer_step(run.policy, run.optimizer, run.scheduler, max_grad_norm=cfg.max_grad_norm,
-                                       step=step + 1)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+                    sums[k] = sums.get(k, 0.0) + v * share * (weight if splittable else 1 / dist.world)
+            grad_norms += optimizer_step(run.policy, run.optimizer, run.scheduler, max_grad_norm=cfg.max_grad_norm,
+                                         step=step + 1)
             if run.ema is not None:  # every K optimizer steps θ_ref ← d·θ_ref + (1−d)·θ
                 moved += run.ema.step(run.reference.state_dict(), run.policy.state_dict())
+    sums = distributed.all_sum(sums, dist)
+    for k in seen:
+        distributed.all_sum_(seen[k], dist)
+    sums["grad_norm"] = grad_norms  # the same on every rank
     n_updates = cfg.ppo_epochs * cfg.mini_batches
     metrics = {k: v / n_updates for k, v in sums.items()}  # each update's shares sum to 1
     return (metrics if run.ema is None else {**metrics, "ema_updates": float(moved)}), seen
@@ -252,11 +305,42 @@ def micro_batches(run: RLRun, loss_mask: Tensor, rows: Tensor) -> list[tuple[Ten
     size = run.cfg.micro_batch_size if run.plan.objective.splittable else len(rows)
     size = max(G, size - size % G)
     pieces = [rows[i:i + size] for i in range(0, len(rows), size)]
-    mask = loss_mask.cpu()
-    weight = (lambda p: float(mask[p].sum())) if run.plan.agg == "token-mean" else (
-        lambda p: float((mask[p].sum(-1) > 0).sum()))
+    weight = _piece_weight(run, loss_mask)
     total = max(sum(weight(p) for p in pieces), 1.0)
     return [(p, weight(p) / total) for p in pieces]
+
+
+def _piece_weight(run: RLRun, loss_mask: Tensor):
+    """What a set of rows weighs in its mini-batch's loss: its loss tokens (token-mean) or its sequences with a
+    loss token (sequence means)."""
+    mask = loss_mask.cpu()
+    if run.plan.agg == "token-mean":
+        return lambda p: float(mask[p].sum())
+    return lambda p: float((mask[p].sum(-1) > 0).sum())
+
+
+def _my_pieces(run: RLRun, loss_mask: Tensor, pieces: list[tuple[Tensor, float]]
+               ) -> list[tuple[Tensor, float, float]]:
+    """This rank's part of each micro-batch piece: ``(rows, share of the mini-batch loss, weight)``. One process:
+    the pieces themselves (weight 1). Under torchrun the piece's groups are dealt to the ranks (``shard_rows``) and
+    the share is recomputed for the rows this rank holds (weight 0 for a stand-in group); an objective that is not
+    splittable keeps its one piece whole on every rank."""
+    dist, G = run.trainable.dist, run.cfg.group_size
+    if dist.world == 1 or not run.plan.objective.splittable:
+        return [(idx, share, 1.0) for idx, share in pieces]
+    weigh = _piece_weight(run, loss_mask)
+    total = max(sum(weigh(p) for p, _ in pieces), 1.0)
+    out = []
+    for idx, _ in pieces:
+        groups, weight = shard_rows(idx.view(-1, G), dist)
+        mine = groups.reshape(-1)
+        out.append((mine, weigh(mine) / total, weight))
+    return out
+
+
+def _micro_loss_of(policy, run: RLRun, *args) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
+    """:func:`micro_loss` as the wrapper's forward calls it (``policy`` is ``run.policy``, its parameters gathered)."""
+    return micro_loss(run, *args)
 
 
 def micro_loss(run: RLRun, batch: RewardedBatch, scores: TokenScores, goals: Targets, idx: Tensor,

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tether import distributed
+from tether.distributed import Trainable
 from tether.group_filter import prompt_schedule  # noqa: F401  (re-exported: the schedule of rl_step's prompts)
 from tether.losses.policy import (
     AdaptiveKLController,
@@ -121,8 +123,11 @@ def setup(cfg: RLConfig, *, reward=None, train_rows: list[dict] | None = None) -
     if plan.objective.needs("teacher_logps") and cfg.teacher_model:
         teacher = load_model(cfg.teacher_model).to(cfg.device).eval().requires_grad_(False)
     policy.train()
+    _check_distributed(cfg)
+    trainable = Trainable(policy)  # DDP / FSDP2 under torchrun; the optimizer then holds this rank's shards
     total_updates = cfg.steps * cfg.ppo_epochs * cfg.mini_batches
-    optimizer = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               contiguous_state=not distributed.is_sharded(policy))
     scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=int(cfg.warmup_ratio * total_updates),
                                total_steps=total_updates)
     kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl
@@ -154,7 +159,18 @@ def setup(cfg: RLConfig, *, reward=None, train_rows: list[dict] | None = None) -
     ema = (EMAReference(cfg.ema_reference_decay, cfg.ema_reference_every)
            if cfg.ema_reference_decay is not None else None)
     return RLRun(cfg, plan, policy, reference, teacher, tokenizer, pad, reward, train_rows, prompt_ids, eval_rows,
-                 optimizer, scheduler, kl_ctl, engine, transform, ema, values)
+                 optimizer, scheduler, kl_ctl, engine, transform, ema, values, trainable)
+
+
+def _check_distributed(cfg: RLConfig) -> None:
+    """Refuse, in one line, what multi-process runs do not support."""
+    if cfg.distributed == "none":
+        return
+    if cfg.engine == "vllm":
+        raise ValueError(f"engine: vllm with distributed: {cfg.distributed} is not supported; use engine: tether")
+    if cfg.distributed == "fsdp2" and (cfg.lora or cfg.ema_reference_decay is not None or cfg.ref_reset_every):
+        raise ValueError("distributed: fsdp2 does not support lora, ema_reference_decay or ref_reset_every (they "
+                         "read the policy's full weights every step); use distributed: ddp")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -171,11 +187,12 @@ def rl_step(run: RLRun, step: int) -> dict[str, float]:
         batch = run.reward_transform(batch, drawn.rows, group_size=cfg.group_size,
                                      drop_uniform_groups=cfg.drop_uniform_groups)
         seconds["reward_s"], t0 = seconds["reward_s"] + time.perf_counter() - t0, time.perf_counter()
-    scores = score(run.policy, run.reference, batch.rollout, temperature=cfg.temperature, chunk_size=cfg.chunk_size,
-                   micro_batch_size=cfg.micro_batch_size, need_policy=not plan.one_update,
-                   need_ref_logps=not plan.one_update or plan.care, teacher=run.teacher,
-                   share_prompts=cfg.share_prompts, top_k=plan.support_size,
-                   ref_max_temperature=plan.ref_max_temperature)
+    with run.trainable.gathered():  # FSDP2: the policy's full weights for the no-grad scoring pass
+        scores = score(run.policy, run.reference, batch.rollout, temperature=cfg.temperature,
+                       chunk_size=cfg.chunk_size, micro_batch_size=cfg.micro_batch_size,
+                       need_policy=not plan.one_update, need_ref_logps=not plan.one_update or plan.care,
+                       teacher=run.teacher, share_prompts=cfg.share_prompts, top_k=plan.support_size,
+                       ref_max_temperature=plan.ref_max_temperature)
     beta = run.kl_ctl.value
     goals = targets(run, batch, drawn.row_ids, scores, beta)
     seconds["score_s"], t0 = time.perf_counter() - t0, time.perf_counter()
@@ -217,7 +234,8 @@ def rl_step(run: RLRun, step: int) -> dict[str, float]:
 
 
 def held_out_reward(run: RLRun, model) -> dict:
-    """Mean held-out reward with the run's fixed evaluation seeds (paired across calls)."""
+    """Mean held-out reward with the run's fixed evaluation seeds (paired across calls). Under torchrun, rank 0
+    evaluates (:func:`_on_main`)."""
     cfg = run.cfg
     return evaluate_reward(model, run.tokenizer, run.eval_rows, run.reward,
                            samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
@@ -241,8 +259,7 @@ def train(cfg: RLConfig, *, reward=None) -> RLResult:
     log = RunLog(out_dir, total=cfg.steps, start=step, desc=cfg.loss, show=("reward", "token_kl", "loss", "entropy"),
                  finite=("loss", "token_kl", "grad_norm"), save_every=cfg.save_every, stop_after=cfg.stop_after,
                  tensorboard=cfg.tensorboard, progress=cfg.progress)
-    if step == 0 and run.eval_rows:
-        before = held_out_reward(run, run.policy)
+    if step == 0 and run.eval_rows and (before := _on_main(run, lambda: held_out_reward(run, run.policy))):
         log.log(0, {"eval_reward": before["reward_mean"], "eval_reward_ci95": before["reward_ci95_halfwidth"]})
         (out_dir / "eval_before.json").write_text(json.dumps(before))
 
@@ -257,8 +274,9 @@ def train(cfg: RLConfig, *, reward=None) -> RLResult:
         if cfg.ref_reset_every and step % cfg.ref_reset_every == 0:
             reset_reference_(run.reference, run.policy, run.optimizer)
             row["ref_reset"] = 1.0
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and run.eval_rows:
-            row["eval_reward"] = held_out_reward(run, run.policy)["reward_mean"]
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and run.eval_rows and (
+                mid := _on_main(run, lambda: held_out_reward(run, run.policy))):
+            row["eval_reward"] = mid["reward_mean"]
         if log.end_step(step, row, checkpoint=checkpoint):
             break
     log.close()
@@ -266,7 +284,16 @@ def train(cfg: RLConfig, *, reward=None) -> RLResult:
     if step < cfg.steps:
         return result
     save_final(run.policy, run.tokenizer, out_dir / "final", lora=cfg.lora)
-    return dataclasses.replace(result, report=final_report(run, out_dir, result.metrics))
+    return dataclasses.replace(result, report=_on_main(run, lambda: final_report(run, out_dir, result.metrics)))
+
+
+def _on_main(run: RLRun, fn):
+    """``fn()`` on rank 0 (None elsewhere), with the policy's full weights (every rank enters ``gathered`` together;
+    the others wait at the barrier)."""
+    with run.trainable.gathered():
+        out = fn() if run.trainable.dist.main else None
+    distributed.barrier()
+    return out
 
 
 def final_report(run: RLRun, out_dir: Path, metrics: list[dict]) -> dict:

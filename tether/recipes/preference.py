@@ -14,7 +14,9 @@ What happens, in order:
    chosen and rejected into one forward pass and computes per-token log-probs in chunks (``tether.logprobs``),
    never holding (batch, length, vocab) logits;
 5. metrics to a progress bar, ``metrics.jsonl`` and TensorBoard; atomic checkpoints; ``resume=True`` continues
-   from the newest checkpoint with exactly the trajectory of an uninterrupted run;
+   from the newest checkpoint with exactly the trajectory of an uninterrupted run. Under torchrun
+   (``distributed: ddp`` or ``fsdp2``) each micro-batch's pairs are dealt to the ranks and the loss runs inside the
+   wrapper's forward (``tether.distributed``): the same steps as one process;
 6. the final model (HF format) in ``<output_dir>/final``, and — when ``eval_prompts_file`` is set — the exact KL
    to the reference measured on held-out prompts (``tether.eval.kl``).
 
@@ -36,7 +38,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from tether import distributed
 from tether.data import collate_preference, curriculum_order, load_preference_dataset
+from tether.distributed import Trainable, shard_rows
 from tether.logprobs import hidden_states, lm_head, sequence_sums, token_stats
 from tether.losses.preference import PREFERENCE_LOSSES
 from tether.models import (
@@ -152,10 +156,11 @@ def _cached_reference(cfg: PreferenceConfig, examples, ref, tokenizer, out_dir: 
     tensors = {"logps": logps, "fingerprint": torch.tensor(list(bytes.fromhex(fingerprint)), dtype=torch.uint8)}
     if kl_logps is not None:
         tensors["kl_logps"] = kl_logps
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp)
-    tmp.replace(path)
+    if distributed.current().main:  # every rank computed the same values; one writes them
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, tmp)
+        tmp.replace(path)
     return logps, kl_logps
 
 
@@ -272,27 +277,34 @@ def _reference(cfg: PreferenceConfig, spec, policy, examples, tokenizer, out_dir
     return None, ref_logps, kl_ref_logps  # training reads the cache; a separate reference model is freed here
 
 
-def _accumulate(policy, micro: list[list[int]], *, cfg: PreferenceConfig, examples, kl_examples, pad: int, ref,
-                ref_logps, kl_ref_logps) -> dict[str, float]:
+def _accumulate(trainable: Trainable, micro: list[list[int]], *, cfg: PreferenceConfig, examples, kl_examples,
+                pad: int, ref, ref_logps, kl_ref_logps) -> dict[str, float]:
     """Forward and backward over the micro-batches of one optimizer step; the loss is the mean over its pairs.
-    Returns the pair-weighted mean of the micro-batches' metrics and the step's token count."""
+    Returns the pair-weighted mean of the micro-batches' metrics and the step's token count.
+
+    Under torchrun each micro-batch's pairs are dealt to the ranks (``shard_rows``); a rank's loss is its pairs'
+    sum over the step's pairs times W, which DDP / FSDP2 average back to the mean over the step's pairs."""
+    world = trainable.dist.world
     n_pairs = sum(len(m) for m in micro)
     sums: dict[str, float] = {}
     n_tokens = 0
-    for idx in micro:
+    for k_micro, rows in enumerate(micro):
+        idx, weight = shard_rows(rows)
         batch = _on(collate_preference([examples[i] for i in idx], pad), cfg.device)
         kl_batch = (_on(collate_preference([kl_examples[i] for i in idx], pad), cfg.device)
                     if kl_examples is not None else None)
-        loss, metrics = preference_step(
-            policy, batch, cfg=cfg, ref_model=ref,
-            ref_logps=None if ref_logps is None else ref_logps[idx].to(cfg.device),
-            kl_batch=kl_batch, kl_ref_logps=None if kl_ref_logps is None else kl_ref_logps[idx].to(cfg.device))
-        release_freed_memory()  # lower peak RSS: the backward pass is where the gradients appear
-        (loss.sum() / n_pairs).backward()
+        with trainable.sync(k_micro == len(micro) - 1):  # gradients are reduced once, after the last micro-batch
+            loss, metrics = trainable(
+                preference_step, batch, cfg=cfg, ref_model=ref,
+                ref_logps=None if ref_logps is None else ref_logps[idx].to(cfg.device),
+                kl_batch=kl_batch, kl_ref_logps=None if kl_ref_logps is None else kl_ref_logps[idx].to(cfg.device))
+            release_freed_memory()  # lower peak RSS: the backward pass is where the gradients appear
+            (loss.sum() * (weight * world / n_pairs)).backward()
         for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + v * len(idx)
-        n_tokens += int(batch["attention_mask"].sum())
-    return {**{k: v / n_pairs for k, v in sums.items()}, "tokens": n_tokens}
+            sums[k] = sums.get(k, 0.0) + v * len(idx) * weight
+        n_tokens += int(batch["attention_mask"].sum()) * int(weight)
+    sums = distributed.all_sum({**sums, "tokens": float(n_tokens)})
+    return {**{k: v / n_pairs for k, v in sums.items() if k != "tokens"}, "tokens": int(sums["tokens"])}
 
 
 def train(cfg: PreferenceConfig) -> TrainResult:
@@ -321,11 +333,16 @@ def train(cfg: PreferenceConfig) -> TrainResult:
     ref, ref_logps, kl_ref_logps = _reference(cfg, spec, policy, examples, tokenizer, out_dir)
     kl_examples = _kl_pairs(examples) if "kl_reference" in spec.needs else None
 
-    # 4. Optimizer, schedule, resume.
+    # 4. The policy as the loop trains it (DDP / FSDP2 under torchrun), optimizer, schedule, resume.
+    if cfg.lora and cfg.distributed == "fsdp2":
+        raise ValueError("lora with distributed: fsdp2 is not supported; use distributed: ddp (LoRA's adapters are "
+                         "small: sharding them saves little)")
+    trainable = Trainable(policy)
     batches = _micro_batches(len(examples), cfg, order)
     steps_available = -(-len(batches) // cfg.grad_accum)
     total_steps = min(steps_available, cfg.max_steps) if cfg.max_steps else steps_available
-    optimizer = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               contiguous_state=not distributed.is_sharded(policy))
     scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=int(cfg.warmup_ratio * total_steps),
                                total_steps=total_steps)
     state = resume_or_fresh(out_dir, resume=cfg.resume, model=policy, optimizer=optimizer, scheduler=scheduler,
@@ -344,7 +361,7 @@ def train(cfg: PreferenceConfig) -> TrainResult:
     t_start = time.perf_counter()
     while step < total_steps:
         micro = batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
-        row = _accumulate(policy, micro, cfg=cfg, examples=examples, kl_examples=kl_examples,
+        row = _accumulate(trainable, micro, cfg=cfg, examples=examples, kl_examples=kl_examples,
                           pad=tokenizer.pad_token_id, ref=ref, ref_logps=ref_logps, kl_ref_logps=kl_ref_logps)
         grad_norm = optimizer_step(policy, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm, step=step + 1)
         step += 1
@@ -357,8 +374,10 @@ def train(cfg: PreferenceConfig) -> TrainResult:
     if step < total_steps:
         return result
 
-    # 6. Final model (LoRA merged into a copy) and KL measurement.
+    # 6. Final model (LoRA merged into a copy) and KL measurement (rank 0, from the saved model).
     final = save_final(policy, tokenizer, out_dir / "final", lora=cfg.lora)
+    if not distributed.current().main:
+        return result
     print(f"trained {step} steps in {elapsed:.0f}s; final model in {final}")
     if cfg.eval_prompts_file:
         from tether.eval.kl import measure_kl_from_files
