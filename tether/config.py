@@ -471,7 +471,7 @@ def build_config(cls, yaml_path: str | Path | None = None, flags: list[str] = ()
 
 #: Fields holding a model: a name the loader knows (passed to ``check_paths``) or a local directory.
 MODEL_FIELDS = frozenset({"model", "ref_model", "teacher_model", "policy", "reference", "reward_model",
-                          "reward_models", "models"})
+                          "reward_models", "models", "ref_soup", "base", "trained"})
 #: Fields holding an input file besides those named ``*_file`` or ``*_config``.
 INPUT_FIELDS = frozenset({"qprobe"})
 
