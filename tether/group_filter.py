@@ -104,7 +104,15 @@ def take_groups(picks: Sequence[tuple[Completions, int]], group_size: int) -> Co
     """One :class:`Completions` of the groups ``picks`` = [(completions of a round, group index in it), …], in that
     order; ``prompt_index`` becomes the position in ``picks``."""
     rows = [(done, r) for done, q in picks for r in range(q * group_size, (q + 1) * group_size)]
-    fields = {f.name: [getattr(done, f.name)[r] for done, r in rows] for f in dataclasses.fields(Completions)}
+    fields = {}
+    for f in dataclasses.fields(Completions):  # per-completion lists, or a tensor (kl_cost) that may be None
+        values = [getattr(done, f.name) for done, _ in rows]
+        if any(v is None for v in values):
+            fields[f.name] = None
+        elif isinstance(values[0], torch.Tensor):
+            fields[f.name] = torch.stack([v[r] for v, (_, r) in zip(values, rows)]) if rows else values[0][:0]
+        else:
+            fields[f.name] = [v[r] for v, (_, r) in zip(values, rows)]
     fields["prompt_index"] = [slot for slot in range(len(picks)) for _ in range(group_size)]
     return Completions(**fields)
 
