@@ -400,8 +400,8 @@ def _accepts_str(tp) -> bool:
 
 def parse_flags(cls, args: list[str], *, command: str = "tether <command>") -> dict:
     """``--field value [value ...]``, ``--field=value``, ``--flag`` / ``--no_flag`` (booleans; ``-`` may replace
-    ``_``) → {field: value}, typed by the field's type hint (``_flag_value``); an unknown flag, a missing value or
-    a stray word is a one-line :class:`ConfigError`."""
+    ``_``) → {field: value}, typed by the field's type hint (``_flag_value``); a flag given twice takes its last
+    value (as argparse does); an unknown flag, a missing value or a stray word is a one-line :class:`ConfigError`."""
     import difflib
     import typing
     from dataclasses import fields
@@ -435,8 +435,6 @@ def parse_flags(cls, args: list[str], *, command: str = "tether <command>") -> d
             continue
         if not tokens:
             raise ConfigError(f"flag --{name} needs a value ({_describe_type(tp)})")
-        if field in out:
-            raise ConfigError(f"flag --{field} is given twice")
         out[field] = _flag_value(tp, tokens)
     return out
 
