@@ -168,9 +168,11 @@ def _check_distributed(cfg: RLConfig) -> None:
         return
     if cfg.engine == "vllm":
         raise ValueError(f"engine: vllm with distributed: {cfg.distributed} is not supported; use engine: tether")
-    if cfg.distributed == "fsdp2" and (cfg.lora or cfg.ema_reference_decay is not None or cfg.ref_reset_every):
-        raise ValueError("distributed: fsdp2 does not support lora, ema_reference_decay or ref_reset_every (they "
-                         "read the policy's full weights every step); use distributed: ddp")
+    moving = (getattr(cfg, "ref_strategy", "fixed") not in ("fixed", "soup")
+              or getattr(cfg, "ema_reference_decay", None) is not None or getattr(cfg, "ref_reset_every", 0))
+    if cfg.distributed == "fsdp2" and (cfg.lora or moving):
+        raise ValueError("distributed: fsdp2 does not support lora or a reference that moves (it reads the policy's "
+                         "full weights between steps); use distributed: ddp")
 
 
 # ------------------------------------------------------------------------------------------------------------
