@@ -32,9 +32,13 @@ __all__ = ["LlamaDecoder", "supports"]
 
 
 def supports(model) -> bool:
-    """True when ``model`` is a plain (un-wrapped) Llama causal LM this module computes exactly."""
+    """True when ``model`` is a plain (un-wrapped) Llama causal LM this module computes exactly. A model with forward
+    hooks on any module (activation steering, ``tether.sampling.steering.steer``) is not: the decoder computes the
+    layers itself and would skip them."""
     cfg = getattr(model, "config", None)
     if cfg is None or type(model).__name__ != "LlamaForCausalLM":
+        return False
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return False
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     return (getattr(cfg, "hidden_act", "silu") == "silu" and not getattr(cfg, "attention_bias", False)

@@ -85,9 +85,16 @@ class Completions:
 def render_prompts(tokenizer, prompts: Sequence[str | list[dict]], *,
                    use_chat_template: bool = True) -> list[list[int]]:
     """Token ids of each prompt: a string becomes one user turn (with the chat template), a message list is
-    templated as is; ``add_generation_prompt=True`` so the model answers as the assistant."""
+    templated as is; ``add_generation_prompt=True`` so the model answers as the assistant. A prompt holding the
+    literal text of one of the tokenizer's special tokens is refused (``tether.data.chat``: it would be read as the
+    token itself and could open a turn)."""
+    from tether.data.chat import control_token_problem, special_tokens, texts_of
+
+    special = special_tokens(tokenizer)
     out = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
+        if found := control_token_problem(texts_of(p), special):
+            raise ValueError(f"prompt {i}{found[0]}: {found[1]}")
         if use_chat_template and tokenizer.chat_template:
             messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -142,8 +149,8 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
                          f"max_new_tokens={max_new_tokens}")
     if lean_decode and (engine == "hf" or not supports(model)):
         raise ValueError(f"sample: lean_decode=True needs engine='tether' and a plain LlamaForCausalLM with silu MLP, "
-                         f"no biases and default RoPE (got engine={engine!r}, {type(model).__name__}); pass "
-                         "lean_decode=None to use it where it applies")
+                         f"no biases, default RoPE and no forward hooks (got engine={engine!r}, "
+                         f"{type(model).__name__}); pass lean_decode=None to use it where it applies")
     _check_context(model, prompt_ids, max_new_tokens)
     processors = list(processors)
     n_reporting = check_processors(processors)
@@ -210,8 +217,9 @@ def _choose(logits: torch.Tensor, temperature: float, processors: list, n_report
     an allowed token, or a drawn token the recorded distribution gives probability 0.
 
     ``n_costed > 0``: also return (R,) float64 KL(softmax(s) ‖ softmax(logits / T)), s the scores after the first
-    ``n_costed`` processors (the caller's; ``Completions.kl_cost``), exactly 0 where they returned their input
-    unchanged; else None."""
+    ``n_costed`` processors (the caller's; ``Completions.kl_cost``), computed in float64 from the fp32 scores (a
+    float32 sum over 49k tokens would leave ~1e-7 of noise, negative KLs included), exactly 0 where they returned
+    their input unchanged; else None."""
     scores = logits.float()
     if temperature > 0:
         scores = scores / temperature
@@ -245,7 +253,7 @@ def _choose(logits: torch.Tensor, temperature: float, processors: list, n_report
     kl = None
     if n_costed:
         kl = (torch.zeros(len(nxt), dtype=torch.float64, device=nxt.device) if costed is base
-              else reverse_kl(costed, base).double())
+              else reverse_kl(costed.double(), base.double()))
     return nxt, chosen, kl
 
 
