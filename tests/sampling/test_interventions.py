@@ -398,3 +398,16 @@ def test_steer_processor_costs_the_exact_steering_kl():
     zero = sample(model, testing.tiny_tokenizer(), prompts, n=3, max_new_tokens=4, temperature=T, seed=8,
                   processors=[Steer(model, prompts, n=3, layer=0, vector=v, gamma=0.0, temperature=T)])
     assert zero.kl_cost.abs().max() < 1e-6
+
+
+def test_kl_cost_summary_is_a_mean_over_prompts():
+    """Costs [0.1, 0.3] for prompt 0 and [0.5] for prompt 1 → per-prompt means 0.2, 0.5 → mean 0.35, CI half-width
+    1.96·sd/√2 with sd = |0.5 − 0.2|/√2."""
+    from tether.sampling import Completions
+    from tether.sampling.sampler import kl_cost_summary
+
+    done = Completions(prompt_index=[0, 0, 1], kl_cost=torch.tensor([0.1, 0.3, 0.5], dtype=torch.float64))
+    got = kl_cost_summary(done)
+    assert got["intervention_kl"] == pytest.approx(0.35)
+    assert got["intervention_kl_ci95"] == pytest.approx(1.96 * 0.3 / math.sqrt(2) / math.sqrt(2))
+    assert kl_cost_summary(Completions(prompt_index=[0])) == {}

@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 from tether.kl import reverse_kl
 from tether.sampling.decode import LlamaDecoder, supports
 from tether.sampling.processors import LogitsProcessor, TopK, TopP, check_processors, is_stateful
+from tether.stats import mean_ci95
 
-__all__ = ["Completions", "render_prompts", "sample"]
+__all__ = ["Completions", "kl_cost_summary", "render_prompts", "sample"]
 
 
 @dataclass
@@ -80,6 +81,24 @@ class Completions:
     model P at temperature T, both up to ``max_new_tokens``. A processor that changes nothing costs exactly 0; a
     banned set B costs −log P_t(B^c) per step; a processor that replaces the logits by another model's
     (``tether.sampling.steering.SteeredStream``) costs that model's KL to the sampled one."""
+
+
+def kl_cost_summary(done: Completions, prefix: str = "intervention_kl") -> dict[str, float]:
+    """The KL cost of the sampler's processors over a set of completions, with a 95% CI over prompts: each prompt's
+    mean ``kl_cost`` over its completions, then their mean and the CI half-width (``tether.stats.mean_ci95``).
+
+    Returns ``{prefix: mean, prefix + "_ci95": half-width}`` in nats per completion, or ``{}`` when ``done`` has no
+    ``kl_cost`` (no processors). Example: prompts with completion costs [0.1, 0.3] and [0.5] → per-prompt means
+    0.2, 0.5 → mean 0.35."""
+    if done.kl_cost is None:
+        return {}
+    per: dict[int, list[float]] = {}
+    for i, c in zip(done.prompt_index, done.kl_cost.tolist()):
+        per.setdefault(i, []).append(c)
+    if not per:
+        return {}
+    mean, half = mean_ci95([sum(v) / len(v) for v in per.values()])
+    return {prefix: mean, f"{prefix}_ci95": half}
 
 
 def render_prompts(tokenizer, prompts: Sequence[str | list[dict]], *,
