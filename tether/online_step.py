@@ -56,6 +56,7 @@ from tether.rollout import (
     score_completions,
 )
 from tether.sampling import Completions, sample
+from tether.sampling.sampler import kl_cost_summary
 from tether.training import (
     optimizer_step,
     release_freed_memory,
@@ -155,7 +156,9 @@ class Drawn:
     row_ids: Tensor
     """(Q,) long: each group's index in the training pool."""
     metrics: dict[str, float]
-    """Times of sampling and reward, and the filter's counts."""
+    """Times of sampling and reward, the filter's counts, and — when the rollouts were sampled through logits
+    processors (a constraint, exclusion, …) — their KL cost ``intervention_kl`` (nats per completion, mean over
+    prompts) and its 95% CI half-width ``intervention_kl_ci95`` (``tether.sampling.sampler.kl_cost_summary``)."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,8 @@ def draw(run: RLRun, step: int) -> Drawn:
                       max_refill_rounds=cfg.max_refill_rounds)
     batch = assemble(got.raw, got.done, pad=run.pad, group_size=G, device=cfg.device,
                      in_loss=got.kept if run.plan.group_filter.active else None)
-    return Drawn(batch, [pool[i] for i in got.rows], torch.tensor(got.rows), got.metrics)
+    return Drawn(batch, [pool[i] for i in got.rows], torch.tensor(got.rows), {**got.metrics,
+                                                                              **kl_cost_summary(got.done)})
 
 
 def generate(run: RLRun, step: int, chosen: list[int] | None = None, round_: int = 0) -> tuple[list[dict], Completions]:
