@@ -9,7 +9,6 @@ import torch
 
 from tether import kl as K
 from tether.reference import (
-    EMAReference,
     ReferenceResetSchedule,
     ReferenceSync,
     ema_update_,
@@ -20,14 +19,13 @@ from tether.testing import assert_close
 
 F64 = torch.float64
 
-def test_ema_reference_updates_every_k_steps():
+def test_ema_update_is_the_lerp_and_copies_integer_buffers():
     torch.manual_seed(0)
     ref, pol = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     ref.register_buffer("count", torch.tensor(1))
     pol.register_buffer("count", torch.tensor(7))
     before = {k: v.clone() for k, v in ref.state_dict().items()}
-    ema = EMAReference(decay=0.9, every=3)
-    assert [ema.step(ref.state_dict(), pol.state_dict()) for _ in range(3)] == [False, False, True]
+    ema_update_(ref.state_dict(), pol.state_dict(), decay=0.9)
     for name in ("weight", "bias"):
         expected = 0.9 * before[name] + 0.1 * pol.state_dict()[name]
         assert_close(ref.state_dict()[name], expected, name, atol=1e-7, rtol=1e-6)
@@ -103,7 +101,7 @@ def test_ema_rate_zero_is_the_fixed_reference_and_rate_one_follows_the_policy():
             assert torch.equal(fixed.state_dict()[k], start[k])
             assert torch.equal(follow.state_dict()[k], policy.state_dict()[k])
             assert_close(half.state_dict()[k], 0.75 * before_half[k] + 0.25 * policy.state_dict()[k], k, atol=1e-6)
-    assert [s.metrics() for s in syncs][1] == {"ref/strategy": "ema", "ref/version": 3, "ref/steps_since_sync": 0}
+    assert syncs[1].metrics() == {"ref/version": 3, "ref/steps_since_sync": 0, "ref/rate": 1.0}
 
 
 def test_sync_every_k_steps_and_its_metrics():
@@ -116,7 +114,8 @@ def test_sync_every_k_steps_and_its_metrics():
         _drift(policy, step)
         moved.append(sync.step(ref, policy))
     assert moved == [False, False, True, False, False, True, False]
-    assert sync.metrics() == {"ref/strategy": "trdpo_soft", "ref/version": 2, "ref/steps_since_sync": 1}
+    assert sync.metrics() == {"ref/version": 2, "ref/steps_since_sync": 1, "ref/rate": 0.6}
+    assert ReferenceSync("fixed").metrics()["ref/rate"] == 0.0
     assert ReferenceSync("trdpo_hard", rate=0.3).rate == 1.0  # a hard update copies whatever rate says
     restored = ReferenceSync("trdpo_soft", rate=0.6, every=3)
     restored.load_state_dict(sync.state_dict())

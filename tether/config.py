@@ -158,10 +158,10 @@ RANGES: dict[str, tuple] = {
         "group_size", "max_new_tokens", "kl_max_new_tokens", "ppo_epochs", "mini_batches", "chunk_size", "lora_r",
         "lora_alpha", "sample_batch_size", "samples_per_prompt", "kl_samples_per_prompt", "eval_samples_per_prompt",
         "train_prompts", "heldout_prompts", "student_stride", "max_length", "max_prompt_length", "adpa_top_k",
-        "astar_value_samples", "ema_reference_every", "stop_after", "n", "best_of_n", "tilted_n", "rl_steps",
+        "astar_value_samples", "ref_every", "stop_after", "n", "best_of_n", "tilted_n", "rl_steps",
         "max_prompts")},
     **{name: _at_least(0) for name in (
-        "save_every", "eval_every", "eval_prompts", "top_k", "overlong_buffer", "ref_reset_every",
+        "save_every", "eval_every", "eval_prompts", "top_k", "overlong_buffer",
         "max_refill_rounds", "base_samples", "weight_decay", "max_grad_norm", "nll_weight", "care_bonus", "kl_coef",
         "qprobe_l2", "ensemble_lambda", "tau", "dckd_chosen_weight", "dckd_rejected_weight")},
     **{name: _positive() for name in (
@@ -169,7 +169,7 @@ RANGES: dict[str, tuple] = {
         "astar_value_beta", "tilted_beta", "dpo_beta", "rl_beta")},
     "warmup_ratio": _unit(False, True), "top_p": _unit(True, False), "lmbda": _unit(False, False),
     "difficulty_low": _unit(False, False), "difficulty_high": _unit(False, False),
-    "ema_reference_decay": _unit(False, False), "risk_confidence": _unit(True, True),
+    "ref_rate": _unit(False, False), "risk_confidence": _unit(True, True),
 }
 
 

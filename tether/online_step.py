@@ -46,7 +46,7 @@ from tether.losses.policy import (
 )
 from tether.losses.policy import advantages as adv
 from tether.losses.policy.registry import stat_arg
-from tether.reference import EMAReference
+from tether.reference import ReferenceSync
 from tether.rollout import (
     RewardedBatch,
     TokenScores,
@@ -134,8 +134,9 @@ class RLRun:
     engine: Any | None = None
     reward_transform: Any | None = None
     """``cfg.reward_transform`` as a ``tether.inference.transforms.ReferenceCalibration``, or None."""
-    ema: EMAReference | None = None
-    """The reference's EMA schedule (``ema_reference_decay``), or None for a reference that does not average."""
+    sync: ReferenceSync | None = None
+    """How the reference moves (``ref_strategy``: EMA anchor, ProRL reset, TR-DPO sync), stepped after every
+    optimizer step; None or a non-moving strategy = a fixed reference."""
     values: Tensor | None = None
     """(n_train_rows,) A*-PO's V*(x) of every training prompt, or None."""
     trainable: Trainable | None = None
@@ -291,15 +292,16 @@ def update(run: RLRun, batch: RewardedBatch, scores: TokenScores, goals: Targets
                     sums[k] = sums.get(k, 0.0) + v * share * (weight if splittable else 1 / dist.world)
             grad_norms += optimizer_step(run.policy, run.optimizer, run.scheduler, max_grad_norm=cfg.max_grad_norm,
                                          step=step + 1)
-            if run.ema is not None:  # every K optimizer steps θ_ref ← d·θ_ref + (1−d)·θ
-                moved += run.ema.step(run.reference.state_dict(), run.policy.state_dict())
+            if run.sync is not None and run.sync.moving:  # every K optimizer steps θ_ref ← (1−r)·θ_ref + r·θ
+                moved += run.sync.step(run.reference, run.policy, run.optimizer)
     sums = distributed.all_sum(sums, dist)
     for k in seen:
         distributed.all_sum_(seen[k], dist)
     sums["grad_norm"] = grad_norms  # the same on every rank
     n_updates = cfg.ppo_epochs * cfg.mini_batches
     metrics = {k: v / n_updates for k, v in sums.items()}  # each update's shares sum to 1
-    return (metrics if run.ema is None else {**metrics, "ema_updates": float(moved)}), seen
+    moving = run.sync is not None and run.sync.moving
+    return ({**metrics, "ref/updates": float(moved)} if moving else metrics), seen
 
 
 def micro_batches(run: RLRun, loss_mask: Tensor, rows: Tensor) -> list[tuple[Tensor, float]]:

@@ -6,10 +6,10 @@ weights, and how those weights are chosen is a design decision of its own.
 * ``frozen_copy(model)`` — the fixed reference: a deep copy with gradients off, which cannot drift.
 * ``reference_context(model)`` — inside it a model computes the reference: LoRA adapters disabled (the frozen
   base is the reference, so no second copy of the weights exists), no gradients.
-* ``ema_update_`` / ``EMAReference`` — a slowly moving reference θ_ref ← d·θ_ref + (1−d)·θ (GRPO-CARE, Chen et al.
-  2025; WARP's EMA anchor, Ramé et al. 2024, is the same update).
-* ``ReferenceResetSchedule`` — ProRL's periodic hard reset of the reference onto the policy (Liu et al. 2025), which
-  also re-initializes the optimizer; ``reset_reference_`` does both.
+* ``ema_update_`` — the in-place update θ_ref ← d·θ_ref + (1−d)·θ every moving strategy applies (GRPO-CARE's EMA,
+  Chen et al. 2025; WARP's EMA anchor, Ramé et al. 2024; TR-DPO's soft update; d = 0 copies).
+* ``ReferenceResetSchedule`` — when ProRL's reset is due: periodically, at listed steps, or when a validation metric
+  stalls (Liu et al. 2025).
 * ``ReferenceSync`` — the reference strategies the training recipes take by name (``reference:`` in their configs):
   ``fixed``, ``ema`` (WARP's EMA anchor), ``reset`` (ProRL), ``soup`` (SALSA), ``trdpo_soft`` / ``trdpo_hard``
   (TR-DPO). All moving strategies are one update, θ_ref ← (1 − r)·θ_ref + r·θ every K optimizer steps, with their
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["REFERENCE_STRATEGIES", "EMAReference", "ReferenceResetSchedule", "ReferenceSync", "ema_update_",
-           "frozen_copy", "reference_context", "reset_reference_", "soup_state"]
+__all__ = ["REFERENCE_STRATEGIES", "ReferenceResetSchedule", "ReferenceSync", "check_same_tensors", "ema_update_",
+           "frozen_copy", "reference_context", "soup_state"]
 
 
 def frozen_copy(model):
@@ -76,36 +76,6 @@ def ema_update_(ref_state: MutableMapping[str, Tensor], policy_state: Mapping[st
 
 
 @dataclass
-class EMAReference:
-    """GRPO-CARE's slowly moving reference: every ``every`` optimizer steps, ``θ_ref ← d·θ_ref + (1−d)·θ``
-    (Chen et al. 2025, GRPO-CARE; code ``TencentARC/GRPO-CARE``).
-
-    Fields:
-        decay: d = 0.995 (script); 0 turns it into a hard copy ("reset every K steps").
-        every: K = 10 (script): the update happens on calls K, 2K, 3K, …
-        steps: calls to :meth:`step` so far (state).
-    """
-
-    decay: float = 0.995
-    every: int = 10
-    steps: int = field(default=0, init=False)
-
-    def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ValueError(f"EMAReference.every must be ≥ 1 (optimizer steps between updates), got {self.every}")
-        if not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"EMAReference.decay must be in [0, 1], got {self.decay}")
-
-    def step(self, ref_state: MutableMapping[str, Tensor], policy_state: Mapping[str, Tensor]) -> bool:
-        """Call once per optimizer step; returns True when the reference was updated."""
-        self.steps += 1
-        if self.steps % self.every:
-            return False
-        ema_update_(ref_state, policy_state, self.decay)
-        return True
-
-
-@dataclass
 class ReferenceResetSchedule:
     """ProRL's periodic hard reset of the reference to the current policy (Liu et al. 2025).
 
@@ -122,7 +92,8 @@ class ReferenceResetSchedule:
         higher_is_better: direction of the validation metric.
 
     On a reset the caller copies the policy weights into the reference **and** re-initializes the optimizer
-    (:func:`reset_reference_` does both). Immediately afterwards the KL term and its gradient are exactly zero.
+    (``ReferenceSync("reset").step`` does both). Immediately afterwards the KL term and its gradient are exactly
+    zero.
     """
 
     every: int | None = None
@@ -169,19 +140,6 @@ class ReferenceResetSchedule:
         self._best = None
 
 
-def reset_reference_(reference, policy, optimizer) -> None:
-    """ProRL's hard reset: copy the policy's weights into ``reference`` and re-initialize ``optimizer``.
-
-    ProRL (Liu et al. 2025, arXiv:2505.24864, "Reference Policy Reset") resets the reference to a recent
-    snapshot of the online policy *and* re-initializes the optimizer states; right after the reset the KL term and
-    its gradient are exactly zero. Here the optimizer's per-parameter state (AdamW's moments and step count) is
-    cleared, which is what a freshly built optimizer holds; the learning-rate schedule is not restarted (it is the
-    run's, not the optimizer's).
-    """
-    reference.load_state_dict(policy.state_dict())
-    optimizer.state.clear()
-
-
 REFERENCE_STRATEGIES = ("fixed", "ema", "reset", "soup", "trdpo_soft", "trdpo_hard")
 """The reference strategies by name (``ReferenceSync.strategy``; the ``reference`` field of the recipes' configs)."""
 
@@ -214,10 +172,11 @@ class ReferenceSync:
     Limits that follow from the formula: r = 0 is the fixed reference; r = 1 with K = 1 makes the reference the
     policy of the previous step (at every step the KL to it starts at 0). TR-DPO's soft update is applied every τ
     steps, as TRL's ``SyncRefModelCallback`` does (TR-DPO's defaults there: α = 0.6, τ = 512). ProRL's reset clears
-    the optimizer's per-parameter state (:func:`reset_reference_`): after a reset the first AdamW step is a fresh
-    one (bias-corrected moments from zero, so a step of size ≈ lr·sign(g) per coordinate); the learning-rate
-    schedule continues (it is the run's). ProRL's own trigger (validation stalls) is :class:`ReferenceResetSchedule`;
-    here the reset is periodic.
+    the optimizer's per-parameter state (ProRL, arXiv:2505.24864, "reference policy reset": the reference becomes a
+    recent snapshot of the policy and the optimizer states are re-initialized): after a reset the first AdamW step
+    is a fresh one (bias-corrected moments from zero, so a step of size ≈ lr·sign(g) per coordinate); the
+    learning-rate schedule continues (it is the run's). ProRL's own trigger (validation stalls) is
+    :class:`ReferenceResetSchedule`; here the reset is periodic.
 
     Fields:
         strategy: one of :data:`REFERENCE_STRATEGIES`.
@@ -274,12 +233,13 @@ class ReferenceSync:
         self.last_sync = self.steps
         return True
 
-    def metrics(self) -> dict:
-        """The reference in force during the step just recorded, for the run's metrics: ``ref/strategy``,
-        ``ref/version`` (updates applied before the step) and ``ref/steps_since_sync`` (optimizer steps taken
-        since the reference last moved, or since the start)."""
-        return {"ref/strategy": self.strategy, "ref/version": self.version,
-                "ref/steps_since_sync": self.steps - self.last_sync}
+    def metrics(self) -> dict[str, float]:
+        """The reference in force for the coming step, for the run's metrics (numbers, so TensorBoard plots them and
+        runs compare key by key; the strategy's name is the run's ``ref_strategy``): ``ref/version`` (updates
+        applied so far), ``ref/steps_since_sync`` (optimizer steps taken since the reference last moved, or since
+        the start) and ``ref/rate`` (r; 0 for a reference that does not move)."""
+        return {"ref/version": float(self.version), "ref/steps_since_sync": float(self.steps - self.last_sync),
+                "ref/rate": self.rate if self.moving else 0.0}
 
     def state_dict(self) -> dict[str, int]:
         return {"steps": self.steps, "version": self.version, "last_sync": self.last_sync}
@@ -307,21 +267,11 @@ def soup_state(states: list[Mapping[str, Tensor]], weights: list[float] | None =
         weights = [1.0 / len(states)] * len(states)
     if len(weights) != len(states):
         raise ValueError(f"soup_state: {len(weights)} weights for {len(states)} models; give one weight per model")
+    check_same_tensors(states, names)
     first = states[0]
-    for name, state in zip(names[1:], states[1:]):
-        if set(state) != set(first):
-            diff = sorted(set(state) ^ set(first))
-            raise ValueError(f"soup: {name} and {names[0]} differ in tensors {diff[:3]} ({len(diff)} in all); "
-                             "average only models of one architecture")
-        for key, value in state.items():
-            if value.shape != first[key].shape:
-                raise ValueError(f"soup: tensor {key!r} is {tuple(value.shape)} in {name} but "
-                                 f"{tuple(first[key].shape)} in {names[0]}; average only models of one architecture")
     out = {}
     for key, value in first.items():
         if not value.is_floating_point():
-            if any(not torch.equal(state[key], value) for state in states[1:]):
-                raise ValueError(f"soup: integer tensor {key!r} differs between models; it cannot be averaged")
             out[key] = value.clone()
             continue
         acc = torch.zeros(value.shape, dtype=torch.float64, device=value.device)
@@ -329,3 +279,21 @@ def soup_state(states: list[Mapping[str, Tensor]], weights: list[float] | None =
             acc.add_(state[key].to(torch.float64), alpha=float(w))
         out[key] = acc.to(value.dtype)
     return out
+
+
+def check_same_tensors(states: list[Mapping[str, Tensor]], names: list[str]) -> None:
+    """One-line ``ValueError`` unless every state dict has the same tensor names and shapes as the first and the
+    same values in its non-floating tensors (which cannot be averaged); ``names`` name the models in the message."""
+    first = states[0]
+    for name, state in zip(names[1:], states[1:]):
+        if set(state) != set(first):
+            diff = sorted(set(state) ^ set(first))
+            raise ValueError(f"{name} and {names[0]} differ in tensors {diff[:3]} ({len(diff)} in all); only models "
+                             "of one architecture can be merged")
+        for key, value in state.items():
+            if value.shape != first[key].shape:
+                raise ValueError(f"tensor {key!r} is {tuple(value.shape)} in {name} but {tuple(first[key].shape)} in "
+                                 f"{names[0]}; only models of one architecture can be merged")
+            if not value.is_floating_point() and not torch.equal(value, first[key]):
+                raise ValueError(f"integer tensor {key!r} differs between {name} and {names[0]}; it cannot be "
+                                 "averaged")

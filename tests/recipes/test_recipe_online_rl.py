@@ -104,7 +104,7 @@ def test_resume_gives_the_uninterrupted_trajectory(model_dir, tmp_path):
     """Off-policy mini-batches, adaptive KL coefficient and a reference reset: stop after step 2, resume, and the
     metrics and final weights equal those of a run that never stopped."""
     extra = dict(steps=4, ppo_epochs=2, mini_batches=2, kl_estimator="k2", target_kl=0.001, kl_horizon=10.0,
-                 ref_reset_every=3, save_every=1)
+                 ref_strategy="reset", ref_every=3, save_every=1)
     full = train(tiny(model_dir, tmp_path / "full", **extra), reward=vowel_share)
     part = train(tiny(model_dir, tmp_path / "part", stop_after=2, **extra), reward=vowel_share)
     assert part.steps == 2
@@ -325,7 +325,8 @@ def test_reference_reset_reinitializes_the_optimizer(model_dir, tmp_path):
     the checkpoint written right after the reset at step 2 holds no AdamW moments (the step-1 one does), its saved
     reference equals its policy, and the next step's KL to that reference is computed from zero."""
     out = tmp_path / "reset"
-    metrics = train(tiny(model_dir, out, steps=3, ref_reset_every=2, save_every=1), reward=vowel_share).metrics
+    metrics = train(tiny(model_dir, out, steps=3, ref_strategy="reset", ref_every=2, save_every=1),
+                    reward=vowel_share).metrics
     states = {k: torch.load(out / "checkpoints" / f"step-{k}" / "trainer_state.pt", weights_only=True)
               for k in (2, 3)}
     assert states[3]["optimizer"]["state"], "step 3 took an optimizer step after the reset"
@@ -336,7 +337,8 @@ def test_reference_reset_reinitializes_the_optimizer(model_dir, tmp_path):
     policy = load_model(out / "checkpoints" / "step-2").state_dict()
     for name, value in ref.items():
         assert torch.equal(value, policy[name]), name
-    assert [m.get("ref_reset", 0.0) for m in metrics] == [0.0, 1.0, 0.0]
+    assert [m["ref/updates"] for m in metrics] == [0.0, 1.0, 0.0]
+    assert [(m["ref/version"], m["ref/steps_since_sync"]) for m in metrics] == [(0.0, 0.0), (0.0, 1.0), (1.0, 0.0)]
     assert metrics[2]["token_kl"] == 0.0  # step 3 samples from the policy the reference was just reset to
 
 

@@ -65,8 +65,8 @@ def assert_same_run(a: list[dict], b: list[dict]) -> None:
 
 
 # margin 0: on a random model every answer's confidence is about 1/|V|, so the default margin 0.01 would pass them all
-CARE = ("--care_bonus", "0.5", "--care_args", "margin", "0.0", "--ema_reference_decay", "0.8", "--ema_reference_every",
-        "1", "--kl_coef", "0.05")
+CARE = ("--care_bonus", "0.5", "--care_args", "margin", "0.0", "--ref_strategy", "ema", "--ref_rate", "0.2",
+        "--ref_every", "1", "--kl_coef", "0.05")
 
 
 def test_ema_reference_follows_the_recursion_and_care_bonus_matches_float64(model_dir, tmp_path):
@@ -80,7 +80,8 @@ def test_ema_reference_follows_the_recursion_and_care_bonus_matches_float64(mode
     theta0 = load_model(model_dir).state_dict()
     p1, p2 = (load_model(ckpt / f"step-{k}").state_dict() for k in (1, 2))
     r1, r2 = (reference_state(model_dir, ckpt / f"step-{k}") for k in (1, 2))
-    assert [r["ema_updates"] for r in rows] == [1.0, 1.0]
+    assert [r["ref/updates"] for r in rows] == [1.0, 1.0]
+    assert [r["ref/version"] for r in rows] == [0.0, 1.0]  # the reference in force at each step's scoring pass
     moved = 0.0
     for name in r1:
         torch.testing.assert_close(r1[name], d * theta0[name] + (1 - d) * p1[name], rtol=0, atol=1e-6, msg=name)
@@ -110,13 +111,13 @@ def test_ema_reference_follows_the_recursion_and_care_bonus_matches_float64(mode
 def test_ema_reference_resume_is_bit_identical(model_dir, tmp_path):
     """Stop after step 2 of 3, resume: the metrics, the final policy and the EMA reference (checkpointed with the
     run, and its update counter) equal those of an uninterrupted run."""
-    full = run_cli(model_dir, tmp_path / "full", *CARE, "--ema_reference_every", "2", steps=3, save_every=1)
-    run_cli(model_dir, tmp_path / "part", *CARE, "--ema_reference_every", "2", "--stop_after", "2", steps=3,
+    full = run_cli(model_dir, tmp_path / "full", *CARE, "--ref_every", "2", steps=3, save_every=1)
+    run_cli(model_dir, tmp_path / "part", *CARE, "--ref_every", "2", "--stop_after", "2", steps=3,
             save_every=1)
-    resumed = run_cli(model_dir, tmp_path / "part", *CARE, "--ema_reference_every", "2", "--resume", steps=3,
+    resumed = run_cli(model_dir, tmp_path / "part", *CARE, "--ref_every", "2", "--resume", steps=3,
                       save_every=1)
     assert_same_run(full, resumed)
-    assert [r["ema_updates"] for r in full] == [0.0, 1.0, 0.0]  # every 2 optimizer steps
+    assert [r["ref/updates"] for r in full] == [0.0, 1.0, 0.0]  # every 2 optimizer steps
     for name in ("model.safetensors", "reference.safetensors"):
         a = weights(tmp_path / "full" / "checkpoints" / "step-3" / name)
         b = weights(tmp_path / "part" / "checkpoints" / "step-3" / name)
@@ -162,12 +163,14 @@ def test_refill_replaces_dropped_groups_and_resumes_bit_identically(model_dir, t
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(care_bonus=0.5), "ema_reference_decay"),
+    (dict(care_bonus=0.5), "ref_strategy: ema"),
     (dict(max_refill_rounds=2), "nothing is dropped"),
     (dict(difficulty_low=0.8, difficulty_high=0.2), "difficulty_low"),
-    (dict(ema_reference_decay=0.9, lora=True), "lora"),
-    (dict(ema_reference_decay=0.9, ref_reset_every=2), "ref_reset_every"),
-    (dict(care_bonus=0.5, ema_reference_decay=0.9, care_args={"lam": 1.0}), "care_args"),
+    (dict(ref_strategy="ema", lora=True), "lora"),
+    (dict(ref_strategy="reset"), "ref_every"),
+    (dict(ref_strategy="fixed", ref_rate=0.5), "ref_rate"),
+    (dict(ref_strategy="soup", ref_soup=["a"]), "ref_soup"),
+    (dict(care_bonus=0.5, ref_strategy="ema", care_args={"lam": 1.0}), "care_args"),
     (dict(loss="astar_po", group_size=1, drop_uniform_groups=True), "group_size 1"),
     (dict(loss="grpo", group_size=1), "group_size"),
     (dict(astar_value_beta=0.0), "astar_value_beta"),

@@ -53,7 +53,7 @@ def test_step_reward_is_the_transform_against_reference_samples(model_dir, tmp_p
     ({"reward_transform": "calibrate", "reward_transform_args": {"t": 2.0}}, "reward_transform_args"),
     ({"reward_transform": "ctrl_bon", "reward_transform_args": {"t": -1.0}}, "t=-1.0"),
     ({"reward_transform_args": {"samples": 4}}, "without a reward_transform"),
-    ({"reward_transform": "calibrate", "ref_reset_every": 2}, "ref_reset_every"),
+    ({"reward_transform": "calibrate", "ref_strategy": "reset", "ref_every": 2}, "ref_strategy"),
 ])
 def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -13,12 +13,59 @@ from typing import Literal
 from tether.config import LoRAConfig, ModelConfig, OptimConfig, RunConfig, check_range
 from tether.losses.policy import ONLINE_OBJECTIVES, check_loss_args
 
-__all__ = ["DistillConfig", "FrontierConfig", "KLConfig", "PreferenceConfig", "QuickstartConfig", "RLConfig",
-           "SampleConfig"]
+__all__ = ["DiagnoseConfig", "DistillConfig", "FrontierConfig", "KLConfig", "MergeConfig", "PreferenceConfig",
+           "QuickstartConfig", "RLConfig", "ReferenceConfig", "SampleConfig"]
 
 
 @dataclass
-class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
+class ReferenceConfig:
+    """Which reference the KL terms are to, and how it moves (``tether.reference.ReferenceSync``): a field group of
+    the training recipes' configs."""
+
+    ref_strategy: Literal["fixed", "ema", "reset", "soup", "trdpo_soft", "trdpo_hard"] = "fixed"
+    """fixed: the start (or ref_model); ema: WARP's EMA anchor θ_ref ← (1−r)θ_ref + rθ every ref_every steps; reset:
+    ProRL, every ref_every steps the reference becomes the policy and the optimizer state is cleared; soup: SALSA,
+    the uniform average of the ref_soup models; trdpo_soft / trdpo_hard: TR-DPO's soft (α = ref_rate) / hard
+    update every τ = ref_every steps. Steps are optimizer steps."""
+    ref_rate: float | None = None
+    """r of the moving update: WARP's μ (ema, default 0.01), TR-DPO's α (trdpo_soft, default 0.6); 0 = fixed, 1 =
+    copy the policy (reset and trdpo_hard always copy)."""
+    ref_every: int | None = None
+    """K, optimizer steps between reference updates; default 1 for ema, 512 (TR-DPO's τ in TRL) for trdpo_*; reset
+    needs it set."""
+    ref_soup: list[str] = field(default_factory=list)
+    """ref_strategy soup: the model directories averaged (uniformly) into the reference."""
+
+    def __post_init__(self) -> None:
+        moving = self.ref_strategy in ("ema", "reset", "trdpo_soft", "trdpo_hard")
+        if self.ref_strategy == "reset" and self.ref_every is None:
+            raise ValueError("ref_every: ref_strategy reset needs the number of optimizer steps between resets")
+        if (self.ref_strategy == "soup") != (len(self.ref_soup) >= 2):
+            raise ValueError("ref_soup: set it (two or more model directories) exactly when ref_strategy is soup")
+        if self.ref_rate is not None and self.ref_strategy not in ("ema", "trdpo_soft"):
+            raise ValueError(f"ref_rate: only ema and trdpo_soft take a rate; ref_strategy is {self.ref_strategy}")
+        if self.ref_every is not None and not moving:
+            raise ValueError(f"ref_every: ref_strategy {self.ref_strategy} does not move; unset ref_every")
+        for name, clash in (("lora", getattr(self, "lora", False)), ("ref_model", getattr(self, "ref_model", None))):
+            if clash and (moving or self.ref_strategy == "soup"):
+                raise ValueError(f"ref_strategy {self.ref_strategy}: the reference is built from the policy (or the "
+                                 f"soup) and does not combine with {name} — unset one of them")
+        self.reference_sync()  # checks rate and period
+        super().__post_init__()
+
+    def reference_sync(self):
+        """A fresh ``tether.reference.ReferenceSync`` of these fields (defaults filled in)."""
+        from tether.reference import ReferenceSync
+
+        rate = self.ref_rate if self.ref_rate is not None else {"ema": 0.01, "trdpo_soft": 0.6}.get(
+            self.ref_strategy, 1.0)
+        every = self.ref_every if self.ref_every is not None else (
+            512 if self.ref_strategy.startswith("trdpo") else 1)
+        return ReferenceSync(self.ref_strategy, rate=rate, every=every)
+
+
+@dataclass
+class RLConfig(ReferenceConfig, LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     """Online RL with group sampling: `tether rl --config x.yaml [--field value ...]`."""
 
     output_dir: str = "runs/rl"
@@ -116,18 +163,11 @@ class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     """Optimizer steps per pass (the batch is split into this many mini-batches of whole groups)."""
     micro_batch_size: int = 16
     """Sequences per forward/backward (memory knob; does not change the gradient)."""
-    ref_reset_every: int = 0
-    """ProRL's reference reset: every N steps the reference becomes the policy and the optimizer state is
-    re-initialized (0 = never)."""
-    ema_reference_decay: float | None = None
-    """A moving reference (GRPO-CARE): every ema_reference_every optimizer steps θ_ref ← d·θ_ref + (1−d)·θ, d = this
-    (0.995 in the paper's scripts; 0 = copy the policy). The KL term, if any, is to this reference. None = fixed."""
-    ema_reference_every: int = 10
-    """K: optimizer steps between two EMA updates of the reference (10 in GRPO-CARE's scripts)."""
     care_bonus: float = 0.0
     """GRPO-CARE's consistency bonus λ (0.5 in the paper's scripts; 0 = off): a passing completion whose answer the
     EMA reference finds at least as likely as its group's passing ones do gets +λ (grpo_care_bonus; answer span:
-    tether.rollout.answer_mask). Needs ema_reference_decay."""
+    tether.rollout.answer_mask). Needs ref_strategy ema (GRPO-CARE's scripts: ref_rate 0.005, ref_every 10, i.e.
+    decay 0.995 every 10 optimizer steps)."""
     care_args: dict[str, float] = field(default_factory=dict)
     """Other arguments of the bonus: {confidence_cap: 0.95, margin: 0.01} (the paper's scripts)."""
     astar_value_samples: int = 8
@@ -162,9 +202,9 @@ class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
         from tether.inference.transforms import check_reward_transform
 
         check_reward_transform(self.reward_transform, self.reward_transform_args)
-        if self.reward_transform and self.ref_reset_every:
+        if self.reward_transform and self.ref_strategy != "fixed":
             raise ValueError("reward_transform: its calibration tables come from the starting reference; with "
-                             "ref_reset_every the reference moves — use one or the other")
+                             f"ref_strategy {self.ref_strategy} the reference is another model — use one or the other")
         for name, ok in (("steps", self.steps >= 1), ("prompts_per_step", self.prompts_per_step >= 1),
                          ("group_size", self.group_size >= (2 if ONLINE_OBJECTIVES[self.loss].grouped else 1)),
                          ("max_new_tokens", self.max_new_tokens >= 1),
@@ -173,14 +213,12 @@ class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
                          ("micro_batch_size", self.micro_batch_size >= 1),
                          ("kl_coef", self.kl_coef is None or self.kl_coef >= 0),
                          ("target_kl", self.target_kl is None or self.target_kl > 0),
-                         ("temperature", self.temperature > 0), ("ref_reset_every", self.ref_reset_every >= 0),
+                         ("temperature", self.temperature > 0),
                          ("overlong_buffer", 0 <= self.overlong_buffer < self.max_new_tokens)):
             check_range(name, getattr(self, name), ok, "tether rl")
         if self.prompts_per_step % self.mini_batches:
             raise ValueError(f"mini_batches={self.mini_batches} must divide prompts_per_step="
                              f"{self.prompts_per_step} (mini-batches hold whole groups)")
-        if self.ref_reset_every and self.lora:
-            raise ValueError("ref_reset_every needs full fine-tuning: with LoRA the reference is the frozen base")
         self._check_filters_and_moving_reference()
 
     def _check_filters_and_moving_reference(self) -> None:
@@ -194,9 +232,7 @@ class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
         for name, ok in (("difficulty_low", 0.0 <= self.difficulty_low <= self.difficulty_high),
                          ("difficulty_high", self.difficulty_high <= 1.0),
                          ("max_refill_rounds", self.max_refill_rounds >= 0),
-                         ("ema_reference_decay", self.ema_reference_decay is None
-                          or 0.0 <= self.ema_reference_decay <= 1.0),
-                         ("ema_reference_every", self.ema_reference_every >= 1), ("care_bonus", self.care_bonus >= 0),
+                         ("care_bonus", self.care_bonus >= 0),
                          ("astar_value_samples", self.astar_value_samples >= 1),
                          ("astar_value_beta", 0.0 < self.astar_value_beta < float("inf"))):
             check_range(name, getattr(self, name), ok, "tether rl")
@@ -210,15 +246,9 @@ class RLConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
         if self.reward_transform and (self.max_refill_rounds or self.difficulty_low > 0 or self.difficulty_high < 1):
             raise ValueError("reward_transform recomputes which groups enter the loss; it does not combine with "
                              "max_refill_rounds or the difficulty band — use one or the other")
-        moving = self.ema_reference_decay is not None
-        for name, clash in (("lora", self.lora), ("ref_model", self.ref_model), ("ref_reset_every",
-                            self.ref_reset_every), ("reward_transform", self.reward_transform)):
-            if moving and clash:
-                raise ValueError(f"ema_reference_decay: the EMA reference is a moving copy of the policy; it does "
-                                 f"not combine with {name} — unset one of them")
-        if self.care_bonus and not moving:
-            raise ValueError("care_bonus: GRPO-CARE measures consistency with an EMA reference; set "
-                             "ema_reference_decay (0.995 in the paper's scripts; 1.0 keeps the reference fixed)")
+        if self.care_bonus and self.ref_strategy != "ema":
+            raise ValueError("care_bonus: GRPO-CARE measures consistency with an EMA reference; set ref_strategy: "
+                             "ema (the paper's scripts: ref_rate 0.005, ref_every 10)")
         unknown = set(self.care_args) - {"confidence_cap", "margin"}
         if unknown:
             raise ValueError(f"care_args: {sorted(unknown)} are not arguments of the bonus; it accepts "
@@ -240,7 +270,7 @@ _PREFERENCE_INPUT_KWARGS = {"chosen_lengths", "rejected_lengths", "chosen_seq_kl
 
 
 @dataclass
-class PreferenceConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
+class PreferenceConfig(ReferenceConfig, LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     """Offline preference optimization: `tether dpo --config x.yaml [--field value ...]`."""
 
     output_dir: str = "runs/dpo"
@@ -313,6 +343,16 @@ class PreferenceConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
                          ("kl_samples_per_prompt", self.kl_samples_per_prompt >= 1),
                          ("kl_max_new_tokens", self.kl_max_new_tokens >= 1)):
             check_range(name, getattr(self, name), ok, "tether dpo")
+        spec = PREFERENCE_LOSSES[self.loss]
+        if self.ref_strategy != "fixed" and not spec.uses_reference:
+            raise ValueError(f"ref_strategy: {self.loss!r} is reference-free; leave ref_strategy fixed")
+        moving = self.reference_sync().moving
+        if moving and self.loss == "longpo":
+            raise ValueError("ref_strategy: LongPO scores its reference on a short context; a moving reference is "
+                             "not supported there — use fixed or soup")
+        if moving and self.distributed == "fsdp2":
+            raise ValueError(f"ref_strategy {self.ref_strategy} reads the policy's full weights after every step; "
+                             "with distributed: fsdp2 it is not supported — use distributed: ddp")
 
 
 @dataclass
@@ -689,3 +729,82 @@ class FrontierConfig:
             check_range(name, getattr(self, name), ok, "tether frontier")
         if not (self.best_of_n or self.tilted_beta or self.dpo_beta or self.rl_beta or self.models):
             raise ValueError("nothing to measure: set best_of_n, tilted_beta, dpo_beta, rl_beta or models")
+
+
+@dataclass
+class MergeConfig:
+    """Merge model directories in weight space: `tether merge --config x.yaml` or `tether merge --models A B ...`
+    (``tether.merge``)."""
+
+    models: list[str] = field(default_factory=list)
+    """The model directories merged (safetensors; the embedded model by name), all of one architecture."""
+    method: Literal["soup", "slerp"] = "soup"
+    """soup: Σ w_i θ_i (uniform unless weights); slerp: spherical interpolation of the two task vectors θ_i − base
+    (WARP), tensor by tensor."""
+    weights: list[float] | None = None
+    """soup: one weight per model (None = uniform 1/n)."""
+    base: str | None = None
+    """The common initialization: slerp's task vectors are relative to it, LITI interpolates towards it; also
+    measured against when prompts_file is set."""
+    t: float = 0.5
+    """slerp: λ in [0, 1] (0 = the first model, 1 = the second)."""
+    eta: float = 1.0
+    """LITI (WARP): θ = (1 − η)·base + η·merged, η in [0, 1]; 1 = no interpolation."""
+    output_dir: str = "runs/merged"
+    """The merged model directory (model.safetensors, config and tokenizer of the first model) and merge_report.json."""
+    prompts_file: str | None = None
+    """Held-out prompts: the exact token-level KL(merged ‖ each input and base) on completions sampled from the
+    merged model. None = no measurement."""
+    kl_samples_per_prompt: int = 4
+    """Completions sampled per held-out prompt."""
+    kl_max_new_tokens: int = 64
+    """Length limit of those completions."""
+    batch_size: int = 16
+    """Completions generated (and scored) together."""
+    seed: int = 0
+    """Seeds the sampled completions."""
+    device: str = "cpu"
+    """Where the KL measurement runs ('cpu' or 'cuda'); the merge itself is on the CPU."""
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("models: give the model directories to merge (--models A B ...)")
+        if self.weights is not None and len(self.weights) != len(self.models):
+            raise ValueError(f"weights: {len(self.weights)} weights for {len(self.models)} models; give one per model")
+        if self.method == "slerp" and (len(self.models) != 2 or not self.base):
+            raise ValueError("method slerp merges two task vectors relative to a base: set models to two directories "
+                             "and base to their common initialization")
+        if self.weights is not None and self.method != "soup":
+            raise ValueError("weights: only method soup takes weights")
+        if self.eta != 1.0 and not self.base:
+            raise ValueError("eta: LITI interpolates towards the initialization; set base (or eta: 1)")
+        for name, ok in (("t", 0.0 <= self.t <= 1.0), ("eta", 0.0 <= self.eta <= 1.0),
+                         ("kl_samples_per_prompt", self.kl_samples_per_prompt >= 1),
+                         ("kl_max_new_tokens", self.kl_max_new_tokens >= 1), ("batch_size", self.batch_size >= 1)):
+            check_range(name, getattr(self, name), ok, "tether merge")
+
+
+@dataclass
+class DiagnoseConfig:
+    """Where did training move the weights: `tether diagnose --base A --trained B` (``tether.diagnose``)."""
+
+    base: str = "smollm2-135m-instruct"
+    """The model before training (a directory, or the embedded model by name)."""
+    trained: str = ""
+    """The trained model directory (same architecture)."""
+    output_dir: str = "runs/diagnose"
+    """Where diagnose.json and diagnose.png go."""
+    subspace_rank: int = 16
+    """k: the base's top-k singular subspaces (principal angles, the update's share outside them)."""
+    tolerance: float = 2.0 ** -9
+    """Relative tolerance of the 'below tolerance' sparsity: |ΔW_ij| ≤ tolerance·|W_ij| (default: half of bf16's
+    relative spacing)."""
+    singular_values: int = 8
+    """How many top singular values of each matrix the report lists (base and trained)."""
+
+    def __post_init__(self) -> None:
+        if not self.trained:
+            raise ValueError("trained: give the trained model directory (--trained DIR)")
+        for name, ok in (("subspace_rank", self.subspace_rank >= 1), ("tolerance", 0.0 <= self.tolerance < 1.0),
+                         ("singular_values", self.singular_values >= 1)):
+            check_range(name, getattr(self, name), ok, "tether diagnose")

@@ -35,9 +35,12 @@ the end KL(trained ‖ reference) with 95% CIs (``tether.eval.kl``); both go to 
 
 The stages are building blocks of ``tether.online_step``, composed here: what each step computes is decided once per
 run (:class:`StepPlan`); the live models, data and optimizer travel in one record (:class:`RLRun`).
-The reference can move (and is then checkpointed): ``ref_reset_every`` is ProRL's reset
-(Liu et al. 2025; ``tether.reference.reset_reference_`` also re-initializes the optimizer), ``ema_reference_decay``
-GRPO-CARE's EMA of the policy, updated every ``ema_reference_every`` optimizer steps. A*-PO (``loss: astar_po``)
+The reference is chosen by ``ref_strategy`` (``tether.reference.ReferenceSync``): fixed, a soup of model directories
+(SALSA), or moving — WARP's / GRPO-CARE's EMA anchor, ProRL's reset (which also clears the optimizer state),
+TR-DPO's soft / hard sync — updated after every ``ref_every``-th optimizer step and checkpointed with the run. A
+step's KL terms are to the reference in force at its scoring pass; an update made between the mini-batches of a
+step takes effect at the next step. Every step logs ``ref/version``, ``ref/steps_since_sync`` and ``ref/rate``
+of that reference, and ``ref/updates`` (updates made during the step). A*-PO (``loss: astar_po``)
 first estimates V*(x) of every training prompt from reference samples (``tether.rollout.reference_values``); its
 paper samples one completion per prompt and step (``group_size: 1``), a larger G gives G independent samples.
 """
@@ -61,7 +64,7 @@ from tether.losses.policy import (
 from tether.models import apply_lora, enable_gradient_checkpointing, load_model, load_tokenizer
 from tether.online_step import RLRun, StepPlan, draw, generate, targets, update  # noqa: F401  (generate: re-exported)
 from tether.recipes.configs import RLConfig
-from tether.reference import EMAReference, frozen_copy, reset_reference_
+from tether.reference import frozen_copy, soup_state
 from tether.rollout import (
     batch_metrics,
     evaluate_reward,
@@ -118,6 +121,9 @@ def setup(cfg: RLConfig, *, reward=None, train_rows: list[dict] | None = None) -
     else:
         reference = load_model(cfg.ref_model).to(cfg.device).eval() if cfg.ref_model else frozen_copy(policy)
         reference.requires_grad_(False)
+        if cfg.ref_strategy == "soup":  # SALSA: the uniform average of the given models
+            reference.load_state_dict(soup_state([load_model(d).state_dict() for d in cfg.ref_soup],
+                                                 names=list(cfg.ref_soup)))
     plan = StepPlan.of(cfg)
     teacher = None
     if plan.objective.needs("teacher_logps") and cfg.teacher_model:
@@ -156,10 +162,8 @@ def setup(cfg: RLConfig, *, reward=None, train_rows: list[dict] | None = None) -
             batch_size=cfg.sample_batch_size, progress=cfg.progress)
         if unscored:
             print(f"A*-PO: {unscored} of {len(train_rows)} prompts had no scored reference sample (V* = 0)")
-    ema = (EMAReference(cfg.ema_reference_decay, cfg.ema_reference_every)
-           if cfg.ema_reference_decay is not None else None)
     return RLRun(cfg, plan, policy, reference, teacher, tokenizer, pad, reward, train_rows, prompt_ids, eval_rows,
-                 optimizer, scheduler, kl_ctl, engine, transform, ema, values, trainable)
+                 optimizer, scheduler, kl_ctl, engine, transform, cfg.reference_sync(), values, trainable)
 
 
 def _check_distributed(cfg: RLConfig) -> None:
@@ -168,9 +172,7 @@ def _check_distributed(cfg: RLConfig) -> None:
         return
     if cfg.engine == "vllm":
         raise ValueError(f"engine: vllm with distributed: {cfg.distributed} is not supported; use engine: tether")
-    moving = (getattr(cfg, "ref_strategy", "fixed") not in ("fixed", "soup")
-              or getattr(cfg, "ema_reference_decay", None) is not None or getattr(cfg, "ref_reset_every", 0))
-    if cfg.distributed == "fsdp2" and (cfg.lora or moving):
+    if cfg.distributed == "fsdp2" and (cfg.lora or cfg.reference_sync().moving):
         raise ValueError("distributed: fsdp2 does not support lora or a reference that moves (it reads the policy's "
                          "full weights between steps); use distributed: ddp")
 
@@ -250,14 +252,13 @@ def train(cfg: RLConfig, *, reward=None) -> RLResult:
     rewards — for rewards defined in Python."""
     out_dir = start_run(cfg)
     run = setup(cfg, reward=reward)
-    moving = {"reference": run.reference} if cfg.ref_reset_every or run.ema is not None else None
+    moving = {"reference": run.reference} if run.sync.moving else None
     state = resume_or_fresh(out_dir, resume=cfg.resume, model=run.policy, optimizer=run.optimizer,
                             scheduler=run.scheduler, lora=cfg.lora, modules=moving, total=cfg.steps)
     step = 0 if state is None else state["step"]
     if state is not None:
         run.kl_ctl.value = state["extra"]["kl_coef"]
-        if run.ema is not None:
-            run.ema.steps = state["extra"]["ema_steps"]
+        run.sync.load_state_dict(state["extra"]["reference_sync"])
     log = RunLog(out_dir, total=cfg.steps, start=step, desc=cfg.loss, show=("reward", "token_kl", "loss", "entropy"),
                  finite=("loss", "token_kl", "grad_norm"), save_every=cfg.save_every, stop_after=cfg.stop_after,
                  tensorboard=cfg.tensorboard, progress=cfg.progress)
@@ -268,14 +269,12 @@ def train(cfg: RLConfig, *, reward=None) -> RLResult:
     def checkpoint() -> None:
         save_checkpoint(out_dir, step, model=run.policy, tokenizer=run.tokenizer, optimizer=run.optimizer,
                         scheduler=run.scheduler, modules=moving,
-                        extra={"kl_coef": run.kl_ctl.value, "ema_steps": run.ema.steps if run.ema else 0})
+                        extra={"kl_coef": run.kl_ctl.value, "reference_sync": run.sync.state_dict()})
 
     while step < cfg.steps:
-        row = rl_step(run, step)
+        in_force = run.sync.metrics()  # the reference this step's scoring pass uses
+        row = {**rl_step(run, step), **in_force}
         step += 1
-        if cfg.ref_reset_every and step % cfg.ref_reset_every == 0:
-            reset_reference_(run.reference, run.policy, run.optimizer)
-            row["ref_reset"] = 1.0
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and run.eval_rows and (
                 mid := _on_main(run, lambda: held_out_reward(run, run.policy))):
             row["eval_reward"] = mid["reward_mean"]

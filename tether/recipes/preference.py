@@ -7,16 +7,21 @@ What happens, in order:
 1. load the policy (embedded SmolLM2 by default, or any local HF directory), optionally wrap it with LoRA;
 2. load, validate and tokenize the preference data (``tether.data``) and print the data report;
 3. reference log-probs: for sequence-level objectives they are computed once, in one no-grad pass, by the
-   reference (a separate model, or the starting policy — the LoRA base with adapters disabled when training with
-   LoRA), cached on disk, and the reference model is freed; objectives that need the reference's full
-   distribution at every token (TDPO, Ra-DPO) keep it online;
+   reference (a separate model, the starting policy — the LoRA base with adapters disabled when training with
+   LoRA — or, with ``ref_strategy: soup``, the average of the ``ref_soup`` models), cached on disk, and the
+   reference model is freed; objectives that need the reference's full distribution at every token (TDPO, Ra-DPO)
+   keep it online. A moving reference (``ref_strategy``: ``ema``, ``reset``, ``trdpo_soft``, ``trdpo_hard``;
+   ``tether.reference.ReferenceSync``) cannot be cached — its log-probs change whenever it moves — so it is kept
+   online as a copy of the policy and every micro-batch's reference log-probs are computed in a no-grad pass
+   (one extra forward per micro-batch); it moves after every ``ref_every``-th optimizer step;
 4. the loop: AdamW, linear warm-up + schedule, gradient accumulation, gradient clipping; each micro-batch stacks
    chosen and rejected into one forward pass and computes per-token log-probs in chunks (``tether.logprobs``),
    never holding (batch, length, vocab) logits;
-5. metrics to a progress bar, ``metrics.jsonl`` and TensorBoard; atomic checkpoints; ``resume=True`` continues
-   from the newest checkpoint with exactly the trajectory of an uninterrupted run. Under torchrun
-   (``distributed: ddp`` or ``fsdp2``) each micro-batch's pairs are dealt to the ranks and the loss runs inside the
-   wrapper's forward (``tether.distributed``): the same steps as one process;
+5. metrics to a progress bar, ``metrics.jsonl`` and TensorBoard (with the reference in force at each step:
+   ``ref/version``, ``ref/steps_since_sync``, ``ref/rate``); atomic checkpoints (a moving reference with them);
+   ``resume=True`` continues from the newest checkpoint with exactly the trajectory of an uninterrupted run.
+   Under torchrun (``distributed: ddp`` or ``fsdp2``) each micro-batch's pairs are dealt to the ranks and the loss
+   runs inside the wrapper's forward (``tether.distributed``): the same steps as one process;
 6. the final model (HF format) in ``<output_dir>/final``, and — when ``eval_prompts_file`` is set — the exact KL
    to the reference measured on held-out prompts (``tether.eval.kl``).
 
@@ -50,7 +55,7 @@ from tether.models import (
     load_tokenizer,
 )
 from tether.recipes.configs import PreferenceConfig
-from tether.reference import frozen_copy, reference_context
+from tether.reference import ReferenceSync, frozen_copy, reference_context, soup_state
 from tether.sampling import render_prompts
 from tether.training import (
     RunLog,
@@ -142,7 +147,8 @@ def _cached_reference(cfg: PreferenceConfig, examples, ref, tokenizer, out_dir: 
     if cfg.loss in SHORT_CONTEXT_REFERENCE:
         examples = _short_context_examples(cfg, examples, tokenizer)
     path = out_dir / "reference_logps.safetensors"
-    fingerprint = _examples_fingerprint(examples, str(cfg.ref_model or cfg.model))
+    ref_name = "soup:" + "|".join(cfg.ref_soup) if cfg.ref_strategy == "soup" else str(cfg.ref_model or cfg.model)
+    fingerprint = _examples_fingerprint(examples, ref_name)
     if path.exists():
         cached = load_file(path)
         if cached["fingerprint"].tolist() == list(bytes.fromhex(fingerprint)):
@@ -257,20 +263,25 @@ def _micro_batches(n_examples: int, cfg: PreferenceConfig, order: list[int] | No
     return batches
 
 
-def _reference(cfg: PreferenceConfig, spec, policy, examples, tokenizer, out_dir: Path):
+def _reference(cfg: PreferenceConfig, spec, policy, examples, tokenizer, out_dir: Path, sync: ReferenceSync):
     """``(reference model or None, cached (N, 2) summed reference log-probs or None, KTO's cached mismatched-pair
     log-probs or None)``. The reference is the starting policy unless ``ref_model`` names another model: the policy
     itself scores the cache before its first update (no copy in memory); objectives that need the reference online
-    get a frozen copy (or, with LoRA, the base model with adapters disabled — no copy either)."""
+    get a frozen copy (or, with LoRA, the base model with adapters disabled — no copy either). ``ref_strategy: soup``
+    makes it the average of the ``ref_soup`` models; a moving reference is a frozen copy kept online, never
+    cached."""
     if not spec.uses_reference:
         return None, None, None
     if cfg.ref_model is not None:
         ref = load_model(cfg.ref_model).to(cfg.device)
-    elif spec.full_vocab and not cfg.lora:
+    elif cfg.ref_strategy == "soup":  # SALSA: the uniform average of the given models
+        ref = frozen_copy(policy)
+        ref.load_state_dict(soup_state([load_model(d).state_dict() for d in cfg.ref_soup], names=list(cfg.ref_soup)))
+    elif (spec.full_vocab or sync.moving) and not cfg.lora:
         ref = frozen_copy(policy)
     else:
         ref = policy  # the starting weights (checkpoints are loaded only after this step), or LoRA's base
-    if spec.full_vocab:
+    if spec.full_vocab or sync.moving:
         return ref, None, None
     ref_logps, kl_ref_logps = _cached_reference(cfg, examples, ref, tokenizer, out_dir,
                                                 need_kl_pairs="kl_reference" in spec.needs)
@@ -286,6 +297,7 @@ def _accumulate(trainable: Trainable, micro: list[list[int]], *, cfg: Preference
     sum over the step's pairs times W, which DDP / FSDP2 average back to the mean over the step's pairs."""
     world = trainable.dist.world
     n_pairs = sum(len(m) for m in micro)
+    live = ref is not None and not PREFERENCE_LOSSES[cfg.loss].full_vocab  # a moving reference, scored per batch
     sums: dict[str, float] = {}
     n_tokens = 0
     for k_micro, rows in enumerate(micro):
@@ -293,11 +305,17 @@ def _accumulate(trainable: Trainable, micro: list[list[int]], *, cfg: Preference
         batch = _on(collate_preference([examples[i] for i in idx], pad), cfg.device)
         kl_batch = (_on(collate_preference([kl_examples[i] for i in idx], pad), cfg.device)
                     if kl_examples is not None else None)
+        step_ref, step_kl_ref = (None if ref_logps is None else ref_logps[idx].to(cfg.device),
+                                 None if kl_ref_logps is None else kl_ref_logps[idx].to(cfg.device))
+        if live:  # the reference in force now: its log-probs on this micro-batch, one no-grad pass
+            score = dict(pad_token_id=pad, batch_size=len(idx), chunk_size=cfg.chunk_size)
+            step_ref = reference_logps(ref, [examples[i] for i in idx], **score).to(cfg.device)
+            if kl_examples is not None:
+                step_kl_ref = reference_logps(ref, [kl_examples[i] for i in idx], **score)[:, 0].to(cfg.device)
         with trainable.sync(k_micro == len(micro) - 1):  # gradients are reduced once, after the last micro-batch
             loss, metrics = trainable(
-                preference_step, batch, cfg=cfg, ref_model=ref,
-                ref_logps=None if ref_logps is None else ref_logps[idx].to(cfg.device),
-                kl_batch=kl_batch, kl_ref_logps=None if kl_ref_logps is None else kl_ref_logps[idx].to(cfg.device))
+                preference_step, batch, cfg=cfg, ref_model=None if live else ref, ref_logps=step_ref,
+                kl_batch=kl_batch, kl_ref_logps=step_kl_ref)
             release_freed_memory()  # lower peak RSS: the backward pass is where the gradients appear
             (loss.sum() * (weight * world / n_pairs)).backward()
         for k, v in metrics.items():
@@ -329,8 +347,12 @@ def train(cfg: PreferenceConfig) -> TrainResult:
     print(report.summary())
     order = curriculum_order(examples, key=cfg.curriculum_key, seed=cfg.seed) if cfg.curriculum_key else None
 
-    # 3. Reference: summed log-probs computed once and cached, or a model kept online (full-vocabulary objectives).
-    ref, ref_logps, kl_ref_logps = _reference(cfg, spec, policy, examples, tokenizer, out_dir)
+    # 3. Reference: summed log-probs computed once and cached, or a model kept online (full-vocabulary objectives,
+    #    a moving reference).
+    sync = cfg.reference_sync()
+    print(f"reference: {cfg.ref_strategy}" + (f" (rate {sync.rate}, every {sync.every} optimizer steps)"
+                                               if sync.moving else ""))
+    ref, ref_logps, kl_ref_logps = _reference(cfg, spec, policy, examples, tokenizer, out_dir, sync)
     kl_examples = _kl_pairs(examples) if "kl_reference" in spec.needs else None
 
     # 4. The policy as the loop trains it (DDP / FSDP2 under torchrun), optimizer, schedule, resume.
@@ -345,9 +367,12 @@ def train(cfg: PreferenceConfig) -> TrainResult:
                                contiguous_state=not distributed.is_sharded(policy))
     scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=int(cfg.warmup_ratio * total_steps),
                                total_steps=total_steps)
+    moving = {"reference": ref} if sync.moving and ref is not None else None
     state = resume_or_fresh(out_dir, resume=cfg.resume, model=policy, optimizer=optimizer, scheduler=scheduler,
-                            lora=cfg.lora, total=total_steps)
+                            lora=cfg.lora, modules=moving, total=total_steps)
     step = 0 if state is None else state["step"]
+    if state is not None and "reference_sync" in state["extra"]:
+        sync.load_state_dict(state["extra"]["reference_sync"])
     log = RunLog(out_dir, total=total_steps, start=step, desc=cfg.loss,
                  show=("loss", "margin", "accuracy", "logratio", "token_kl"), finite=("loss", "grad_norm"),
                  save_every=cfg.save_every, stop_after=cfg.stop_after, tensorboard=cfg.tensorboard,
@@ -355,7 +380,7 @@ def train(cfg: PreferenceConfig) -> TrainResult:
 
     def checkpoint() -> None:
         save_checkpoint(out_dir, step, model=policy, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                        extra={"total_steps": total_steps})
+                        modules=moving, extra={"total_steps": total_steps, "reference_sync": sync.state_dict()})
 
     # 5. The loop: each optimizer step accumulates grad_accum micro-batches; the loss is the mean over its pairs.
     t_start = time.perf_counter()
@@ -364,6 +389,9 @@ def train(cfg: PreferenceConfig) -> TrainResult:
         row = _accumulate(trainable, micro, cfg=cfg, examples=examples, kl_examples=kl_examples,
                           pad=tokenizer.pad_token_id, ref=ref, ref_logps=ref_logps, kl_ref_logps=kl_ref_logps)
         grad_norm = optimizer_step(policy, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm, step=step + 1)
+        row.update(sync.metrics())  # the reference this step's loss was computed against
+        if sync.moving:  # θ_ref ← (1−r)·θ_ref + r·θ after every ref_every-th step (reset: optimizer state cleared)
+            row["ref/updates"] = float(sync.step(ref, policy, optimizer))
         step += 1
         row.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])
         if log.end_step(step, row, checkpoint=checkpoint):
