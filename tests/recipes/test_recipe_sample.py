@@ -103,3 +103,21 @@ def test_config_errors_name_the_field():
         SampleConfig(beta=[0.0])
     with pytest.raises(ValueError, match="reward_models"):
         SampleConfig(reward_models=["a", "b"])
+    with pytest.raises(ValueError, match="exclude"):
+        SampleConfig(exclude=["a", ""])
+
+
+def test_exclusion_is_applied_and_its_kl_cost_reported(tiny_dir, prompts, tmp_path, capsys):
+    """``exclude: [e]`` on the byte-level tiny model: no candidate contains "e" (its byte token is banned at every
+    step), and the report's intervention_kl is the mean over prompts of each prompt's mean per-draw cost, which is
+    > 0 exactly (every step removes the mass −log(1 − p(e)) > 0 of a random model)."""
+    cfg = config(tiny_dir, prompts, tmp_path / "out", methods=["plain", "best_of_n"], n=[2], base_samples=1,
+                 exclude=["e"])
+    report = run(cfg)
+    texts = [r["completion"] for r in read_jsonl(tmp_path / "out" / "candidates.jsonl")]
+    assert len(texts) == 5 * 3 and not any("e" in t for t in texts)
+    cost = report["intervention_kl"]
+    assert cost["kind"] == "exact" and cost["mean"] > 0 and cost["ci95_halfwidth"] >= 0 and cost["exclusions"] > 0
+    assert "exclusion's KL cost" in capsys.readouterr().out
+    plain = run(config(tiny_dir, prompts, tmp_path / "plain", methods=["plain"], n=[2], base_samples=1))
+    assert "intervention_kl" not in plain

@@ -48,16 +48,18 @@ class Candidates:
 
 def draw_candidates(model, tokenizer, rows: Sequence[dict], reward: Callable, *, n: int, base_samples: int,
                     max_new_tokens: int, temperature: float = 1.0, seed: int = 0, batch_size: int = 64,
-                    use_chat_template: bool = True, progress: bool = False) -> Candidates:
+                    use_chat_template: bool = True, progress: bool = False, processors: Sequence = ()) -> Candidates:
     """Sample n + ``base_samples`` completions of every row's prompt in one ``tether.sampling.sample`` call (batched
-    across prompts; seeded) and score each with ``reward`` (``tether.rollout.score_completions``)."""
+    across prompts; seeded) and score each with ``reward`` (``tether.rollout.score_completions``). ``processors``:
+    logits processors of the sampler (token exclusion, a constraint); the candidates then come from the processed
+    sampler and ``done.kl_cost`` holds each draw's KL cost of them."""
     if n < 1 or base_samples < 0 or not temperature > 0:
         raise ValueError(f"draw_candidates: need n ≥ 1, base_samples ≥ 0 and temperature > 0, got n={n}, "
                          f"base_samples={base_samples}, temperature={temperature}")
     per = n + base_samples
     prompt_ids = render_prompts(tokenizer, [r["prompt"] for r in rows], use_chat_template=use_chat_template)
     done = sample(model, tokenizer, prompt_ids, n=per, max_new_tokens=max_new_tokens, temperature=temperature,
-                  seed=seed, batch_size=batch_size, progress=progress, desc="candidates")
+                  seed=seed, batch_size=batch_size, progress=progress, desc="candidates", processors=processors)
     raw = score_completions(reward, rows, done)
     P = len(rows)
     rewards = torch.tensor([0.0 if v is None else float(v) for v in raw], dtype=torch.float64).view(P, per)

@@ -612,6 +612,11 @@ class SampleConfig:
     """Length limit of every completion (a cut completion is an outcome of its own; counted)."""
     temperature: float = 1.0
     """Sampling temperature: π_ref is the model at this temperature."""
+    exclude: list[str] = field(default_factory=list)
+    """Strings the candidates must not contain as the tokenizer spells them (token exclusion, (G)I-DLE:
+    ``tether.sampling.exclusion.Exclude.from_strings``, with and without a leading space). The candidates then come
+    from the excluded sampler (the methods' KL figures are to it), and the report adds the exclusion's own exact KL
+    cost to the model, ``intervention_kl`` (nats per draw, mean ± 95% CI over prompts)."""
     batch_size: int = 64
     """Completions generated together."""
     seed: int = 0
@@ -635,6 +640,8 @@ class SampleConfig:
         if "qprobe" in self.methods and not (self.qprobe or self.qprobe_train_file):
             raise ValueError("methods: qprobe needs a trained probe (qprobe: path) or prompts to train one on "
                              "(qprobe_train_file)")
+        if any(not s for s in self.exclude):
+            raise ValueError(f"exclude: an empty string bans nothing; remove it from {self.exclude!r}")
         for name, ok in (("n", bool(self.n) and all(k >= 1 for k in self.n)),
                          ("tau", bool(self.tau) and all(t >= 0 for t in self.tau)),
                          ("beta", bool(self.beta) and all(b > 0 for b in self.beta)),

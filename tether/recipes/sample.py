@@ -8,7 +8,10 @@ method to the base policy and how each KL figure was obtained.
    of the sampled law), the prompt rows and the reward (rule rewards by name, reward models, or an ensemble of
    them: ``tether.inference.ensemble``).
 2. **Candidates.** max(n) candidates plus ``base_samples`` independent base draws per prompt, in one batched, seeded
-   sampling call, each scored once (``tether.inference.candidates``).
+   sampling call, each scored once (``tether.inference.candidates``). With ``exclude``, the sampler bans those
+   strings ((G)I-DLE token exclusion, ``tether.sampling.exclusion``): the candidates, and so π_ref of the methods'
+   KL figures, are then the excluded sampler's, and the exclusion's own exact KL cost to the model is reported
+   (``intervention_kl``: each draw's summed next-token KL, ``Completions.kl_cost``; mean ± 95% CI over prompts).
 3. **Q-probe** (only with method ``qprobe``). A probe loaded from ``qprobe``, or trained on the candidates of
    ``qprobe_train_file``'s prompts (from their rewards, or from best-vs-worst preferences) and saved; then its
    values on the candidates (``tether.inference.qprobe``).
@@ -36,6 +39,8 @@ from tether.inference.ensemble import EnsembleReward
 from tether.inference.qprobe import QProbe, completion_features, fit_qprobe_preferences, fit_qprobe_rewards
 from tether.models import load_model, load_tokenizer
 from tether.recipes.configs import SampleConfig
+from tether.sampling.exclusion import Exclude
+from tether.sampling.sampler import kl_cost_summary
 from tether.training import start_run
 
 TAU_METHODS, BETA_METHODS = ("soft_best_of_n", "qprobe"), ("tilted", "rejection")
@@ -174,10 +179,11 @@ def run(cfg: SampleConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model).to(cfg.device).eval()
     reward = build_sample_reward(cfg)
+    exclude = [Exclude.from_strings(tokenizer, phrases=cfg.exclude)] if cfg.exclude else []
 
     cands = draw_candidates(model, tokenizer, rows, reward, n=max(cfg.n), base_samples=cfg.base_samples,
                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                            batch_size=cfg.batch_size, progress=cfg.progress)
+                            batch_size=cfg.batch_size, progress=cfg.progress, processors=exclude)
     q = qprobe_values(cfg, model, tokenizer, reward, cands, out_dir) if "qprobe" in cfg.methods else None
     results = [run_setting(cfg, cands, m, n, p, k, q) for k, (m, n, p) in enumerate(settings(cfg))]
 
@@ -188,10 +194,22 @@ def run(cfg: SampleConfig) -> dict:
               "no_opinion_draws": int((~cands.scored).sum()),
               "cut_at_max_new_tokens": sum(not f for f in cands.done.finished),
               "results": summaries, "seconds": time.perf_counter() - t0}
+    cost = kl_cost_summary(cands.done)
+    if cost:  # the sampler ran processors (exclude): what they cost against the model, per draw
+        report["intervention_kl"] = {"kind": "exact", "mean": cost["intervention_kl"],
+                                     "ci95_halfwidth": cost["intervention_kl_ci95"],
+                                     "exclusions": exclude[0].removed,
+                                     "how": "Σ_t KL(q_t ‖ p_t) per draw, q_t the excluded law and p_t the model's, "
+                                            "both at the sampling temperature; mean over prompts of the per-prompt "
+                                            "mean, normal 95% CI"}
     (out_dir / "sample_report.json").write_text(json.dumps(report, indent=2))
     print(f"{len(rows)} prompts × ({max(cfg.n)} candidates + {cfg.base_samples} base draws); "
           f"{report['cut_at_max_new_tokens']} draws cut at {cfg.max_new_tokens} tokens, "
           f"{report['no_opinion_draws']} without a reward opinion")
+    if cost:
+        print(f"exclusion's KL cost to the model (exact, per draw): {cost['intervention_kl']:.4f} ± "
+              f"{cost['intervention_kl_ci95']:.4f} nats; a banned continuation was removed at "
+              f"{exclude[0].removed} (draw, step) pairs")
     print(format_table(summaries))
     print(f"report: {out_dir / 'sample_report.json'}, completions: {out_dir / 'samples.jsonl'} "
           f"({report['seconds']:.0f} s)")
