@@ -25,6 +25,8 @@ commands:
   sample       best-of-N, soft best-of-N, tilted / rejection sampling, Q-probe: rewards, win rate, KL to the base
   distill      distill a teacher into a student (forward / reverse KL, JSD, skew KL, AKL …; off-/on-policy)
   frontier     reward vs KL(π ‖ π_ref) of best-of-N, tilting, DPO / RL runs and saved models, one evaluator, cached
+  merge        merge model directories in weight space (soups, SLERP of task vectors, LITI) + KL to each input
+  diagnose     where training moved the weights: per-matrix update norm, sparsity, spectral drift, off-principal share
 
 `tether <command> --help` shows every field of that command's config."""
 
@@ -51,11 +53,25 @@ def _run_frontier(cfg):
     return run(cfg)
 
 
+def _run_merge(cfg):
+    from tether.merge import run
+
+    return run(cfg)
+
+
+def _run_diagnose(cfg):
+    from tether.diagnose import run
+
+    return run(cfg)
+
+
 def _commands():
     from tether.recipes.configs import (
+        DiagnoseConfig,
         DistillConfig,
         FrontierConfig,
         KLConfig,
+        MergeConfig,
         PreferenceConfig,
         QuickstartConfig,
         RLConfig,
@@ -68,7 +84,8 @@ def _commands():
 
     return {"quickstart": (QuickstartConfig, run), "dpo": (PreferenceConfig, train), "rl": (RLConfig, train_rl),
             "kl": (KLConfig, _run_kl), "sample": (SampleConfig, sample),
-            "distill": (DistillConfig, _run_distill), "frontier": (FrontierConfig, _run_frontier)}
+            "distill": (DistillConfig, _run_distill), "frontier": (FrontierConfig, _run_frontier),
+            "merge": (MergeConfig, _run_merge), "diagnose": (DiagnoseConfig, _run_diagnose)}
 
 
 def load_config(cls, path: str | Path | None, overrides: list[str], prog: str):
