@@ -53,6 +53,9 @@ def tiny_overrides(command: str, model: str, out: Path) -> dict:
                "output": out / "kl_report.json"},
         "sample": {"model": model, "output_dir": out, "n": 2, "base_samples": 1, "max_new_tokens": 6,
                    "progress": False},
+        # two copies of the tiny model (identical task vectors: SLERP's linear limit), KL on 1 sample of 4 tokens
+        "merge": {"models": [model, model], "base": model, "output_dir": out, "kl_samples_per_prompt": 1,
+                  "kl_max_new_tokens": 4},
     }
     assert command in table, f"no tiny overrides for `tether {command}`: add them to tiny_overrides in {__file__}"
     cls = _commands()[command][0]
@@ -155,6 +158,11 @@ def test_every_config_runs_tiny_through_the_cli(config, tiny_dir, tmp_path, caps
         assert _n_rows(out / "dpo" / "metrics.jsonl") == len(report["train_metrics"])
         assert (out / "dpo" / "final" / "model.safetensors").is_file()
         assert report["kl"]["completions"] == 2 * 1
+    elif command == "merge":  # every input is the same model: the merge is that model, at KL 0 to each input
+        report = json.loads((out / "merge_report.json").read_text())
+        assert (out / "model.safetensors").is_file()
+        assert set(report["kl_to"]) == {str(values["models"][0]), "base:" + str(values["base"])}
+        assert all(r["token_kl"]["mean"] == 0.0 for r in report["kl_to"].values())
     elif command == "kl":
         report = json.loads((out / "kl_report.json").read_text())
         n_prompts = _n_rows(data["prompts_file"])
