@@ -44,8 +44,12 @@ def _report(name, got, want, atol):
         raise AssertionError(f"{name}: {int(bad.sum())} mismatches, first at {idx}: {got[bad][:5]} vs {want[bad][:5]}")
 
 
-def _both(divergence, chunk_size, temperature=1.3, with_bias=True, dtype=torch.float32, seed=0):
+def _both(divergence, chunk_size, temperature=1.3, with_bias=True, dtype=torch.float32, seed=0, uniform=None):
+    """``uniform``: an upstream gradient equal at every position (the value), the case whose weight gradient comes
+    from the forward pass; None: a different upstream at every position (the recomputing backward)."""
     hidden, weight, bias, teacher, upstream = _inputs(seed, dtype=dtype)
+    if uniform is not None:
+        upstream = torch.full_like(upstream, uniform)
     params = (hidden, weight, bias) if with_bias else (hidden, weight)
     kw = dict(divergence=divergence, student_bias=bias if with_bias else None, temperature=temperature,
               **teacher, **HYPER[divergence])
@@ -146,6 +150,35 @@ class _LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+@pytest.mark.parametrize("uniform", [1.0, 1 / 7])
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+@pytest.mark.parametrize("divergence", sorted(set(DIVERGENCES) - COUPLED_DIVERGENCES))
+def test_chunked_matches_plain_with_uniform_upstream(divergence, chunk_size, uniform):
+    """The common case (a sum or token mean of the divergence): the weight and bias gradients are the ones the
+    forward pass accumulated, scaled once."""
+    chunked, plain, grads_c, grads_p = _both(divergence, chunk_size, uniform=uniform)
+    _report(f"{divergence} value", chunked, plain, 1e-5)
+    for name, gc, gp in zip(("hidden", "weight", "bias"), grads_c, grads_p):
+        _report(f"{divergence} grad {name}", gc, gp, 1e-5)
+
+
+@pytest.mark.parametrize("first_uniform", [True, False])
+def test_second_backward_through_retained_graph_recomputes(first_uniform):
+    """A second backward (retain_graph) cannot reuse the forward's gradients (the first consumed them): it
+    recomputes, and both passes give the plain twin's gradients, whatever the upstream of each."""
+    hidden, weight, bias, teacher, upstream = _inputs(7)
+    kw = dict(divergence="generalized_jsd", student_bias=bias, **teacher, **HYPER["generalized_jsd"])
+    params = (hidden, weight, bias)
+    out = head_divergence(hidden, weight, chunk_size=4, **kw)
+    plain = head_divergence_plain(hidden, weight, **kw)
+    first = torch.ones_like(upstream) if first_uniform else upstream
+    for up in (first, upstream if first_uniform else torch.ones_like(upstream)):
+        got = torch.autograd.grad((out * up).sum(), params, retain_graph=True)
+        want = torch.autograd.grad((plain * up).sum(), params, retain_graph=True)
+        for name, gc, gp in zip(("hidden", "weight", "bias"), got, want):
+            _report(f"grad {name}", gc, gp, 1e-5)
 
 
 @pytest.mark.parametrize("divergence", sorted(set(DIVERGENCES) - COUPLED_DIVERGENCES))

@@ -4,11 +4,16 @@ Distilling at every response position needs the student's and the teacher's full
 N = 8 × 512 positions at SmolLM2's V = 49,152 that is 200M floats per model (800 MB in fp32), and autograd through a
 divergence keeps several such tensors for the backward pass. :func:`head_divergence` takes the final hidden states
 instead and walks over the positions ``chunk_size`` rows at a time: ``_ChunkedHeadDivergence`` (a custom autograd
-function) saves only its inputs, computes one chunk of student and teacher logits at a time in forward, and
-recomputes them chunk by chunk in backward, where it differentiates the divergence with respect to that chunk's
-logits and accumulates the gradients of the hidden states, the (V, H) head weight and the bias. Peak extra memory is
-O(chunk_size · V) — one chunk's logits and the divergence's intermediates on them — independent of N. The forward
-pass of the student's head therefore runs twice (once more in backward), the price of not storing logits.
+function) computes one chunk of student and teacher logits at a time, differentiates the divergence with respect to
+that chunk's logits right away (each position's value depends on its own logits only) and accumulates the gradients
+of the hidden states, the (V, H) head weight and the bias for an upstream gradient of ones. Backward scales them:
+the hidden-state rows by their own upstream gradient, the weight and bias by the common factor when the upstream
+gradient is the same at every position (a sum or token mean of the divergence, as the recipes take); for any other
+upstream gradient it recomputes the logits chunk by chunk for the weight and bias gradients. Peak extra memory is
+O(chunk_size · V) — one chunk's logits and the divergence's intermediates on them — plus one (V, H) weight gradient
+held from forward to backward, independent of N. The common case costs what the plain path costs: two head
+products in forward (student, teacher) and two for the gradients; the gradient work is done even if backward never
+runs.
 
 :func:`head_divergence_plain` is the naive twin on full logits; the two agree forward and backward to fp32 1e-5
 (``tests/test_head_divergence.py``). The chunked path does not support double backward.
@@ -83,38 +88,85 @@ def _chunks(n: int, chunk_size: int) -> list[slice]:
 
 
 class _ChunkedHeadDivergence(torch.autograd.Function):
-    """divergence(h·Wᵀ + b, h_t·W_tᵀ + b_t) per row, logits built and rebuilt one chunk at a time (see module doc)."""
+    """divergence(h·Wᵀ + b, h_t·W_tᵀ + b_t) per row, logits built one chunk at a time (see module doc).
+
+    The forward pass also differentiates each chunk (``unit`` gradients: those of ``values.sum()``), because every
+    row's value depends on its own logits only. The backward pass then scales them by the upstream gradient: the
+    hidden-state gradient row by row (exact for any upstream), the head weight and bias gradients by one factor when
+    the upstream gradient is the same for every row (a sum or token mean of the values — what the recipes do). Any
+    other upstream gradient, or a second backward through a retained graph, recomputes the logits chunk by chunk
+    (:meth:`_recompute`) for the weight and bias gradients."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, th, tweight, tbias, fn, chunk_size, temperature, hyperparameters):
         ctx.save_for_backward(h, weight, bias, th, tweight, tbias)
         ctx.fn, ctx.chunk_size, ctx.temperature, ctx.hyperparameters = fn, chunk_size, temperature, hyperparameters
-        return torch.cat([fn(F.linear(h[sl], weight, bias), F.linear(th[sl], tweight, tbias), temperature=temperature,
-                             **hyperparameters) for sl in _chunks(h.shape[0], chunk_size)])
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        unit_h = torch.empty_like(h) if need_h else None
+        unit_w = torch.zeros_like(weight) if need_w else None
+        unit_b = torch.zeros_like(bias) if need_b else None
+        values = []
+        for sl in _chunks(h.shape[0], chunk_size):
+            g, v = _chunk_grad(h[sl], weight, bias, th[sl], tweight, tbias, fn, temperature, hyperparameters, None)
+            values.append(v)
+            _accumulate(g, h[sl], weight, sl, unit_h, unit_w, unit_b)
+        ctx.unit = (unit_h, unit_w, unit_b)
+        return torch.cat(values)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        unit, ctx.unit = ctx.unit, None  # consumed: a second backward (retain_graph) recomputes
+        if unit is None:
+            return (*_ChunkedHeadDivergence._recompute(ctx, grad_out, need_h=True), *(None,) * 7)
+        unit_h, unit_w, unit_b = unit
+        grad_h = unit_h.mul_(grad_out[:, None].to(unit_h.dtype)) if unit_h is not None else None
+        if unit_w is None and unit_b is None:
+            return grad_h, None, None, *(None,) * 7
+        scale = grad_out[0] if grad_out.numel() else grad_out.new_zeros(())
+        if bool((grad_out == scale).all()):
+            grad_w = unit_w.mul_(scale.to(unit_w.dtype)) if unit_w is not None else None
+            grad_b = unit_b.mul_(scale.to(unit_b.dtype)) if unit_b is not None else None
+        else:
+            del unit
+            _, grad_w, grad_b = _ChunkedHeadDivergence._recompute(ctx, grad_out, need_h=False)
+        return grad_h, grad_w, grad_b, *(None,) * 7
+
+    @staticmethod
+    def _recompute(ctx, grad_out, *, need_h: bool):
+        """Gradients for an arbitrary upstream ``grad_out``, logits recomputed chunk by chunk."""
         h, weight, bias, th, tweight, tbias = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_h = need_h and ctx.needs_input_grad[0]
+        need_w, need_b = ctx.needs_input_grad[1:3]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros_like(bias) if need_b else None
         for sl in _chunks(h.shape[0], ctx.chunk_size):
-            h_c = h[sl]
-            z = F.linear(h_c, weight, bias).requires_grad_()
-            teacher_z = F.linear(th[sl], tweight, tbias)
-            with torch.enable_grad():
-                values = ctx.fn(z, teacher_z, temperature=ctx.temperature, **ctx.hyperparameters)
-                (g,) = torch.autograd.grad(values, z, grad_out[sl])
-            del z, teacher_z, values
-            if need_h:
-                torch.mm(g, weight, out=grad_h[sl])
-            if need_w:
-                grad_w.addmm_(g.t(), h_c)
-            if need_b:
-                grad_b += g.sum(0)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+            g, _ = _chunk_grad(h[sl], weight, bias, th[sl], tweight, tbias, ctx.fn, ctx.temperature,
+                               ctx.hyperparameters, grad_out[sl])
+            _accumulate(g, h[sl], weight, sl, grad_h, grad_w, grad_b)
+        return grad_h, grad_w, grad_b
+
+
+def _chunk_grad(h_c, weight, bias, th_c, tweight, tbias, fn, temperature, hyperparameters,
+                upstream: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One chunk: (∂(Σ_i upstream_i · values_i)/∂logits, values); ``upstream`` None means all ones."""
+    z = F.linear(h_c, weight, bias).requires_grad_()
+    teacher_z = F.linear(th_c, tweight, tbias)
+    with torch.enable_grad():
+        values = fn(z, teacher_z, temperature=temperature, **hyperparameters)
+        (g,) = torch.autograd.grad(values, z, torch.ones_like(values) if upstream is None else upstream)
+    return g, values.detach()
+
+
+def _accumulate(g: Tensor, h_c: Tensor, weight: Tensor, sl: slice, grad_h, grad_w, grad_b) -> None:
+    """Chain rule through the chunk's head: rows of grad_h, and the chunk's share of grad_w and grad_b."""
+    if grad_h is not None:
+        torch.mm(g, weight, out=grad_h[sl])
+    if grad_w is not None:
+        grad_w.addmm_(g.t(), h_c)
+    if grad_b is not None:
+        grad_b += g.sum(0)
 
 
 def head_divergence(
