@@ -49,3 +49,30 @@ def test_readme_main_job_runs_at_tiny_scale(tmp_path):
     assert report["pairs"] >= 1
     assert (out / "quickstart.png").stat().st_size > 1000
     assert "held-out rule reward" in proc.stdout
+
+
+def test_readme_merge_and_diagnose_commands_run_at_tiny_scale(tmp_path):
+    """The two commands of the README's merging section, through the installed entry point, on tiny models: the
+    README's flags as written, then the model directories and outputs replaced (a flag given twice takes its last
+    value)."""
+    from tether.testing import make_tiny_model_dir
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Reference strategies, merging and update diagnostics", 1)[1].split("\n## ", 1)[0]
+    merge, diagnose = [shlex.split(line.strip()) for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+                       for line in block.splitlines() if line.strip()]
+    assert merge[:2] == ["tether", "merge"] and diagnose[:2] == ["tether", "diagnose"]
+    a, b, c = (str(make_tiny_model_dir(tmp_path / f"m{s}", seed=s)) for s in range(3))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tiny = {"merge": ["--models", b, c, "--base", a, "--output_dir", str(tmp_path / "merged"),
+                      "--kl_samples_per_prompt", "1", "--kl_max_new_tokens", "4"],
+            "diagnose": ["--base", a, "--trained", str(tmp_path / "merged"), "--output_dir", str(tmp_path / "diag"),
+                         "--subspace_rank", "4"]}
+    for argv in (merge, diagnose):
+        proc = subprocess.run([sys.executable, "-m", "tether", *argv[1:], *tiny[argv[1]]], capture_output=True,
+                              text=True, timeout=600, env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert set(report["kl_to"]) == {b, c, "base:" + a} and report["eta"] == 0.3
+    assert json.loads((tmp_path / "diag" / "diagnose.json").read_text())["matrices"]
+    assert (tmp_path / "diag" / "diagnose.png").stat().st_size > 1000
