@@ -1,20 +1,22 @@
 """Weight-space merging of Hugging Face model directories, with the exact KL of the result to each input.
 
-    tether merge --config configs/merge_slerp.yaml [--method soup --models A B C --weights 0.5 0.3 0.2 ...]
+    tether merge --config configs/merge_warp.yaml [--method soup --models A B C --weights 0.5 0.3 0.2 ...]
 
 Every input is a model directory (safetensors; the embedded model by name); the output is a model directory
 (``model.safetensors``, the first input's config and tokenizer). Methods, on the flat weights θ of each tensor:
 
 * ``soup`` — θ = Σ_i w_i·θ_i, uniform w_i = 1/n unless ``weights`` are given (model soups, Wortsman et al. 2022;
   SALSA's reference, Chegini et al. 2024). The averaging is ``tether.reference.soup_state``.
-* ``slerp`` — spherical interpolation of two task vectors δ_i = θ_i − θ_base (WARP, Ramé et al. 2024, §3 "SLERP"):
-  with Ω the angle between δ_1 and δ_2,
+* ``slerp`` — spherical interpolation of two task vectors δ_i = θ_i − θ_base (WARP, Ramé et al. 2024,
+  arXiv:2406.16768): with Ω the angle between δ_1 and δ_2,
   θ = θ_base + sin((1 − λ)Ω)/sin Ω · δ_1 + sin(λΩ)/sin Ω · δ_2.
   Orthogonal task vectors of equal norm at λ = ½ get √½ each (norm kept; a linear average would give ½ each and
-  shrink the merged update by √2). Applied tensor by tensor (Ω per tensor), as WARP's per-layer merge and mergekit
-  do; a tensor whose task vectors are (anti)parallel or zero, where Ω is undefined or sin Ω ≈ 0, is merged
-  linearly (1 − λ)·δ_1 + λ·δ_2 — the limit of the formula as Ω → 0 — and counted in the report.
-* then, for any method, ``eta`` — LITI, "linear interpolation towards the initialization" (WARP, §3):
+  shrink the merged update by √2). Applied tensor by tensor (Ω per tensor, as mergekit's SLERP does; whether WARP
+  takes one angle over the whole model or one per layer is not checked here — a possible departure). A tensor
+  whose task vectors are zero or (anti)parallel (sin Ω < 1e-6) is merged linearly, (1 − λ)·δ_1 + λ·δ_2: for
+  parallel vectors that is the formula's limit as Ω → 0; for antiparallel ones the formula has no limit and the
+  linear average is a choice. Such tensors are counted in the report.
+* then, for any method, ``eta`` — WARP's LITI, "linear interpolation towards the initialization":
   θ_η = (1 − η)·θ_base + η·θ. η = 1 leaves θ unchanged, η = 0 returns the base.
 
 Refused with a one-line error naming the directories and the tensor: different tensor names or shapes (models of
@@ -97,8 +99,8 @@ def merge_states(method: str, states: list[dict[str, Tensor]], names: list[str],
     """The merged state dict of ``states`` (named ``names`` in errors) and a report of how it was formed."""
     check_same_tensors(states + ([base] if base is not None else []), names + (["base"] if base is not None else []))
     if method == "soup":
-        merged, detail = soup_state(states, weights, names=names), {"weights": weights or [1 / len(states)] * len(
-            states)}
+        weights = weights if weights is not None else [1.0 / len(states)] * len(states)
+        merged, detail = soup_state(states, weights, names=names), {"weights": weights}
     elif method == "slerp":
         if len(states) != 2 or base is None:
             raise ValueError(f"method slerp merges the task vectors of exactly 2 models relative to a base; got "
@@ -107,7 +109,7 @@ def merge_states(method: str, states: list[dict[str, Tensor]], names: list[str],
         merged, detail = slerp(base, states[0], states[1], t)
         omegas = [d["omega"] for d in detail["tensors"].values() if not math.isnan(d["omega"])]
         detail = {"t": t, "linear_fallback_tensors": detail["linear_fallback_tensors"],
-                  "mean_omega": sum(omegas) / len(omegas) if omegas else math.nan}
+                  "mean_omega": sum(omegas) / len(omegas) if omegas else None}
     else:
         raise ValueError(f"method: {method!r} is not one of soup, slerp")
     if eta != 1.0:

@@ -169,14 +169,17 @@ class ReferenceSync:
     trdpo_hard TR-DPO, hard update: π_ref ← π_θ         1            τ      kept
     ========== ======================================= ============ ====== ===============================
 
+    μ = 0.01 is WARP's value as we recall it (arXiv:2406.16768), not checked against the paper here; α = 0.6 and
+    τ = 512 are TRL's TR-DPO defaults.
+
     Limits that follow from the formula: r = 0 is the fixed reference; r = 1 with K = 1 makes the reference the
     policy of the previous step (at every step the KL to it starts at 0). TR-DPO's soft update is applied every τ
-    steps, as TRL's ``SyncRefModelCallback`` does (TR-DPO's defaults there: α = 0.6, τ = 512). ProRL's reset clears
-    the optimizer's per-parameter state (ProRL, arXiv:2505.24864, "reference policy reset": the reference becomes a
-    recent snapshot of the policy and the optimizer states are re-initialized): after a reset the first AdamW step
-    is a fresh one (bias-corrected moments from zero, so a step of size ≈ lr·sign(g) per coordinate); the
-    learning-rate schedule continues (it is the run's). ProRL's own trigger (validation stalls) is
-    :class:`ReferenceResetSchedule`; here the reset is periodic.
+    steps, as TRL's ``SyncRefModelCallback`` does. ProRL's reset clears the optimizer's per-parameter state
+    (ProRL, arXiv:2505.24864, "reference policy reset": the reference becomes a recent snapshot of the policy and
+    the optimizer states are re-initialized): after a reset the first AdamW step is a fresh one (bias-corrected
+    moments from zero, so a step of size ≈ lr·sign(g) per coordinate); the learning-rate schedule continues (it is
+    the run's). ProRL's own trigger (validation stalls) is :class:`ReferenceResetSchedule`; here the reset is
+    periodic.
 
     Fields:
         strategy: one of :data:`REFERENCE_STRATEGIES`.

@@ -28,8 +28,8 @@ class ReferenceConfig:
     the uniform average of the ref_soup models; trdpo_soft / trdpo_hard: TR-DPO's soft (α = ref_rate) / hard
     update every τ = ref_every steps. Steps are optimizer steps."""
     ref_rate: float | None = None
-    """r of the moving update: WARP's μ (ema, default 0.01), TR-DPO's α (trdpo_soft, default 0.6); 0 = fixed, 1 =
-    copy the policy (reset and trdpo_hard always copy)."""
+    """r of the moving update: WARP's μ (ema, default 0.01, as recalled — unverified), TR-DPO's α (trdpo_soft,
+    default 0.6, TRL's); 0 = fixed, 1 = copy the policy (reset and trdpo_hard always copy)."""
     ref_every: int | None = None
     """K, optimizer steps between reference updates; default 1 for ema, 512 (TR-DPO's τ in TRL) for trdpo_*; reset
     needs it set."""
