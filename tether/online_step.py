@@ -56,6 +56,7 @@ from tether.rollout import (
     score_completions,
 )
 from tether.sampling import Completions, sample
+from tether.sampling.constraints import rollout_processors
 from tether.sampling.sampler import kl_cost_summary
 from tether.training import (
     optimizer_step,
@@ -202,8 +203,9 @@ def generate(run: RLRun, step: int, chosen: list[int] | None = None, round_: int
                   top_k=cfg.top_k, stop_strings=cfg.stop_strings, seed=round_seed(cfg.seed, step, round_))
     if run.engine is not None:
         done = run.engine.sample(ids, **kwargs)
-    else:
-        done = _sample_sharded(run, ids, **kwargs)
+    else:  # cfg.constraint: the rollouts' grammar (one processor per call; config-checked to need this engine)
+        done = _sample_sharded(run, ids, processors=rollout_processors(cfg.constraint, cfg.constraint_delimiters,
+                                                                       run.tokenizer), **kwargs)
     return [run.train_rows[i] for i in chosen], done
 
 

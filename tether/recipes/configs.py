@@ -140,6 +140,14 @@ class RLConfig(ReferenceConfig, LoRAConfig, OptimConfig, ModelConfig, RunConfig)
     """Completions end at the first of these (kept in the completion)."""
     engine: Literal["tether", "hf", "vllm"] = "tether"
     """Rollout engine: tether's KV-cache loop, transformers' generate, or vLLM (GPU machines, optional extra)."""
+    constraint: str = ""
+    """Rollouts sampled under a grammar (tether.sampling.constraints), as 'kind:spec', kind json_schema, regex,
+    choice or lark: 'regex:[0-9]+', 'choice:["yes", "no"]', 'json_schema:@schema.json' (from a file); '' = free.
+    The update uses the policy's own log-probs of the sampled tokens; held-out reward and KL are measured without
+    the constraint. Needs engine tether."""
+    constraint_delimiters: list[str] = field(default_factory=list)
+    """CRANE-style switching: [open, close] — free text, the constraint only between the two delimiters;
+    [] = the whole completion is constrained."""
     sample_batch_size: int = 64
     """Completions generated together."""
     drop_uniform_groups: bool = False
@@ -202,6 +210,10 @@ class RLConfig(ReferenceConfig, LoRAConfig, OptimConfig, ModelConfig, RunConfig)
         from tether.inference.transforms import check_reward_transform
 
         check_reward_transform(self.reward_transform, self.reward_transform_args)
+        if self.constraint or self.constraint_delimiters:
+            from tether.sampling.constraints import check_constraint_fields
+
+            check_constraint_fields(self.constraint, self.constraint_delimiters, engine=self.engine)
         if self.reward_transform and self.ref_strategy != "fixed":
             raise ValueError("reward_transform: its calibration tables come from the starting reference; with "
                              f"ref_strategy {self.ref_strategy} the reference is another model — use one or the other")

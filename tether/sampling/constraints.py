@@ -63,8 +63,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KINDS", "Constraint", "ConstraintProcessor", "HFConstraintProcessor", "ll_tokenizer",
-           "rollout_processors", "unpack_bitmask", "unpack_bitmask_plain"]
+__all__ = ["KINDS", "Constraint", "ConstraintProcessor", "HFConstraintProcessor", "check_constraint_fields",
+           "ll_tokenizer", "rollout_processors", "unpack_bitmask", "unpack_bitmask_plain"]
 
 KINDS = ("json_schema", "regex", "choice", "lark")
 
@@ -380,3 +380,19 @@ def rollout_processors(constraint: str, delimiters: Sequence[str], tokenizer) ->
         return []
     return [ConstraintProcessor(Constraint.parse(constraint), tokenizer,
                                 delimiters=tuple(delimiters) if delimiters else None)]
+
+
+def check_constraint_fields(constraint: str, delimiters: Sequence[str], *, engine: str = "tether") -> None:
+    """Config-time validation of a recipe's ``constraint`` / ``constraint_delimiters`` fields: one-line
+    ``ValueError`` naming the field (the grammar is compiled without a tokenizer, so no model is loaded)."""
+    if delimiters and (len(delimiters) != 2 or not all(delimiters)):
+        raise ValueError(f"constraint_delimiters: need [open, close], two non-empty strings, got {list(delimiters)!r}")
+    if delimiters and not constraint:
+        raise ValueError("constraint_delimiters: set without a constraint; give constraint: 'kind:spec' (the grammar "
+                         "of the delimited segments) or remove the delimiters")
+    if constraint and engine != "tether":
+        raise ValueError(f"constraint: needs engine tether (the grammar is a per-row logits processor of tether's "
+                         f"sampler), got engine {engine!r}")
+    if constraint:
+        Constraint.parse(constraint, field="constraint").check(field="constraint",
+                                                               close=delimiters[1] if delimiters else None)
