@@ -108,7 +108,7 @@ def test_exclusion_never_emits_banned_and_its_law_is_masking_by_enumeration():
     ex = Exclude(tokens=[3], phrases=[[1, 2]])
     out = sample(TableLM(), CharTokenizer(), PROMPTS, n=600, max_new_tokens=2, temperature=1.0, batch_size=256,
                  processors=[ex], seed=1)
-    assert ex.removed > 0
+    assert ex.removed > 0 and 0 < ex.removed_mass < ex.removed
     seen: dict[tuple, int] = {}
     for i, p, ids, lp, kl in zip(out.prompt_index, out.prompt_ids, out.completion_ids, out.logprobs, out.kl_cost):
         assert 3 not in ids

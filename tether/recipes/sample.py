@@ -198,7 +198,8 @@ def run(cfg: SampleConfig) -> dict:
     if cost:  # the sampler ran processors (exclude): what they cost against the model, per draw
         report["intervention_kl"] = {"kind": "exact", "mean": cost["intervention_kl"],
                                      "ci95_halfwidth": cost["intervention_kl_ci95"],
-                                     "exclusions": exclude[0].removed,
+                                     "banned_steps": exclude[0].removed,
+                                     "mean_banned_mass": exclude[0].removed_mass / max(exclude[0].removed, 1),
                                      "how": "Σ_t KL(q_t ‖ p_t) per draw, q_t the excluded law and p_t the model's, "
                                             "both at the sampling temperature; mean over prompts of the per-prompt "
                                             "mean, normal 95% CI"}
@@ -208,8 +209,9 @@ def run(cfg: SampleConfig) -> dict:
           f"{report['no_opinion_draws']} without a reward opinion")
     if cost:
         print(f"exclusion's KL cost to the model (exact, per draw): {cost['intervention_kl']:.4f} ± "
-              f"{cost['intervention_kl_ci95']:.4f} nats; a banned continuation was removed at "
-              f"{exclude[0].removed} (draw, step) pairs")
+              f"{cost['intervention_kl_ci95']:.4f} nats; banned continuations held "
+              f"{report['intervention_kl']['mean_banned_mass']:.4f} of the mass on average at the "
+              f"{exclude[0].removed} (draw, step) pairs where one was possible")
     print(format_table(summaries))
     print(f"report: {out_dir / 'sample_report.json'}, completions: {out_dir / 'samples.jsonl'} "
           f"({report['seconds']:.0f} s)")

@@ -79,8 +79,9 @@ class Exclude:
             against the unexcluded policy); the draw is the same.
 
     Stateful (``start``/``accept``: each row's generated tokens, for the phrases); a processor object can be reused
-    across ``sample`` calls. ``removed`` counts the (row, step) pairs where the ban removed a token the law gave
-    positive probability — what the exclusion did, never silent.
+    across ``sample`` calls. What the exclusion did, never silent: ``removed`` counts the (row, step) pairs where a
+    banned token had positive probability, ``removed_mass`` adds up that probability P_t(B_t) over them (the mass
+    the model put on banned continuations; its per-step cost is −log(1 − P_t(B_t))).
 
     Use: ``sample(model, tok, prompts, processors=[Exclude(tokens=[13], phrases=[[450, 1204]])])``.
     """
@@ -102,6 +103,7 @@ class Exclude:
         self.changes_logprobs = changes_logprobs
         self.history: dict[int, list[int]] = {}
         self.removed = 0
+        self.removed_mass = 0.0
 
     @classmethod
     def from_strings(cls, tokenizer, tokens: Sequence[str] = (), phrases: Sequence[str] = (),
@@ -147,5 +149,6 @@ class Exclude:
         if not hit.any():
             return scores
         self.removed += int(hit.sum())
+        self.removed_mass += float(scores.softmax(-1).masked_fill(~ban, 0.0).sum())
         # rows with nothing to remove keep their scores as they are (their KL cost is then exactly 0)
         return torch.where(hit[:, None], renormalize_excluding(scores, ban), scores)
