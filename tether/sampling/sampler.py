@@ -80,7 +80,7 @@ class Completions:
     expected ``kl_cost`` of a completion is the sequence-level KL(Q ‖ P) between the intervened sampler Q and the
     model P at temperature T, both up to ``max_new_tokens``. A processor that changes nothing costs exactly 0; a
     banned set B costs −log P_t(B^c) per step; a processor that replaces the logits by another model's
-    (``tether.sampling.steering.SteeredStream``) costs that model's KL to the sampled one."""
+    (``tether.sampling.steering.Steer``: the steered model) costs that model's KL to the sampled one."""
 
 
 def kl_cost_summary(done: Completions, prefix: str = "intervention_kl") -> dict[str, float]:
