@@ -53,6 +53,11 @@ def tiny_overrides(command: str, model: str, out: Path) -> dict:
                "output": out / "kl_report.json"},
         "sample": {"model": model, "output_dir": out, "n": 2, "base_samples": 1, "max_new_tokens": 6,
                    "progress": False},
+        # every declared point, each tiny: runs of one step, 2 prompts × 2 samples of 4 tokens per policy
+        "frontier": {"model": model, "output_dir": out, "max_prompts": 2, "max_new_tokens": 4, "samples_per_prompt": 2,
+                     "base_samples": 1, "progress": False, "dpo_overrides": {"max_steps": 1, "batch_size": 2},
+                     "rl_overrides": {"steps": 1, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4,
+                                      "train_prompts": 4}},
         # two copies of the tiny model (identical task vectors: SLERP's linear limit), KL on 1 sample of 4 tokens
         "merge": {"models": [model, model], "base": model, "output_dir": out, "kl_samples_per_prompt": 1,
                   "kl_max_new_tokens": 4},
@@ -64,11 +69,16 @@ def tiny_overrides(command: str, model: str, out: Path) -> dict:
 
 
 def as_flags(values: dict) -> list[str]:
-    """tyro with use_underscores=True: --field value; booleans are --field / --no_field."""
+    """tyro with use_underscores=True: --field value; booleans are --field / --no_field; lists --field a b; dicts
+    --field key value key value."""
     argv = []
     for name, value in values.items():
         if isinstance(value, bool):
             argv.append(f"--{name}" if value else f"--no_{name}")
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{name}", *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [f"--{name}", *(str(x) for kv in value.items() for x in kv)]
         else:
             argv += [f"--{name}", str(value)]
     return argv
@@ -201,6 +211,21 @@ def test_every_config_runs_tiny_through_the_cli(config, tiny_dir, tmp_path, caps
                 assert s["kl"]["exact"]["mean"] == 0.0
             if s["method"] == "best_of_n":
                 assert s["kl"]["bound"]["mean"] == pytest.approx(math.log(2) - 0.5, abs=1e-12)
+    elif command == "frontier":
+        from tether.recipes.configs import FrontierConfig
+        from tether.recipes.frontier import declared_points
+
+        report = json.loads((out / "frontier.json").read_text())
+        specs = declared_points(FrontierConfig(**{**shipped, **values}))
+        assert [p["label"] for p in report["points"]] == [s.label for s in specs]
+        assert report["computed"] == len(specs) and report["cached"] == 0
+        for p in report["points"]:
+            per_prompt = 1 if p["method"] in ("best_of_n", "tilted") else 2
+            assert p["reward"]["n"] + p["reward"]["not_applicable"] == 2 * per_prompt, p["label"]
+            assert math.isfinite(p["sequence_kl"]["mean"]) and math.isfinite(p["token_kl"]["mean"]), p["label"]
+            if p["method"] == "best_of_n" and p["params"]["n"] == 1:
+                assert abs(p["sequence_kl"]["mean"]) < 1e-12  # best-of-1 is π_ref
+        assert (out / "frontier.png").stat().st_size > 1000
     else:
         pytest.fail(f"no output checks for `tether {command}`")
 

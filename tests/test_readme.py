@@ -51,6 +51,31 @@ def test_readme_main_job_runs_at_tiny_scale(tmp_path):
     assert "held-out rule reward" in proc.stdout
 
 
+def test_readme_frontier_command_runs_at_tiny_scale(tmp_path):
+    """The command of the README's frontier section, through the installed entry point, every point tiny."""
+    from tether.testing import make_tiny_model_dir
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## The reward–KL frontier", 1)[1].split("\n## ", 1)[0]
+    (command,) = [line.strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+                  for line in block.splitlines() if line.strip()]
+    argv = shlex.split(command)
+    assert argv[:2] == ["tether", "frontier"]
+    out = tmp_path / "frontier"
+    tiny = ["--model", str(make_tiny_model_dir(tmp_path / "tiny")), "--output_dir", str(out), "--max_prompts", "2",
+            "--max_new_tokens", "4", "--samples_per_prompt", "2", "--base_samples", "1", "--no_progress",
+            "--dpo_overrides", "max_steps", "1", "batch_size", "2",
+            "--rl_overrides", "steps", "1", "prompts_per_step", "2", "group_size", "2", "max_new_tokens", "4",
+            "train_prompts", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tether", *argv[1:], *tiny], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "frontier.json").read_text())
+    assert report["computed"] == len(report["points"]) > 0
+    assert (out / "frontier.png").stat().st_size > 1000
+
+
 def test_readme_merge_and_diagnose_commands_run_at_tiny_scale(tmp_path):
     """The two commands of the README's merging section, through the installed entry point, on tiny models: the
     README's flags as written, then the model directories and outputs replaced (a flag given twice takes its last

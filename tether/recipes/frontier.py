@@ -141,7 +141,8 @@ def _run_config(cls, path: str, values: dict, cfg: FrontierConfig):
     types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     values = {k: int(v) if isinstance(v, float) and v.is_integer() and "int" in types[k] and "float" not in types[k]
               else v for k, v in values.items()}
-    return cls(**{**raw, **values, "model": cfg.model, "seed": cfg.seed, "progress": cfg.progress,
+    # No intermediate checkpoints unless the overrides ask for them: the frontier needs the final model only.
+    return cls(**{**raw, "save_every": 0, **values, "model": cfg.model, "seed": cfg.seed, "progress": cfg.progress,
                   "tensorboard": False, "device": cfg.device})
 
 
