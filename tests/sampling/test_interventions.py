@@ -411,3 +411,22 @@ def test_kl_cost_summary_is_a_mean_over_prompts():
     assert got["intervention_kl"] == pytest.approx(0.35)
     assert got["intervention_kl_ci95"] == pytest.approx(1.96 * 0.3 / math.sqrt(2) / math.sqrt(2))
     assert kl_cost_summary(Completions(prompt_index=[0])) == {}
+
+
+def test_sampling_inside_steer_is_the_steer_processor():
+    """``with steer(...): sample(...)`` (the hook makes ``supports`` refuse the lean path, so every decode step runs
+    the hooked forward) draws what the ``Steer`` processor draws with the same seed, with the same recorded
+    log-probs (fp32 paths: ≤ 1e-4) — a lean decode that skipped the hook would draw from the unsteered model."""
+    model = tiny_model(seed=6)
+    v = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    prompts, kw = [[10, 11, 12], [40, 41]], dict(n=3, max_new_tokens=5, temperature=1.0, seed=9)
+    via_proc = sample(model, testing.tiny_tokenizer(), prompts, processors=[
+        Steer(model, prompts, n=3, layer=1, vector=v, gamma=1.5)], **kw)
+    with steer(model, 1, v, 1.5):
+        via_hook = sample(model, testing.tiny_tokenizer(), prompts, **kw)
+    plain = sample(model, testing.tiny_tokenizer(), prompts, **kw)
+    assert via_hook.completion_ids == via_proc.completion_ids != plain.completion_ids
+    assert_close(torch.tensor(sum(via_hook.logprobs, [])), torch.tensor(sum(via_proc.logprobs, [])), atol=1e-4)
+    with pytest.raises(ValueError, match="no forward hooks"):
+        with steer(model, 1, v, 1.5):
+            sample(model, testing.tiny_tokenizer(), prompts, lean_decode=True, **kw)
