@@ -227,17 +227,20 @@ def inference_point(result: MethodResult, cands: Candidates) -> dict:
     figures = {name: fig.summary() for name, fig in result.kl.items()}
     name = next((k for k in INFERENCE_KL_ORDER[result.method]
                  if k in figures and figures[k]["mean"] is not None and figures[k]["not_applicable"] == 0), None)
-    if name is None:  # none applies to every prompt: the first that applies to some
-        name = next(k for k in INFERENCE_KL_ORDER[result.method] if k in figures and figures[k]["mean"] is not None)
+    if name is None:  # none applies to every prompt: the first that applies to some (its count says how many)
+        name = next((k for k in INFERENCE_KL_ORDER[result.method] if k in figures and figures[k]["mean"] is not None),
+                    INFERENCE_KL_ORDER[result.method][-1])
     fig = figures[name]
     kept = result.kept(cands)
     mean_len = sum(len(cands.done.completion_ids[k]) for k in kept) / len(kept)
-    lo, hi = fig["ci95"]
+    ci = fig["ci95"] or [None, None]
+    per_token = [None if x is None else x / mean_len for x in (fig["mean"], *ci)]
     return {"reward": summarize_values(result.reward),
-            "sequence_kl": {"mean": fig["mean"], "ci95": [lo, hi], "n": fig["n"], "kind": fig["kind"],
-                            "figure": name, "how": fig["how"] + "; 95% CI over prompts (a plug-in's or estimate's "
-                                                                 "own bias is not in it)"},
-            "token_kl": {"mean": fig["mean"] / mean_len, "ci95": [lo / mean_len, hi / mean_len], "kind": fig["kind"],
+            "sequence_kl": {"mean": fig["mean"], "ci95": ci, "n": fig["n"], "not_applicable": fig["not_applicable"],
+                            "kind": fig["kind"], "figure": name,
+                            "how": fig["how"] + "; 95% CI over prompts (a plug-in's or estimate's own bias is not "
+                                                "in it)"},
+            "token_kl": {"mean": per_token[0], "ci95": per_token[1:], "kind": fig["kind"],
                          "how": f"the sequence-level figure ÷ the mean kept length ({mean_len:.1f} tokens)"},
             "kl_figures": figures, "win_rate": summarize_values(result.win_rate)}
 
@@ -350,8 +353,12 @@ def run(cfg: FrontierConfig, *, model=None, tokenizer=None, reward: Callable | N
                                 progress=cfg.progress)
         if cache.get(curves_key) is None:
             levels = _level_laws(cands.rewards, cands.scored)
-            cache.put(curves_key, {"best_of_n": best_of_n_curve(levels, sorted({*cfg.best_of_n, *range(1, 17)})),
-                                   "tilted_optimum": tilted_optimum_curve(levels), "prompts_with_levels": len(levels)})
+            cache.put(curves_key, {
+                "best_of_n": best_of_n_curve(levels, sorted({*cfg.best_of_n, *range(1, 17)})) if levels else [],
+                "tilted_optimum": tilted_optimum_curve(levels) if levels else [],
+                "prompts_with_levels": len(levels), "draws_per_prompt": n_cands + cfg.base_samples,
+                "draws_without_reward_opinion": int((~cands.scored).sum()),
+                "draws_cut_at_max_new_tokens": sum(not f for f in cands.done.finished)})
 
     for index, (spec, key) in enumerate(zip(specs, keys)):
         record = cache.get(key)
@@ -386,17 +393,21 @@ def run(cfg: FrontierConfig, *, model=None, tokenizer=None, reward: Callable | N
               "curves": curves, "computed": computed, "cached": cached, "seconds": time.perf_counter() - t0}
     (out_dir / "frontier.json").write_text(json.dumps(report, indent=2))
     plot(points, curves, out_dir / "frontier.png")
+    if curves:
+        print(f"reference draws: {curves['draws_per_prompt']} per prompt, {curves['draws_cut_at_max_new_tokens']} cut "
+              f"at {cfg.max_new_tokens} tokens, {curves['draws_without_reward_opinion']} without a reward opinion")
     print(f"{len(points)} points ({computed} computed, {cached} from the cache) on {len(rows)} prompts; "
           f"{out_dir / 'frontier.json'}, {out_dir / 'frontier.png'} ({report['seconds']:.0f} s)")
     return report
 
 
 def _format_point(p: dict) -> str:
-    r, k = p["reward"], p["sequence_kl"]
-    half = (r["ci95"][1] - r["mean"]) if r["ci95"] else math.nan
-    reward = "—" if r["mean"] is None else f"{r['mean']:.3f} ± {half:.3f}"
+    r, k, t = p["reward"], p["sequence_kl"], p["token_kl"]
+    reward = "—" if r["mean"] is None else f"{r['mean']:.3f} ± {r['ci95'][1] - r['mean']:.3f}"
+    if k["mean"] is None:
+        return f"{p['label']:<28} reward {reward:<16} sequence KL — (no prompt with a KL figure)"
     return (f"{p['label']:<28} reward {reward:<16} sequence KL {k['mean']:.3f} "
-            f"[{k['ci95'][0]:.3f}, {k['ci95'][1]:.3f}] nats ({k['kind']})  token KL {p['token_kl']['mean']:.4f}")
+            f"[{k['ci95'][0]:.3f}, {k['ci95'][1]:.3f}] nats ({k['kind']})  token KL {t['mean']:.4f}")
 
 
 def plot(points: list[dict], curves: dict | None, path: Path) -> None:
@@ -407,7 +418,7 @@ def plot(points: list[dict], curves: dict | None, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    if curves:
+    if curves and curves["tilted_optimum"]:
         bon, star = curves["best_of_n"], curves["tilted_optimum"]
         ax.plot([c["kl"] for c in star], [c["reward"] for c in star], color="0.3", lw=1.2,
                 label="tilted optimum π* ∝ π_ref·exp(r/β) (plug-in)")
@@ -416,7 +427,8 @@ def plot(points: list[dict], curves: dict | None, path: Path) -> None:
     names = {"best_of_n": "best-of-N", "tilted": "tilted resampling", "dpo": "DPO family", "rl": "RL family",
              "model": "saved models"}
     for method, name in names.items():
-        group = [p for p in points if p["method"] == method and p["reward"]["mean"] is not None]
+        group = [p for p in points if p["method"] == method and p["reward"]["mean"] is not None
+                 and p["sequence_kl"]["mean"] is not None]
         if not group:
             continue
         x = [p["sequence_kl"]["mean"] for p in group]
