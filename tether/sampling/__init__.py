@@ -7,6 +7,9 @@ for Llama-architecture models, logits processors, and the vLLM engine for GPU ma
   constraints, tilting and guided decoding plug in);
 * ``mixing``     — ``TeacherMixture``: a stateful processor that draws from α·teacher + (1 − α)·model (MiniLLM's
   teacher-mixed sampling), the teacher stepping its own KV cache in step with the drawn tokens;
+* ``constraints`` — ``Constraint`` (JSON schema, regex, choice, Lark grammar, through llguidance) and
+  ``ConstraintProcessor`` (one matcher per row, the recorded log-probs those of the constrained law; CRANE-style
+  switching between delimiters), ``HFConstraintProcessor`` for ``model.generate``;
 * ``exclusion``  — ``Exclude``: banned tokens and token phrases, the rest renormalised ((G)I-DLE);
 * ``guidance``   — ``KLGuidedTemperature``: T = T₀·2^(−KL/h) from the KL between the laws with and without a
   grounding source (a second KV stream, ``streams.KVStream``);
