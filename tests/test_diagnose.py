@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from tether.cli import main
-from tether.diagnose import diagnose_states, matrix_diagnostics, off_principal_share, principal_angles
+from tether.diagnose import (
+    diagnose_states,
+    isotropic_off_principal_share,
+    matrix_diagnostics,
+    off_principal_share,
+    principal_angles,
+)
 from tether.testing import make_tiny_model_dir
 
 F64 = torch.float64
@@ -51,6 +57,21 @@ def test_planted_update_inside_the_top_k_subspace_has_share_zero_and_outside_sha
     # through the full diagnostics (the base's own SVD finds U_k, V_k up to signs)
     assert matrix_diagnostics(w, w + 1e-3 * inside, k=3)["off_principal_share"] == pytest.approx(0.0, abs=1e-12)
     assert matrix_diagnostics(w, w + 1e-3 * outside, k=3)["off_principal_share"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_isotropic_share_is_the_average_over_an_orthonormal_basis_of_updates():
+    """Σ_ij ‖P_U⊥ E_ij P_V⊥‖² over the m·n unit matrices E_ij is tr(P_U⊥)·tr(P_V⊥) = (m − k)(n − k) exactly, so the
+    mean share over that basis (each ‖E_ij‖ = 1) is (1 − k/m)(1 − k/n), for any base."""
+    w, uk, vk, *_ = _planted()
+    m, n = w.shape
+    total = 0.0
+    for i in range(m):
+        for j in range(n):
+            e = torch.zeros(m, n, dtype=F64)
+            e[i, j] = 1.0
+            total += off_principal_share(e, uk, vk)
+    assert total / (m * n) == pytest.approx(isotropic_off_principal_share(m, n, 3), abs=1e-13)
+    assert isotropic_off_principal_share(576, 1536, 16) == 560 * 1520 / (576 * 1536)  # 0.96209
 
 
 def test_spectral_drift_and_subspace_angles_of_a_planted_change():

@@ -20,7 +20,10 @@ For every weight matrix W (base) and W' (trained) with update Δ = W' − W, in 
   with U_k, V_k the base's top-k left and right singular vectors. The four blocks P_U Δ P_V, P_U Δ P_V^⊥,
   P_U^⊥ Δ P_V, P_U^⊥ Δ P_V^⊥ are orthogonal in the Frobenius inner product, so this is exactly the fraction of the
   update's energy that touches neither the principal column space nor the principal row space. An update planted
-  as U_k A V_kᵀ reads 0; one planted as U_⊥ B V_⊥ᵀ reads 1; an unchanged matrix has no share (null).
+  as U_k A V_kᵀ reads 0; one planted as U_⊥ B V_⊥ᵀ reads 1; an unchanged matrix has no share (null). For reading
+  it, the report gives beside it the share of an isotropic update (i.i.d. entries, no preferred direction):
+  E‖P_U⊥ Δ P_V⊥‖² / E‖Δ‖² = tr(P_U⊥)·tr(P_V⊥) / (mn) = (1 − k/m)(1 − k/n) — 0.962 for a 576 × 1536 matrix at
+  k = 16; a share below it leans towards the principal directions, above it away from them.
 
 Departure from the paper: "The Path Not Taken" characterises RLVR's updates as off-principal through the overlap of
 the updated entries with the base's "principal weights" (an entry mask built from the rank-k part of W) and through
@@ -42,7 +45,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["diagnose_states", "matrix_diagnostics", "off_principal_share", "principal_angles", "run"]
+__all__ = ["diagnose_states", "isotropic_off_principal_share", "matrix_diagnostics", "off_principal_share",
+           "principal_angles", "run"]
 
 BF16_HALF_SPACING = 2.0 ** -9
 
@@ -86,7 +90,14 @@ def matrix_diagnostics(base: Tensor, trained: Tensor, *, k: int = 16, tol: float
         "spectral_drift": rel.max().item(),
         "max_left_angle_deg": math.degrees(left.max().item()), "max_right_angle_deg": math.degrees(right.max().item()),
         "off_principal_share": off_principal_share(delta, u[:, :k], vh[:k].T),
+        "off_principal_share_isotropic": isotropic_off_principal_share(*w.shape, k),
     }
+
+
+def isotropic_off_principal_share(m: int, n: int, k: int) -> float:
+    """(1 − k/m)(1 − k/n): the expected off-principal share of an (m, n) update with i.i.d. entries, whatever the
+    base (E‖AΔB‖²_F = σ²·tr(AᵀA)·tr(BBᵀ) for i.i.d. Δ, and tr(P⊥) = m − k, n − k)."""
+    return (1.0 - k / m) * (1.0 - k / n)
 
 
 def diagnose_states(base: dict[str, Tensor], trained: dict[str, Tensor], *, k: int = 16,
@@ -133,6 +144,10 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex=True)
     for ax, (key, label) in zip(axes.flat, panels):
         ax.plot(x, [float("nan") if r[key] is None else r[key] for r in rows], ".", ms=4)
+        if key == "off_principal_share":  # what an update with no preferred direction would read
+            ax.plot(x, [r["off_principal_share_isotropic"] for r in rows], "-", lw=0.8, color="gray",
+                    label="isotropic update")
+            ax.legend(fontsize=7)
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
     for ax in axes[1]:
@@ -155,11 +170,13 @@ def run(cfg) -> dict:
     (out / "diagnose.json").write_text(json.dumps(report, indent=2))
     plot(report, out / "diagnose.png")
     t = report["total"]
-    shares = sorted(m["off_principal_share"] for m in report["matrices"].values()
-                    if m["off_principal_share"] is not None)
+    changed = [m for m in report["matrices"].values() if m["off_principal_share"] is not None]
+    shares = sorted(m["off_principal_share"] for m in changed)
     median = shares[len(shares) // 2] if shares else float("nan")
+    iso = sorted(m["off_principal_share_isotropic"] for m in changed)
+    iso_median = iso[len(iso) // 2] if iso else float("nan")
     print(f"{cfg.trained} vs {cfg.base}: ‖Δθ‖/‖θ‖ = {t['relative_update_norm']:.3g}, "
           f"unchanged {t['unchanged_share']:.1%}, below tolerance {t['below_tolerance_share']:.1%}; median update "
-          f"share outside the top-{report['k']} subspace {median:.3f} over {len(shares)} changed matrices; report "
-          f"and plot in {out}")
+          f"share outside the top-{report['k']} subspace {median:.3f} over {len(shares)} changed matrices (an "
+          f"isotropic update: {iso_median:.3f}); report and plot in {out}")
     return report
