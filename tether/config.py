@@ -163,13 +163,13 @@ RANGES: dict[str, tuple] = {
     **{name: _at_least(0) for name in (
         "save_every", "eval_every", "eval_prompts", "top_k", "overlong_buffer",
         "max_refill_rounds", "base_samples", "weight_decay", "max_grad_norm", "nll_weight", "care_bonus", "kl_coef",
-        "qprobe_l2", "ensemble_lambda", "tau", "dckd_chosen_weight", "dckd_rejected_weight")},
+        "qprobe_l2", "ensemble_lambda", "tau", "dckd_chosen_weight", "dckd_rejected_weight", "dckd_teacher_top_k")},
     **{name: _positive() for name in (
         "lr", "temperature", "beta", "target_kl", "kl_horizon", "ctrl_t", "dpkd_beta", "divergence_temperature",
         "astar_value_beta", "tilted_beta", "dpo_beta", "rl_beta")},
     "warmup_ratio": _unit(False, True), "top_p": _unit(True, False), "lmbda": _unit(False, False),
     "difficulty_low": _unit(False, False), "difficulty_high": _unit(False, False),
-    "ref_rate": _unit(False, False), "risk_confidence": _unit(True, True),
+    "ref_rate": _unit(False, False), "risk_confidence": _unit(True, True), "teacher_mixed_alpha": _unit(False, True),
 }
 
 
