@@ -134,3 +134,33 @@ def test_a_moving_reference_resumes_exactly(assets, tmp_path):
 def test_bad_reference_settings_fail_at_construction(kw, message):
     with pytest.raises(ValueError, match=message):
         PreferenceConfig(train_file="x.jsonl", **kw)
+
+
+# ------------------------------------------------------------------------------------------------ online RL
+
+
+def _vowel_share(prompt: str, completion: str, row: dict) -> float:
+    return sum(ch in "aeiouAEIOU" for ch in completion) / max(len(completion), 1)
+
+
+def _rl(assets, out: Path, **kw):
+    from tether.recipes.configs import RLConfig
+    from tether.recipes.online_rl import train as train_rl
+
+    cfg = RLConfig(output_dir=str(out), model=assets["model"], steps=2, prompts_per_step=2, group_size=4,
+                   max_new_tokens=8, train_prompts=8, eval_prompts=0, progress=False, tensorboard=False, lr=3e-3,
+                   micro_batch_size=8, kl_coef=0.1, **kw)
+    return train_rl(cfg, reward=_vowel_share).metrics
+
+
+def test_rl_soup_of_identical_models_is_the_fixed_reference_and_trdpo_hard_zeroes_the_next_steps_kl(assets, tmp_path):
+    """Online RL: a soup of three copies of the start is the start (the same steps, bit for bit); TR-DPO's hard sync
+    every step makes the reference the policy that samples the next step, so from step 2 on the exact KL of the
+    sampled batch is 0 (step 1 samples from the start = the reference, also 0)."""
+    fixed = _rl(assets, tmp_path / "fixed")
+    soup = _rl(assets, tmp_path / "soup", ref_strategy="soup", ref_soup=[assets["model"]] * 3)
+    for a, b in zip(fixed, soup):
+        assert a["loss"] == b["loss"] and a["token_kl"] == b["token_kl"], a["step"]
+    hard = _rl(assets, tmp_path / "hard", ref_strategy="trdpo_hard", ref_every=1)
+    assert [m["ref/version"] for m in hard] == [0.0, 1.0] and [m["token_kl"] for m in hard] == [0.0, 0.0]
+    assert fixed[1]["token_kl"] > 0, "with a fixed reference the policy of step 2 has moved away from it"
