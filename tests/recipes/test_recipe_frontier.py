@@ -89,13 +89,18 @@ def test_rerun_recomputes_nothing_and_an_extension_computes_only_the_new_points(
 
 
 def test_an_interrupted_sweep_resumes_where_it_stopped(tiny, tmp_path, monkeypatch, calls):
-    """The second policy evaluation is interrupted; the points before it are in the cache, and the rerun computes
-    only the two saved models (``calls`` counts the wrapped evaluator: the interruption is one call)."""
+    """The sweep is interrupted after the DPO run trained, before its evaluation ended: the inference points are in
+    the cache; the rerun does not train again (the finished run's final model is reused: the recipe is called once
+    in all) and evaluates the three policies (``calls`` counts the wrapped evaluator: the interruption is one
+    call)."""
+    import tether.recipes.preference as preference
+
     out = tmp_path / "out"
-    counted = frontier.evaluate_policy
+    counted, real_train, trained = frontier.evaluate_policy, preference.train, []
+    monkeypatch.setattr(preference, "train", lambda cfg: trained.append(cfg) or real_train(cfg))
 
     def interrupted_once(*args, **kwargs):
-        if calls["evaluate_policy"] == 1 and not interrupted_once.done:
+        if not interrupted_once.done:
             interrupted_once.done = True
             calls["evaluate_policy"] += 1
             raise KeyboardInterrupt
@@ -106,12 +111,12 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tiny, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         frontier.run(config(tiny, out))
     saved = json.loads((out / "frontier_cache.json").read_text())["points"]
-    assert len(saved) == 3 + 1 + 1  # the inference points, the curves and the DPO point, written before the stop
-    assert calls == {"draw_candidates": 1, "evaluate_policy": 2, "_train": 1}
+    assert len(saved) == 3 + 1  # the inference points and the curves, written before the stop
+    assert calls == {"draw_candidates": 1, "evaluate_policy": 1, "_train": 1} and len(trained) == 1
 
     resumed = frontier.run(config(tiny, out))
-    assert (resumed["computed"], resumed["cached"]) == (2, 4)  # the two saved models
-    assert calls == {"draw_candidates": 1, "evaluate_policy": 4, "_train": 1}
+    assert (resumed["computed"], resumed["cached"]) == (3, 3)  # the DPO point and the two saved models
+    assert calls == {"draw_candidates": 1, "evaluate_policy": 4, "_train": 2} and len(trained) == 1
 
 
 def test_bad_sweeps_fail_in_one_line_naming_the_field(tiny, tmp_path):

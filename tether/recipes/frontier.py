@@ -297,13 +297,18 @@ def tilted_optimum_curve(level_laws, betas=None) -> list[dict]:
 
 
 def _train(spec: PointSpec) -> Path:
-    """Run the recipe of a DPO / RL point; the trained model's directory."""
+    """Run the recipe of a DPO / RL point; the trained model's directory. The run's directory is named by the
+    fingerprint of its config and its final model is written atomically, so a final model already there is that
+    run's, finished (a sweep interrupted between training and evaluation does not train again)."""
     if spec.method == "dpo":
         from tether.recipes.preference import train
     else:
         from tether.recipes.online_rl import train
-    train(spec.run_config)
     final = Path(spec.run_config.output_dir) / "final"
+    if (final / "config.json").is_file():
+        print(f"{spec.label}: the finished run in {spec.run_config.output_dir} is reused")
+        return final
+    train(spec.run_config)
     if not (final / "config.json").is_file():
         raise ValueError(f"{spec.label}: the run in {spec.run_config.output_dir} ended without a final model")
     return final
