@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from tether.data.chat import control_token_problem, message_problem, texts_of
+from tether.data.chat import control_token_problem, message_problem, special_tokens, texts_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -373,13 +373,15 @@ def tokenize_preference_rows(
 
     if not rows:
         raise DataError(f"{source}: no rows; check that the file holds preference data")
+    special = special_tokens(tokenizer)
     report = DataReport(source=source, rows_read=len(rows))
     dropped: Counter[str] = Counter()
     errors = []  # the dropped rows that are errors (all but truncation="drop"), for on_error="raise"
     examples = []
     for i, row in enumerate(rows):
         try:
-            example, cut = _row_example(row, i, tokenizer, templated=templated, has_template=has_template,
+            example, cut = _row_example(row, i, tokenizer, special=special, templated=templated,
+                                        has_template=has_template,
                                         source=source, max_length=max_length, max_prompt_length=max_prompt_length,
                                         truncation=truncation)
         except _RowProblem as p:
@@ -409,10 +411,14 @@ def tokenize_preference_rows(
     return examples, report
 
 
-def _row_example(row, i: int, tokenizer, *, templated: bool, has_template: bool, source: str, max_length: int,
+def _row_example(row, i: int, tokenizer, *, special: frozenset[str] = frozenset(), templated: bool,
+                 has_template: bool, source: str, max_length: int,
                  max_prompt_length: int, truncation: Truncation) -> tuple[PreferenceExample, list[str]]:
     """The example of one row and which completions were truncated; a bad row raises ``_RowProblem``."""
     kind, metadata = _validate_structure(row)
+    for name in FIELDS:  # the tokenizer's own special tokens (``<filename>``, ``</s>`` …) beyond the <|…|> form
+        if found := control_token_problem(texts_of(row[name]), special):
+            raise _RowProblem("control_token", name + found[0], found[1])
     if kind == "conversational" and not templated:
         why = "use_chat_template=False" if has_template else "the tokenizer has no chat template"
         raise _RowProblem(
