@@ -365,7 +365,7 @@ def run(cfg: FrontierConfig, *, model=None, tokenizer=None, reward: Callable | N
                 "draws_without_reward_opinion": int((~cands.scored).sum()),
                 "draws_cut_at_max_new_tokens": sum(not f for f in cands.done.finished)})
 
-    for index, (spec, key) in enumerate(zip(specs, keys)):
+    for spec, key in zip(specs, keys):
         record = cache.get(key)
         was_cached = record is not None
         if was_cached:
@@ -373,7 +373,7 @@ def run(cfg: FrontierConfig, *, model=None, tokenizer=None, reward: Callable | N
         else:
             t_point = time.perf_counter()
             if spec.method in INFERENCE_KL_ORDER:
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+                gen = torch.Generator().manual_seed(int(key[:15], 16))  # a function of the point, not its place
                 kwargs = {"beta": spec.params["beta"]} if spec.method == "tilted" else {}
                 result = METHODS[spec.method](cands, spec.params["n"], generator=gen, **kwargs)
                 record = inference_point(result, cands)
