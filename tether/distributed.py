@@ -15,8 +15,9 @@ top of them, so that a run on W processes computes what one process computes:
   all-reduce in its own forward, so a direct call silently trains each rank on its own gradient (the ranks' gradients
   differed by 0.42); FSDP2 gathers the parameters in the root's forward, so a direct call fails ("mixed
   torch.Tensor and DTensor"). Through ``LossModule.forward`` both match one process (1.5e-8).
-  No-grad passes outside the loss (sampling, scoring, evaluation) run inside :meth:`Trainable.gathered`, which under
-  FSDP2 all-gathers the full parameters for the duration (every rank enters it together).
+  No-grad passes outside the loss (sampling, scoring, evaluation) run on the model :meth:`Trainable.gathered`
+  yields: the policy itself, or under FSDP2 a plain copy holding the gathered full weights (every rank enters it
+  together; inside, ranks may run different numbers of forward calls).
 * In-place gradient writes are off under a wrapper: ``tether.logprobs``'s embedding-gradient shortcut adds into
   ``.grad`` behind autograd's back, which DDP's reducer and FSDP2's reduce-scatter never see (the ranks agreed but
   were 0.14 off); it checks :func:`wrapped_training` and takes the ordinary autograd path.
@@ -37,6 +38,7 @@ FSDP2's ``set_requires_gradient_sync``); the accumulated gradient is the same ei
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -164,6 +166,7 @@ class Trainable:
     def __init__(self, policy: nn.Module, dist: Dist | None = None):
         self.dist = dist or current()
         self.policy = policy
+        self._plain = None
         root: nn.Module = LossModule(policy)
         if self.dist.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
@@ -175,6 +178,9 @@ class Trainable:
             from torch.distributed.fsdp import fully_shard
 
             device_type = "cuda" if next(policy.parameters()).is_cuda else "cpu"
+            # A plain twin for the no-grad passes (gathered): FSDP2's forward hooks communicate at every call, so
+            # ranks sampling different numbers of tokens cannot call the sharded model directly.
+            self._plain = copy.deepcopy(policy).requires_grad_(False).eval()
             mesh = init_device_mesh(device_type, (self.dist.world,))
             for layer in _decoder_layers(policy):
                 fully_shard(layer, mesh=mesh)
@@ -205,25 +211,19 @@ class Trainable:
 
     @contextlib.contextmanager
     def gathered(self):
-        """Full parameters for no-grad passes that call the policy directly (sampling, scoring, evaluation). A
-        no-op but under FSDP2, where every rank must enter it together: it all-gathers every shard once, keeps the
-        parameters whole through any number of forward calls, and reshards on exit."""
-        if self.dist.mode != "fsdp2":
-            yield
+        """The model for no-grad passes that call the policy directly (sampling, scoring, evaluation): the policy
+        itself, or under FSDP2 a plain copy into which the full weights are gathered on entry (a collective: every
+        rank enters together; costs one full copy of the weights per rank)."""
+        if self._plain is None:
+            yield self.policy
             return
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        units = [m for m in self.root.modules() if isinstance(m, FSDPModule)]
-        for m in units:
-            m.set_reshard_after_forward(False, recurse=False)
-            m.unshard()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            for m in units:
-                m.reshard()
-                m.set_reshard_after_forward(True, recurse=False)
+        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True))
+        self._plain.load_state_dict(full, strict=False)
+        del full
+        with torch.no_grad():
+            yield self._plain
 
 
 # ------------------------------------------------------------------------------------------------------------

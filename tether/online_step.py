@@ -218,8 +218,8 @@ def _sample_sharded(run: RLRun, ids: list[list[int]], **kwargs) -> Completions:
         return sample(run.policy, run.tokenizer, ids, **common)
     per = max(1, cfg.sample_batch_size // cfg.group_size)  # sample()'s prompts per batch
     starts = list(range(0, len(ids), per))[dist.rank::dist.world]
-    with run.trainable.gathered():
-        mine = [(start, sample(run.policy, run.tokenizer, ids[start:start + per], first_batch=start // per, **common))
+    with run.trainable.gathered() as policy:
+        mine = [(start, sample(policy, run.tokenizer, ids[start:start + per], first_batch=start // per, **common))
                 for start in starts]
     parts = sorted((p for parts in distributed.gather_objects(mine) for p in parts), key=lambda p: p[0])
     merged = {}

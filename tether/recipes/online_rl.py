@@ -191,8 +191,8 @@ def rl_step(run: RLRun, step: int) -> dict[str, float]:
         batch = run.reward_transform(batch, drawn.rows, group_size=cfg.group_size,
                                      drop_uniform_groups=cfg.drop_uniform_groups)
         seconds["reward_s"], t0 = seconds["reward_s"] + time.perf_counter() - t0, time.perf_counter()
-    with run.trainable.gathered():  # FSDP2: the policy's full weights for the no-grad scoring pass
-        scores = score(run.policy, run.reference, batch.rollout, temperature=cfg.temperature,
+    with run.trainable.gathered() as policy:  # FSDP2: a plain copy with the full weights, for the no-grad pass
+        scores = score(policy, run.reference, batch.rollout, temperature=cfg.temperature,
                        chunk_size=cfg.chunk_size, micro_batch_size=cfg.micro_batch_size,
                        need_policy=not plan.one_update, need_ref_logps=not plan.one_update or plan.care,
                        teacher=run.teacher, share_prompts=cfg.share_prompts, top_k=plan.support_size,
@@ -262,7 +262,7 @@ def train(cfg: RLConfig, *, reward=None) -> RLResult:
     log = RunLog(out_dir, total=cfg.steps, start=step, desc=cfg.loss, show=("reward", "token_kl", "loss", "entropy"),
                  finite=("loss", "token_kl", "grad_norm"), save_every=cfg.save_every, stop_after=cfg.stop_after,
                  tensorboard=cfg.tensorboard, progress=cfg.progress)
-    if step == 0 and run.eval_rows and (before := _on_main(run, lambda: held_out_reward(run, run.policy))):
+    if step == 0 and run.eval_rows and (before := _on_main(run, lambda policy: held_out_reward(run, policy))):
         log.log(0, {"eval_reward": before["reward_mean"], "eval_reward_ci95": before["reward_ci95_halfwidth"]})
         (out_dir / "eval_before.json").write_text(json.dumps(before))
 
@@ -276,7 +276,7 @@ def train(cfg: RLConfig, *, reward=None) -> RLResult:
         row = {**rl_step(run, step), **in_force}
         step += 1
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and run.eval_rows and (
-                mid := _on_main(run, lambda: held_out_reward(run, run.policy))):
+                mid := _on_main(run, lambda policy: held_out_reward(run, policy))):
             row["eval_reward"] = mid["reward_mean"]
         if log.end_step(step, row, checkpoint=checkpoint):
             break
@@ -285,19 +285,20 @@ def train(cfg: RLConfig, *, reward=None) -> RLResult:
     if step < cfg.steps:
         return result
     save_final(run.policy, run.tokenizer, out_dir / "final", lora=cfg.lora)
-    return dataclasses.replace(result, report=_on_main(run, lambda: final_report(run, out_dir, result.metrics)))
+    report = _on_main(run, lambda policy: final_report(run, out_dir, result.metrics, policy))
+    return dataclasses.replace(result, report=report)
 
 
 def _on_main(run: RLRun, fn):
-    """``fn()`` on rank 0 (None elsewhere), with the policy's full weights (every rank enters ``gathered`` together;
-    the others wait at the barrier)."""
-    with run.trainable.gathered():
-        out = fn() if run.trainable.dist.main else None
+    """``fn(policy)`` on rank 0 (None elsewhere), with the policy's full weights (every rank enters ``gathered``
+    together; the others wait at the barrier)."""
+    with run.trainable.gathered() as policy:
+        out = fn(policy) if run.trainable.dist.main else None
     distributed.barrier()
     return out
 
 
-def final_report(run: RLRun, out_dir: Path, metrics: list[dict]) -> dict:
+def final_report(run: RLRun, out_dir: Path, metrics: list[dict], policy=None) -> dict:
     """Held-out reward before and after (paired, with the CI of the gain) and KL(trained ‖ reference) with CIs;
     written to ``rl_report.json``."""
     cfg = run.cfg
@@ -308,8 +309,9 @@ def final_report(run: RLRun, out_dir: Path, metrics: list[dict]) -> dict:
         from tether.training import merged_copy
 
         before = json.loads((out_dir / "eval_before.json").read_text())
-        report.update(reward_gain(before, held_out_reward(run, run.policy)))
-        policy, reference = run.policy, run.reference
+        policy = run.policy if policy is None else policy  # under FSDP2: the gathered plain copy
+        report.update(reward_gain(before, held_out_reward(run, policy)))
+        reference = run.reference
         if cfg.lora:  # two plain models: adapters merged (policy) and removed (reference), the live model untouched
             policy, reference = merged_copy(run.policy), frozen_copy(run.policy).unload()
         report["kl"] = measure_kl(policy, reference, run.tokenizer, [r["prompt"] for r in run.eval_rows],
