@@ -30,7 +30,6 @@ from pathlib import Path
 import pytest
 
 from tether.cli import _commands, main
-from tether.testing import make_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,9 +40,11 @@ class Ran(Exception):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tiny model directory, valid prompt and preference files, and the base (valid) argv of every command."""
+    """A model directory, valid prompt and preference files, and the base (valid) argv of every command."""
     tmp = tmp_path_factory.mktemp("fuzz")
-    model = str(make_tiny_model_dir(tmp / "model", seed=0))
+    model = tmp / "model"  # the commands are stubbed: a model directory only has to exist
+    model.mkdir()
+    model = str(model)
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Describe item {i}."}) + "\n" for i in range(3)))
     pairs = tmp / "pairs.jsonl"
@@ -59,12 +60,14 @@ def world(tmp_path_factory):
         "distill": {"teacher_model": model, "output_dir": str(out / "distill"), "train_file": str(pairs),
                     "eval_prompts_file": str(prompts)},
         "frontier": {"model": model, "output_dir": str(out / "frontier"), "prompts_file": str(prompts)},
+        "merge": {"models": [model, model], "output_dir": str(out / "merge"), "prompts_file": str(prompts)},
+        "diagnose": {"base": model, "trained": model, "output_dir": str(out / "diagnose")},
     }
     return {"tmp": tmp, "model": model, "prompts": prompts, "pairs": pairs, "base": base}
 
 
 def _flags(values: dict) -> list[str]:
-    return [a for k, v in values.items() for a in (f"--{k}", str(v))]
+    return [a for k, v in values.items() for a in (f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)]))]
 
 
 def run_case(command: str, argv: list[str], monkeypatch) -> tuple[str, str]:
@@ -218,7 +221,7 @@ def file_cases(command: str, world) -> list[tuple[str, dict]]:
             cases.append((f"{command}.{field}.{name}", {field: path}))
         cases.append((f"{command}.{field}.deep_json", {field: write(f"{field}-deep", '{"prompt": ' + DEEP + "}\n")}))
         cases.append((f"{command}.{field}.missing", {field: str(tmp / "nope.jsonl")}))
-    for field in ("model", "teacher_model", "policy", "reference"):
+    for field in ("model", "teacher_model", "policy", "reference", "base", "trained"):
         if field in base:
             cases.append((f"{command}.{field}.missing_dir", {field: str(tmp / "no-model")}))
     blocker = tmp / "a-file"
