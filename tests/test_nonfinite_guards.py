@@ -126,3 +126,13 @@ def test_a_nan_model_is_refused_and_no_report_is_written(command, files, tmp_pat
     rc, err = run(argv, capsys)
     assert rc == 2 and "NaN" in err, err
     assert not (out / "kl.json").exists() and not (out / "sample_report.json").exists()
+
+
+def test_quickstart_huge_learning_rate_writes_no_final_model(files, tmp_path, capsys):
+    """The quickstart trains with the preference recipe: the same guards stop it, before its report."""
+    out = tmp_path / "qs"
+    rc, err = run(["quickstart", "--model", files["model"], "--output_dir", str(out), "--train_prompts", "8",
+                   "--heldout_prompts", "2", "--samples_per_prompt", "8", "--max_new_tokens", "16",
+                   "--kl_samples_per_prompt", "1", "--batch_size", "2", "--lr", "1e30", "--no_progress"], capsys)
+    assert rc == 2 and ("not finite" in err or "nan" in err), err
+    assert not (out / "dpo" / "final").exists() and not (out / "quickstart_report.json").exists()
