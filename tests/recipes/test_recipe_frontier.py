@@ -126,3 +126,32 @@ def test_bad_sweeps_fail_in_one_line_naming_the_field(tiny, tmp_path):
         FrontierConfig(best_of_n=[])
     with pytest.raises(ValueError, match=r"overrides: unknown field\(s\) \['max_stepz'\]"):
         frontier.declared_points(config(tiny, tmp_path, dpo_overrides={"max_stepz": 1}))
+
+
+def test_the_policy_evaluator_is_measure_kl_plus_the_reward_of_the_same_completions():
+    """``evaluate_policy`` = ``measure_kl`` (tested against exact enumeration in tests/eval/test_kl_measure.py) on the
+    same seeded completions, plus their rewards: the KL report is identical, and the reward summary is the mean (95%
+    CI) of the reward of exactly the completions ``sample`` draws with that seed."""
+    from tether.eval.kl import measure_kl
+    from tether.inference.accounting import summarize_values
+    from tether.sampling import render_prompts, sample
+    from tether.testing import tiny_model, tiny_tokenizer
+
+    tok, policy, reference = tiny_tokenizer(), tiny_model(seed=1), tiny_model(seed=0)
+    rows = [{"prompt": "Say hi."}, {"prompt": "Name a colour, please."}]
+
+    def reward(prompt, completion, row):  # no opinion on empty completions: counted as not applicable
+        return float(len(completion) % 5) if completion else None
+
+    got = frontier.evaluate_policy(policy, reference, tok, rows, reward, samples_per_prompt=3, max_new_tokens=5,
+                                   seed=7, batch_size=4)
+    want = measure_kl(policy, reference, tok, [r["prompt"] for r in rows], samples_per_prompt=3, max_new_tokens=5,
+                      seed=7, batch_size=4)
+    assert got["kl_report"] == want
+    assert got["sequence_kl"]["mean"] == want["sequence_kl_rao_blackwell"]["mean"] > 0
+    assert got["token_kl"]["mean"] == want["token_kl"]["mean"]
+    done = sample(policy, tok, render_prompts(tok, [r["prompt"] for r in rows]), n=3, max_new_tokens=5,
+                  temperature=1.0, seed=7, batch_size=4)
+    values = [reward(None, t, None) for t in done.texts]
+    assert got["reward"] == summarize_values(torch.tensor([float("nan") if v is None else v for v in values],
+                                                          dtype=torch.float64))
