@@ -130,3 +130,28 @@ def test_the_cli_turns_expected_failures_into_one_line(error, monkeypatch, capsy
     expected = {OSError: "No space left on device: /out/model.safetensors", PermissionError: "Permission denied: /out",
                 ValueError: "first line; second line"}[type(error)]
     assert err.endswith(expected), err
+
+
+@pytest.mark.parametrize("error, expected", [
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 17024 vs 16916"), True),
+    (RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed"), True),
+    (RuntimeError("shape mismatch in a matmul"), False),  # a bug keeps its traceback
+])
+def test_a_failed_write_on_a_full_disk_is_one_line(error, expected, monkeypatch, capsys, tmp_path):
+    """torch.save reports a full disk as a RuntimeError, not an OSError (issue 15: "unexpected pos 17024 vs
+    16916"); the CLI names it as a failed write, one line, exit 2. Other RuntimeErrors propagate."""
+    from tether import cli
+
+    def fail(cfg):
+        raise error
+
+    table = dict(cli._commands())
+    table["kl"] = (table["kl"][0], fail)
+    monkeypatch.setattr(cli, "_commands", lambda: table)
+    if not expected:
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            main(["kl", "--output", str(tmp_path / "r.json")])
+        return
+    assert main(["kl", "--output", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("tether kl: error: writing failed — is the disk full?"), err

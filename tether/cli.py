@@ -159,7 +159,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError) as err:  # expected failures: bad values, data, files, disk, imports
         print(f"tether {command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if not _write_failure(err):
+            raise  # a bug: keep the traceback
+        print(f"tether {command}: error: writing failed — is the disk full? ({one_line(err)})", file=sys.stderr)
+        return 2
     return 0
+
+
+# What torch.save (its zip writer) and safetensors raise when a write fails part-way, e.g. on a full disk: a
+# RuntimeError ("unexpected pos 17024 vs 16916", "PytorchStreamWriter failed writing file") or SafetensorError
+# ("IoError(Os { code: 28, kind: StorageFull ... })"), not an OSError.
+_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed", "No space left on device",
+                   "StorageFull", "os error 28", "Disk quota exceeded")
+
+
+def _write_failure(err: BaseException) -> bool:
+    return (isinstance(err, RuntimeError) or type(err).__name__ == "SafetensorError") and any(
+        s in str(err) for s in _WRITE_FAILURES)
 
 
 if __name__ == "__main__":
