@@ -26,10 +26,13 @@ __all__ = ["RANGES", "ConfigError", "LoRAConfig", "ModelConfig", "OptimConfig", 
            "check_paths", "check_range", "check_value", "parse_flags", "read_yaml"]
 
 
-def check_range(name: str, value, ok: bool, command: str = "tether <command>") -> None:
-    """Raise ``ValueError`` naming the field when ``ok`` is false."""
+def check_range(name: str, value, ok: bool, command: str = "tether <command>", allowed: str | None = None) -> None:
+    """Raise ``ValueError`` naming the field and what is allowed (``allowed``, else :data:`RELATIONS` or
+    :data:`RANGES` by name) when ``ok`` is false."""
     if not ok:
-        raise ValueError(f"{name}={value!r} is out of range; see `{command} --help` for its meaning")
+        allowed = allowed or RELATIONS.get(name) or (RANGES[name][1] if name in RANGES else None)
+        raise ValueError(f"{name}={value!r} is out of range" + (f": allowed {allowed}" if allowed else "")
+                         + f"; see `{command} --help` for its meaning")
 
 
 def _finite(x) -> bool:
@@ -170,6 +173,18 @@ RANGES: dict[str, tuple] = {
     "warmup_ratio": _unit(False, True), "top_p": _unit(True, False), "lmbda": _unit(False, False),
     "difficulty_low": _unit(False, False), "difficulty_high": _unit(False, False),
     "ref_rate": _unit(False, False), "risk_confidence": _unit(True, True), "teacher_mixed_alpha": _unit(False, True),
+}
+
+
+#: What a recipe's own check of a field allows where it depends on another field or on the recipe (the message of
+#: ``check_range`` for these names; ``RANGES`` has already passed when they are checked).
+RELATIONS: dict[str, str] = {
+    "group_size": ">= 2 for a grouped objective (>= 1 for one without groups)",
+    "mini_batches": "1 <= mini_batches <= prompts_per_step, dividing it",
+    "overlong_buffer": "0 <= overlong_buffer < max_new_tokens",
+    "max_prompt_length": "1 <= max_prompt_length < max_length",
+    "samples_per_prompt": ">= 2 where pairs are built from the samples (quickstart)",
+    "difficulty_low": "0 <= difficulty_low <= difficulty_high",
 }
 
 
