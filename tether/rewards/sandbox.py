@@ -78,71 +78,21 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_OPEN_FILES = 64
+NOBODY = 65534  # the uid a root caller's sandbox runs as by default
 _MARKER = "tether-sandbox"
 
-# Runs as `python -I -S -c _HARNESS <limits json>` in the working directory: sets limits on itself, installs the
-# guard, then runs main.py as __main__. Reads main.py before the guard so the guard never sees the harness's I/O.
-_HARNESS = r"""
-def _boot():
-    import json, os, resource, sys
-    lim = json.loads(sys.argv[1])
-    for name, soft, hard in lim["rlimits"]:
-        r = getattr(resource, name)
-        _, cur_hard = resource.getrlimit(r)
-        if cur_hard != resource.RLIM_INFINITY:
-            soft, hard = min(soft, cur_hard), min(hard, cur_hard)
-        resource.setrlimit(r, (soft, hard))
-    root = os.path.realpath(os.getcwd())
-    os.environ["TMPDIR"] = root
-    with open("main.py", encoding="utf-8") as f:
-        src = f.read()
-    sys.argv = ["main.py"]
-    if lim["guard"]:
-        deny = frozenset(lim["deny_events"])
-        deny_imports = frozenset(lim["deny_imports"])
-        paths = {k: tuple(v) for k, v in lim["path_events"].items()}
-        dev_ok = frozenset(("/dev/null", "/dev/stdout", "/dev/stderr"))
-        write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-        # Bound here so that code rebinding builtins or os attributes cannot change what the hook calls.
-        fsdecode, realpath, _isinstance, _any, _len, _PermissionError = (
-            os.fsdecode, os.path.realpath, isinstance, any, len, PermissionError)
-        busy = [False]
+_HARNESS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_harness.py")
+_harness_source: str | None = None
 
-        def inside(p):
-            p = fsdecode(p)
-            return p in dev_ok or (lambda q: q == root or q.startswith(root + "/"))(realpath(p))
 
-        def hook(event, args):
-            if busy[0]:
-                return
-            busy[0] = True
-            try:
-                if event in deny:
-                    raise _PermissionError(f"{_MARKER}: {event} is blocked")
-                if event == "import" and args[0] in deny_imports:
-                    raise _PermissionError(f"{_MARKER}: import {args[0]} is blocked")
-                if event == "open":
-                    path, mode, flags = args
-                    writes = (_isinstance(flags, int) and flags & write_flags) or (
-                        _isinstance(mode, str) and _any(c in mode for c in "wax+"))
-                    if writes and not _isinstance(path, int) and not inside(path):
-                        raise _PermissionError(f"{_MARKER}: writing {path!r} outside the working dir is blocked")
-                elif event in paths:
-                    path_idx, fd_idx = paths[event]
-                    if _any(i < _len(args) and args[i] not in (None, -1) for i in fd_idx):
-                        raise _PermissionError(f"{_MARKER}: {event} with dir_fd is blocked")
-                    for i in path_idx:
-                        if _isinstance(args[i], int) or not inside(args[i]):
-                            raise _PermissionError(f"{_MARKER}: {event} on {args[i]!r} outside the working dir")
-            finally:
-                busy[0] = False
+def _harness() -> str:
+    """The in-child harness's source (``_sandbox_harness.py``), run as ``python -I -S -c``."""
+    global _harness_source
+    if _harness_source is None:
+        with open(_HARNESS_PATH, encoding="utf-8") as f:
+            _harness_source = f.read()
+    return _harness_source
 
-        sys.addaudithook(hook)
-    return src
-
-__file__ = "main.py"
-exec(compile(_boot(), "main.py", "exec"))
-""".replace("{_MARKER}", _MARKER)
 
 # Events refused outright by the guard.
 _DENY_EVENTS = (
@@ -244,6 +194,8 @@ def _reason_from_exit(returncode: int, stderr: str) -> str | None:
             return "memory_limit"
         if last.startswith("OSError") and f"[Errno {errno.EFBIG}]" in last:
             return "file_size_limit"  # Python ignores SIGXFSZ, so an oversized write raises EFBIG instead
+        if last.startswith("OSError") and f"[Errno {errno.ENOSPC}]" in last:
+            return "disk_limit"  # the tmpfs working directory (max_disk_mb) is full
         if last.startswith("PermissionError") and _MARKER in last:
             return "blocked"
     return None
@@ -258,54 +210,83 @@ def run_sandboxed(
     cpu_s: int | None = None,
     max_output_bytes: int = 1 << 20,
     max_file_mb: int = 16,
+    max_disk_mb: int = 64,
+    max_files: int = 4096,
     max_procs: int = 32,
     guard: bool = True,
+    isolation: str = "full",
     user: int | None = None,
     python: str | None = None,
 ) -> SandboxResult:
-    """Run ``code`` as ``__main__`` in a limited subprocess (see the module docstring); never raises on bad code.
+    """Run ``code`` as ``__main__`` in an isolated, limited subprocess (module docstring); never raises on bad code.
 
     Args:
         code: Python source; written to ``main.py`` in a fresh working directory.
         stdin: fed to the program's standard input (from a file, so an unread stdin never blocks).
-        timeout_s: wall-clock limit in seconds; the process group is SIGKILLed when it passes.
+        timeout_s: wall-clock limit in seconds; the process group (and with it the PID namespace) is SIGKILLed
+            when it passes.
         memory_mb: ``RLIMIT_AS`` in MiB (virtual address space per process; ≥ 64, the interpreter needs ~15).
         cpu_s: ``RLIMIT_CPU`` soft limit in seconds; default ``ceil(timeout_s) + 1``. A backstop behind the wall
             clock: it still stops a spinning child if the caller dies before its kill.
         max_output_bytes: cap per stream (stdout, stderr); passing it kills the group.
         max_file_mb: ``RLIMIT_FSIZE`` in MiB: the largest file the program may write.
-        max_procs: ``RLIMIT_NPROC``: processes + threads *of the user* (ignored by the kernel for root).
-        guard: install the audit-hook guard (module docstring, item 5).
-        user: uid to run as (needs the caller to be root; the gid is the same number). The working directory
+        max_disk_mb: ``isolation="full"``: size of the tmpfs working directory, all files together (a write
+            beyond it fails with ``ENOSPC``). Its pages are RAM, on top of ``memory_mb``.
+        max_files: ``isolation="full"``: inode cap of that tmpfs (files + directories).
+        max_procs: ``RLIMIT_NPROC``: processes + threads of the sandbox's uid (the harness's PID 1 included).
+        guard: install the audit-hook guard (module docstring: a convenience that names the blocked call, not a
+            boundary).
+        isolation: ``"full"`` (namespaces, unprivileged uid, Landlock, tmpfs; ``OSError`` if the kernel or
+            the environment does not allow it) or ``"none"`` (resource limits and the guard only: for trusted
+            code, the caller's own user and filesystem).
+        user: uid (and gid) to run as. ``"full"``: when the caller is root, default 65534 (nobody); a non-root
+            caller always runs as itself inside a user namespace. ``"none"``: needs root; the working directory
             is chowned to it and ``python`` must be executable by it.
         python: interpreter to run; default ``sys.executable``.
 
-    Raises ``ValueError`` for invalid limits and ``OSError`` only if the sandbox cannot start.
+    Raises ``ValueError`` for invalid arguments and ``OSError`` only if the sandbox cannot start (including
+    ``isolation="full"`` being unavailable: the message names the step that failed).
     """
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
     if memory_mb < 64:
         raise ValueError(f"memory_mb must be >= 64 (the interpreter itself needs ~15 MiB), got {memory_mb}")
+    if isolation not in ("full", "none"):
+        raise ValueError(f'isolation must be "full" or "none" (trusted code only), got {isolation!r}')
     if cpu_s is None:
         cpu_s = math.ceil(timeout_s) + 1
     for name, value in (
         ("cpu_s", cpu_s),
         ("max_output_bytes", max_output_bytes),
         ("max_file_mb", max_file_mb),
+        ("max_disk_mb", max_disk_mb),
+        ("max_files", max_files),
         ("max_procs", max_procs),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    root = os.geteuid() == 0
+    if isolation == "full":
+        if not root and user not in (None, os.geteuid()):
+            raise ValueError(f"user={user} needs a root caller; a non-root caller's sandbox runs as its own uid")
+        uid = (NOBODY if user is None else user) if root else os.geteuid()
+        gid = uid if root else os.getegid()
     python = python or sys.executable
+    status_r, status_w = os.pipe()
     limits = {
         "rlimits": _rlimits(memory_mb, cpu_s, max_file_mb, max_procs),
         "guard": guard,
         "deny_events": _DENY_EVENTS,
         "deny_imports": _DENY_IMPORTS,
         "path_events": _PATH_EVENTS,
+        "marker": _MARKER,
+        "status_fd": status_w,
+        "isolation": isolation,
     }
     ids: dict[str, Any] = {}
-    if user is not None:
+    if isolation == "full":
+        limits.update(uid=uid, gid=gid, userns=not root, disk_mb=max_disk_mb, max_inodes=max_files)
+    elif user is not None:
         ids = {"user": user, "group": user, "extra_groups": []}
 
     t0 = time.monotonic()
@@ -317,27 +298,32 @@ def run_sandboxed(
         stdin_path = os.path.join(workdir, ".stdin")
         with open(stdin_path, "w", encoding="utf-8", errors="replace") as f:
             f.write(stdin)
-        if user is not None:
+        if ids:
             for p in (workdir, main, stdin_path):
                 os.chown(p, user, user)
-        with open(stdin_path, "rb") as stdin_file:
-            proc = subprocess.Popen(
-                [python, "-I", "-S", "-c", _HARNESS, json.dumps(limits)],
-                stdin=stdin_file,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=workdir,
-                env={},
-                start_new_session=True,
-                close_fds=True,
-                **ids,
-            )
-        out, err, reason = _collect(proc, deadline=t0 + timeout_s, cap=max_output_bytes)
-        returncode = proc.returncode
+        try:
+            with open(stdin_path, "rb") as stdin_file:
+                proc = subprocess.Popen(
+                    [python, "-I", "-S", "-c", _harness(), json.dumps(limits)],
+                    stdin=stdin_file,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=workdir,
+                    env={},
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(status_w,),
+                    **ids,
+                )
+        finally:
+            os.close(status_w)
+        out, err, status, reason = _collect(proc, status_r, deadline=t0 + timeout_s, cap=max_output_bytes)
     finally:
+        os.close(status_r)
         shutil.rmtree(workdir, ignore_errors=True)
         if os.path.exists(workdir):
             warnings.warn(f"sandbox working directory {workdir} could not be fully deleted", stacklevel=2)
+    returncode = _returncode(status, proc.returncode, isolation)
     stdout = out.decode("utf-8", errors="replace")
     stderr = err.decode("utf-8", errors="replace")
     if reason is None:
@@ -353,10 +339,34 @@ def run_sandboxed(
     )
 
 
-def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:
-    """Read both pipes until EOF, the deadline or the cap; always kill the group and reap the child."""
+def _returncode(status: bytes, outer_returncode: int | None, isolation: str) -> int | None:
+    """The program's exit status from the harness's status lines; ``OSError`` if the sandbox never got ready.
+
+    Only lines before ``ready`` can raise, and only the harness writes them, so model-written code cannot make
+    the caller raise. Without an ``exit`` line (killed by the wall clock or the output cap; or
+    ``isolation="none"``, where the program is the outer process itself) the outer process's status is it."""
+    lines = status.decode("utf-8", errors="replace").splitlines()
+    if "ready" not in lines:
+        errors = [line.removeprefix("setup-error ") for line in lines if line.startswith("setup-error ")]
+        if isolation == "full":
+            raise OSError(
+                f"sandbox isolation unavailable: {errors[0] if errors else 'the harness died before it was ready'}; "
+                'run where namespaces and Landlock are allowed, or pass isolation="none" for trusted code only'
+            )
+        raise OSError(f"sandbox did not start: {errors[0] if errors else f'exit status {outer_returncode}'}")
+    exits = [line for line in lines[lines.index("ready"):] if line.startswith("exit ")]
+    if exits:
+        return os.waitstatus_to_exitcode(int(exits[0].split()[1]))
+    return outer_returncode
+
+
+def _collect(
+    proc: subprocess.Popen, status_fd: int, deadline: float, cap: int
+) -> tuple[bytes, bytes, bytes, str | None]:
+    """Read both pipes (and the harness's status pipe) until EOF, the deadline or the cap; always kill the group
+    and reap the child."""
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
-    bufs = {out_fd: bytearray(), err_fd: bytearray()}
+    bufs = {out_fd: bytearray(), err_fd: bytearray(), status_fd: bytearray()}
     reason = None
     sel = selectors.DefaultSelector()
     for fd in bufs:
@@ -377,6 +387,9 @@ def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, 
                     sel.unregister(key.fd)
                     continue
                 buf = bufs[key.fd]
+                if key.fd == status_fd:
+                    buf += chunk[: 4096 - len(buf)]  # a few short lines from the harness
+                    continue
                 buf += chunk[: cap - len(buf) + 1]
                 if len(buf) > cap:
                     del buf[cap:]
@@ -395,7 +408,7 @@ def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, 
         sel.close()
         proc.stdout.close()
         proc.stderr.close()
-    return bytes(bufs[out_fd]), bytes(bufs[err_fd]), reason
+    return bytes(bufs[out_fd]), bytes(bufs[err_fd]), bytes(bufs[status_fd]), reason
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -457,7 +470,8 @@ class CodeTestReward:
     name = "code_tests"
 
     def __init__(self, timeout_s: float = 5.0, memory_mb: int = 512, **sandbox_options: Any):
-        known = {"cpu_s", "max_output_bytes", "max_file_mb", "max_procs", "guard", "user", "python"}
+        known = {"cpu_s", "max_output_bytes", "max_file_mb", "max_disk_mb", "max_files", "max_procs", "guard",
+                 "isolation", "user", "python"}
         unknown = sorted(set(sandbox_options) - known)
         if unknown:
             raise ValueError(f"unknown sandbox options {unknown}; known: {sorted(known)}")
