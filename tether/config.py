@@ -510,8 +510,9 @@ def _output_problem(path: Path, *, is_dir: bool) -> str | None:
 def check_paths(cfg, *, model_names: frozenset[str] = frozenset(), command: str = "tether <command>") -> None:
     """Before any work: every input path exists and every output location can be written, by field name —
     fields ending in ``_file`` or ``_config`` (and :data:`INPUT_FIELDS`) name existing files or dataset
-    directories, :data:`MODEL_FIELDS` a name in ``model_names`` or an existing directory, ``output_dir`` /
-    ``output*`` a writable place. A problem is a one-line :class:`ConfigError` naming the field."""
+    directories, :data:`MODEL_FIELDS` a name in ``model_names`` or an existing directory, ``output`` /
+    ``output_dir`` / ``output_*_dir|_file|_path`` a writable place. A problem is a one-line
+    :class:`ConfigError` naming the field."""
     from dataclasses import fields
 
     for f in fields(cfg):
@@ -528,6 +529,7 @@ def check_paths(cfg, *, model_names: frozenset[str] = frozenset(), command: str 
                     raise ConfigError(f"{f.name}: {p} is not a local model directory"
                                       + (f" (nor one of {sorted(model_names)})" if model_names else "")
                                       + " — models load from disk only")
-            elif f.name == "output_dir" or f.name.startswith("output"):
+            elif f.name in ("output", "output_dir") or (f.name.startswith("output_")
+                                                        and f.name.endswith(("_dir", "_file", "_path"))):
                 if problem := _output_problem(path, is_dir=f.name.endswith("_dir")):
                     raise ConfigError(f"{f.name}: {problem}; choose another {f.name}")
