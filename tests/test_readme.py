@@ -101,3 +101,34 @@ def test_readme_merge_and_diagnose_commands_run_at_tiny_scale(tmp_path):
     assert set(report["kl_to"]) == {b, c, "base:" + a} and report["eta"] == 0.3
     assert json.loads((tmp_path / "diag" / "diagnose.json").read_text())["matrices"]
     assert (tmp_path / "diag" / "diagnose.png").stat().st_size > 1000
+
+
+def test_readme_multiprocess_commands_run_at_tiny_scale(tmp_path):
+    """The torchrun commands of the README's multi-process section, 2 gloo processes on the CPU, each with its
+    config's tiny overrides (``tests/test_cli_configs.py``). The Accelerate commands need GPUs: their config files
+    must load with Accelerate and launch the same tether command as a torchrun line."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from test_cli_configs import as_flags, tiny_overrides
+
+    from tether.testing import make_tiny_model_dir
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Multi-process training: torchrun, DDP and FSDP2", 1)[1].split("\n## ", 1)[0]
+    lines = [shlex.split(line.strip()) for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+             for line in block.splitlines() if line.strip()]
+    runs = [argv for argv in lines if argv[0] == "torchrun"]
+    launches = [argv for argv in lines if argv[0] == "accelerate"]
+    assert len(runs) == 2 and len(launches) == 2
+    model = str(make_tiny_model_dir(tmp_path / "tiny"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k, argv in enumerate(runs):
+        command = argv[argv.index("tether") + 1]
+        tiny = as_flags(tiny_overrides(command, model, tmp_path / f"run{k}"))
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *argv[1:], *tiny], capture_output=True,
+                              text=True, timeout=600, env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert (tmp_path / f"run{k}" / "final" / "model.safetensors").is_file()
+    for argv in launches:
+        config = load_config_from_file(str(ROOT / argv[argv.index("--config_file") + 1]))
+        assert config.num_processes > 1 and not config.use_cpu
+        assert any(argv[argv.index("tether"):] == run[run.index("tether"):] for run in runs), argv
