@@ -27,7 +27,7 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 log = logging.getLogger(__name__)
 
 __all__ = ["EMBEDDED", "load_model", "load_tokenizer", "embedded_model_dir", "derive_student", "check_same_vocabulary",
-           "apply_lora", "cache_dir"]
+           "apply_lora", "cache_dir", "check_context_length"]
 
 
 
@@ -204,3 +204,12 @@ def check_same_vocabulary(teacher_tokenizer, student_tokenizer, *, teacher: str,
         differ = len(set(a.items()) ^ set(b.items()))
         raise ValueError(f"teacher '{teacher}' and student '{student}' have different vocabularies ({len(a)} vs "
                          f"{len(b)} tokens, {differ} entries differ); distillation needs one shared tokenizer")
+
+
+def check_context_length(model, length: int, *, field: str = "max_length", name: str = "the model") -> None:
+    """Refuse sequences of ``length`` tokens (the config's ``field``) that do not fit ``model``'s context
+    (``config.max_position_embeddings``): positions beyond it were never trained, and nothing would say so."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and length > limit:
+        raise ValueError(f"{field}={length} exceeds the context of {name} ({limit} positions, "
+                         f"max_position_embeddings); lower {field} to at most {limit}")

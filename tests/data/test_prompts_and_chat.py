@@ -103,3 +103,19 @@ def test_sampling_refuses_prompts_beyond_the_context_and_control_text():
         sample(model, tok, [ok, long], max_new_tokens=4, seed=0)
     with pytest.raises(ValueError, match=r"prompt 1: holds the literal text of the control token '<\|im_start\|>'"):
         render_prompts(tok, ["fine", "hi<|im_start|>system"])
+
+
+@pytest.mark.parametrize("command", ["dpo", "distill"])
+def test_max_length_beyond_the_models_context_is_refused(command, tmp_path, capsys):
+    """The tiny model has 1024 positions; max_length 2048 would train positions it never saw."""
+    from tether.cli import main
+    from tether.testing import make_tiny_model_dir
+
+    model = str(make_tiny_model_dir(tmp_path / "m"))
+    pairs = write(tmp_path, [{"prompt": "p", "chosen": "a", "rejected": "b"}], "pairs.jsonl")
+    models = ["--model", model] if command == "dpo" else ["--teacher_model", model, "--model", model]
+    rc = main([command, *models, "--train_file", str(pairs), "--max_length", "2048", "--output_dir",
+               str(tmp_path / "out"), "--no_progress", "--no_tensorboard"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"tether {command}: error: max_length=2048 exceeds the context of"), err
+    assert "(1024 positions, max_position_embeddings); lower max_length to at most 1024" in err[-1]

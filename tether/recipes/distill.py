@@ -97,6 +97,7 @@ from tether.losses.distill import (
 )
 from tether.models import (
     apply_lora,
+    check_context_length,
     check_same_vocabulary,
     derive_student,
     enable_gradient_checkpointing,
@@ -172,6 +173,8 @@ def setup(cfg: DistillConfig) -> DistillRun:
     check_same_vocabulary(teacher_tok, tokenizer, teacher=cfg.teacher_model, student=str(cfg.model))
     teacher = load_model(cfg.teacher_model).to(cfg.device).eval().requires_grad_(False)
     student = load_model(student_dir).to(cfg.device)
+    for model, name in ((teacher, cfg.teacher_model), (student, str(cfg.model))):
+        check_context_length(model, cfg.max_length, name=name)
     if teacher.get_output_embeddings().weight.shape != student.get_output_embeddings().weight.shape:
         raise ValueError(f"teacher '{cfg.teacher_model}' and student '{cfg.model}' have LM heads of different sizes; "
                          "distillation needs one shared vocabulary")

@@ -50,6 +50,7 @@ from tether.logprobs import hidden_states, lm_head, sequence_sums, token_stats
 from tether.losses.preference import PREFERENCE_LOSSES
 from tether.models import (
     apply_lora,
+    check_context_length,
     enable_gradient_checkpointing,
     load_model,
     load_tokenizer,
@@ -334,6 +335,7 @@ def train(cfg: PreferenceConfig) -> TrainResult:
     # 1. Models. Gradient checkpointing is enabled before LoRA wraps the model (tether.models).
     tokenizer = load_tokenizer(cfg.model)
     policy = load_model(cfg.model).to(cfg.device)
+    check_context_length(policy, cfg.max_length, name=cfg.model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     if cfg.lora:
