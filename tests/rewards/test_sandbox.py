@@ -1,6 +1,7 @@
 """The sandbox: every way model-written code can misbehave comes back as a failed result, fast, and the test
-process (the "trainer") survives all of them."""
+process (the "trainer") survives all of them. (Attacks on the isolation itself: test_sandbox_isolation.py.)"""
 
+import functools
 import os
 import shutil
 import signal
@@ -8,8 +9,23 @@ import time
 
 import pytest
 
-from tether.rewards import CodeTestReward, extract_code, run_sandboxed
+from tether.rewards import CodeTestReward, extract_code
+from tether.rewards import run_sandboxed as _run_sandboxed
 from tether.rewards.sandbox import _reason_from_exit
+
+
+def _isolation() -> str:
+    """"full" where the kernel allows it (as on this project's CI machines); else "none", so that these accident
+    tests still run where test_sandbox_isolation.py skips (it names the reason)."""
+    try:
+        _run_sandboxed("pass", timeout_s=10)
+        return "full"
+    except OSError:
+        return "none"
+
+
+ISOLATION = _isolation()
+run_sandboxed = functools.partial(_run_sandboxed, isolation=ISOLATION)
 
 TIMEOUT = 0.5  # for programs expected to fail; programs expected to pass get the default 5 s (loaded CI machines)
 SLACK = 2.0  # every failure must be reported within timeout + 2 s
@@ -153,16 +169,17 @@ def _nobody_python():
 
 def test_fork_bomb_bounded_by_nproc():
     """With the guard off, only RLIMIT_NPROC stops a retrying fork bomb. The kernel ignores it for root, so as
-    root the bomb runs as uid 65534. It is killed at the timeout and no process of its group survives."""
+    root the bomb runs as uid 65534 (the default with full isolation). It is killed at the timeout and none of
+    its processes survives: with full isolation none in its PID namespace, else none in its process group."""
     if not os.path.isdir("/proc"):
-        pytest.skip("needs /proc to list the process group")
+        pytest.skip("needs /proc to list the surviving processes")
     bomb = (
-        "import os\nprint(os.getpid(), flush=True)\n"
+        "import os\nprint(os.getpid(), os.readlink('/proc/self/ns/pid'), flush=True)\n"
         "while True:\n    try:\n        if os.fork() == 0:\n            print('child', flush=True)\n"
         "    except OSError:\n        pass"
     )
     kwargs = {}
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and ISOLATION == "none":
         python = _nobody_python()
         if python is None:
             pytest.skip("running as root and no interpreter executable by uid 65534: RLIMIT_NPROC cannot apply")
@@ -170,12 +187,34 @@ def test_fork_bomb_bounded_by_nproc():
     t0 = time.monotonic()
     r = run_sandboxed(bomb, timeout_s=TIMEOUT, guard=False, max_procs=16, **kwargs)
     assert r.killed_reason == "timeout" and time.monotonic() - t0 < TIMEOUT + SLACK
-    pgid = int(r.stdout.split()[0])
-    assert r.stdout.count("child") <= 15  # NPROC = 16 processes of the user, the bomb's first one included
+    pid, ns = r.stdout.split()[:2]
+    # NPROC = 16 processes of the user: the bomb's first one (and, isolated, the harness's PID 1) included
+    assert r.stdout.count("child") <= 15
+    if ISOLATION == "full":
+        assert pid == "2" and ns != os.readlink("/proc/self/ns/pid")
+        live = functools.partial(_live_in_ns, ns)
+    else:
+        live = functools.partial(_live_members, int(pid))
     deadline = time.monotonic() + SLACK
-    while _live_members(pgid) and time.monotonic() < deadline:
+    while live() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _live_members(pgid), f"processes of group {pgid} survived the sandbox"
+    assert not live(), f"processes of {ns if ISOLATION == 'full' else 'group ' + pid} survived the sandbox"
+
+
+def _live_in_ns(ns: str) -> list[int]:
+    """Non-zombie pids whose PID namespace link reads ``ns``."""
+    live = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/ns/pid") != ns:
+                    continue
+                with open(f"/proc/{entry}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] not in "ZX":
+                        live.append(int(entry))
+            except OSError:
+                continue
+    return live
 
 
 def _live_members(pgid: int) -> list[int]:
@@ -199,6 +238,10 @@ def test_invalid_limits_raise():
         run_sandboxed("pass", memory_mb=8)
     with pytest.raises(ValueError, match="timeout_s"):
         run_sandboxed("pass", timeout_s=0)
+    with pytest.raises(ValueError, match="max_disk_mb"):
+        run_sandboxed("pass", max_disk_mb=0)
+    with pytest.raises(ValueError, match='isolation must be "full" or "none"'):
+        _run_sandboxed("pass", isolation="partial")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,7 +256,7 @@ def _md(code: str) -> str:
 def test_code_reward_assert_tests():
     """3 asserts, the solution breaks the negative case: 2/3."""
     tests = ["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add(-1, -1) == -2"]
-    good = CodeTestReward()
+    good = CodeTestReward(isolation=ISOLATION)
     assert good("p", _md("def add(a, b):\n    return a + b"), {"tests": tests}) == 1.0
     assert good("p", _md("def add(a, b):\n    return abs(a) + abs(b)"), {"tests": tests}) == pytest.approx(2 / 3)
 
@@ -226,7 +269,7 @@ def test_code_reward_stdin_stdout_tests():
         {"input": "1 1", "output": "3"},
     ]
     code = "a, b = map(int, input().split())\nprint(a + b)"
-    assert CodeTestReward()("p", _md(code), {"tests": tests}) == pytest.approx(2 / 3)
+    assert CodeTestReward(isolation=ISOLATION)("p", _md(code), {"tests": tests}) == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize(
@@ -242,12 +285,13 @@ def test_code_reward_stdin_stdout_tests():
 )
 def test_code_reward_failures_score_zero(code):
     t0 = time.monotonic()
-    assert CodeTestReward(timeout_s=TIMEOUT)("p", _md(code), {"tests": ["assert True"]}) == 0.0
+    reward = CodeTestReward(timeout_s=TIMEOUT, isolation=ISOLATION)
+    assert reward("p", _md(code), {"tests": ["assert True"]}) == 0.0
     assert time.monotonic() - t0 < TIMEOUT + SLACK
 
 
 def test_code_reward_none_zero_and_errors():
-    r = CodeTestReward()
+    r = CodeTestReward(isolation=ISOLATION)
     assert r("p", _md("print(1)"), {}) is None
     assert r("p", _md("print(1)"), {"tests": []}) is None
     assert r("p", "no code here", {"tests": ["assert True"]}) == 0.0

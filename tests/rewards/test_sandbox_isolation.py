@@ -279,3 +279,49 @@ def test_trivial_call_overhead_is_small():
     t0 = time.monotonic()
     assert run_sandboxed("print(1)").stdout == "1\n"
     assert time.monotonic() - t0 < 5
+
+
+NON_ROOT_CALLER = """
+import importlib.util, json, os, sys
+spec = importlib.util.spec_from_file_location("tether_sandbox", sys.argv[1])
+sandbox = importlib.util.module_from_spec(spec)
+sys.modules["tether_sandbox"] = sandbox  # dataclasses looks the module up
+spec.loader.exec_module(sandbox)
+r = sandbox.run_sandboxed(sys.argv[2], guard=False)
+print(json.dumps({"caller_uid": os.getuid(), "stdout": r.stdout, "stderr": r.stderr}))
+"""
+
+
+def _interpreter_for(uid: int) -> str | None:
+    for cand in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.path.exists(cand):
+            probe = subprocess.run([cand, "-c", "import sys; assert sys.version_info >= (3, 10)"], user=uid,
+                                   group=uid, extra_groups=[], capture_output=True)
+            if probe.returncode == 0:
+                return cand
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the caller is not root: every other test already runs this path")
+def test_non_root_caller_gets_a_user_namespace(open_dir):
+    """A non-root caller (here uid 65534, started from root) cannot setuid: the harness maps its own uid in a new
+    user namespace and gets the same PID/mount/network namespaces, tmpfs and Landlock. The module is loaded
+    from its file so the caller needs only the standard library."""
+    import json
+
+    import tether.rewards.sandbox as sandbox
+
+    python = _interpreter_for(65534)
+    if python is None:
+        pytest.skip("no interpreter (>= 3.10) executable by uid 65534")
+    code = (f"{_PRELUDE}\nDIR = {open_dir!r}\n{WRITE_ESCAPES}\nimport socket\n"
+            "print('ID', os.getpid(), os.getuid(), socket.gethostname(), flush=True)\n"
+            "attempt('connect', lambda: socket.create_connection(('127.0.0.1', 9), timeout=2).close())\n")
+    out = subprocess.run([python, "-c", NON_ROOT_CALLER, sandbox.__file__, code], user=65534, group=65534,
+                         extra_groups=[], capture_output=True, text=True, timeout=60, cwd="/")
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["caller_uid"] == 65534 and "ID 2 65534 sandbox" in r["stdout"], r
+    got = _attempts(r["stdout"])
+    assert len(got) == 6 and all(v.startswith("ERR") for v in got.values()), got
+    assert os.listdir(open_dir) == []
