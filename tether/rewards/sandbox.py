@@ -1,57 +1,88 @@
-"""Run model-written Python in a resource-limited subprocess, and a pass-fraction reward built on it.
+"""Run model-written Python in an isolated, resource-limited subprocess, and a pass-fraction reward built on it.
 
-**This is process isolation with resource limits, not a security boundary.** It stops the accidents an RL
-policy produces every day (infinite loops, memory bombs, fork loops, gigabytes of output, a stray
-``os.remove``) from hanging or killing the trainer. It does not stop a determined attacker: there is no
-network, mount, PID or user namespace, no seccomp filter, no cgroup. Run untrusted code from the internet in
-a container or VM (gVisor, Firecracker, nsjail) instead.
+``run_sandboxed`` has two modes. ``isolation="full"`` (the default) puts the code behind kernel mechanisms that
+hold even when the code controls the whole Python interpreter (``ctypes``, the audit guard switched off through
+``gc``, raw system calls). ``isolation="none"`` keeps only the resource limits and the Python-level guard: it is
+for trusted code, and must be asked for by name. When full isolation cannot be set up (a kernel without
+Landlock, user namespaces disabled, a container that forbids ``unshare`` or ``mount``) the call raises
+``OSError`` naming the step that failed and this option; it never falls back silently.
 
-What ``run_sandboxed`` does:
+How a call runs (``isolation="full"``; the harness is ``_sandbox_harness.py``, run as ``python -I -S -c``, so the
+caller never forks with a ``preexec_fn``, which CPython documents as unsafe in a threaded trainer):
 
-1. **Separate process.** ``python -I -S`` (isolated mode: no ``PYTHON*`` variables, no user site, script dir
-   not on ``sys.path``; ``-S``: no ``site``, so only the standard library is importable), an **empty
-   environment**, ``stdin`` from a file, and a **fresh temporary working directory** that is deleted
-   afterwards. The child is the leader of a new session / process group.
-2. **Resource limits** (``setrlimit``, set by the child on itself, in a short harness that then runs the code,
-   rather than in a ``preexec_fn``: CPython documents ``preexec_fn`` as unsafe when the parent has threads, as
-   a trainer with torch and tokenizer threads does, and it rules out ``vfork``):
-   ``RLIMIT_AS = memory_mb`` (an allocation beyond it raises ``MemoryError``), ``RLIMIT_CPU = cpu_s`` (soft;
-   ``SIGXCPU``, then ``SIGKILL`` one second later), ``RLIMIT_FSIZE = max_file_mb`` (a bigger write fails with
-   ``EFBIG``; Python ignores ``SIGXFSZ``), ``RLIMIT_NPROC = max_procs``, ``RLIMIT_NOFILE = 64``,
-   ``RLIMIT_CORE = 0`` (no core dumps). Soft = hard, except CPU (hard = soft + 1).
-3. **Wall-clock timeout** (``timeout_s``, counted from the call): the whole process group gets
-   ``SIGKILL``. The group is also killed after a normal exit, so no straggler survives the call.
-4. **Output caps**: stdout and stderr are read as they are produced; once either passes ``max_output_bytes``
-   the group is killed (``killed_reason="output_limit"``) and the first ``max_output_bytes`` are returned.
-   The parent never holds more than that, however fast the child prints.
-5. **Audit guard** (``guard=True``, the default): a ``sys.addaudithook`` hook, installed before the code runs
-   and impossible to remove from Python, raises ``PermissionError`` on: creating processes (``os.fork``,
-   ``os.posix_spawn``, ``os.exec*``, ``os.system``, ``subprocess``), signalling processes (``os.kill``,
-   ``os.killpg``), opening sockets, changing resource limits, importing ``ctypes`` / ``_posixsubprocess``,
-   and writing, creating, deleting, renaming, linking, chmod/chown-ing or ``utime``-ing any path outside the
-   working directory (``/dev/null``, ``/dev/stdout`` and ``/dev/stderr`` may be written). ``TMPDIR`` (inside
-   the child only) points at the working directory so ``tempfile`` works.
+1. **Fresh process, empty environment.** ``-I -S`` (no ``PYTHON*`` variables, no user site, no ``site``:
+   only the standard library imports), ``env={}``, stdin from a file, a new session / process group.
+2. **Namespaces** (``unshare``, before any untrusted code): new **PID** namespace (the code is PID 2; the
+   caller and every other process on the machine are invisible, so ``kill``, ``pidfd_open``,
+   ``/proc/<pid>/environ`` and ``/proc/<pid>/mem`` of the caller fail with ``ESRCH`` / ``ENOENT``; a fresh
+   ``/proc`` is mounted), new **network** namespace (only a loopback device that is down: no network at all,
+   abstract unix sockets of the host unreachable), new **mount**, **IPC** (no host System V / POSIX message
+   queues) and **UTS** namespaces. A non-root caller first creates a **user** namespace that maps only its own
+   uid and gid, which is what allows the others without privileges.
+3. **Unprivileged identity.** A root caller's code runs as uid/gid 65534 (``nobody``, or ``user=``) with no
+   supplementary groups; a non-root caller's code runs as itself with every capability dropped. Then
+   ``PR_SET_NO_NEW_PRIVS`` (no setuid binary can raise privileges). Directories the target uid cannot traverse
+   that hold the interpreter (a pyenv under ``/root``) are covered by an empty tmpfs with only the
+   interpreter's tree bound back read-only, so the rest of that home directory is not even visible.
+4. **Landlock** (every access right the running kernel's ABI knows is handled, so nothing is left open by
+   omission): **writes** only inside the working directory and to ``/dev/null``; **reads** only in the working
+   directory, the interpreter's tree, ``/usr``, ``/lib*``, ``/bin``, ``/sbin``, ``/etc``, the fresh ``/proc``
+   and ``/dev/{urandom,random,zero,null}`` (not ``/tmp``, ``/work``, ``/home``, ``/root``, ``/sys``); no TCP
+   bind/connect (ABI ≥ 4); no signals to and no abstract unix sockets of processes outside the sandbox
+   (ABI ≥ 6). ``dir_fd``-relative calls, ``mkfifo``, ``mknod``, hard links, renames and ``sqlite3`` are all
+   checked by the kernel, whatever API reaches them.
+5. **Capped disk.** The working directory is a tmpfs mounted over the fresh temporary directory in the new
+   mount namespace: ``max_disk_mb`` for all files together (``ENOSPC`` beyond, ``killed_reason="disk_limit"``)
+   and ``max_files`` inodes. Its pages are RAM, charged on top of ``memory_mb``; it vanishes with the namespace.
+6. **Resource limits** (``setrlimit``, soft = hard except CPU, set after the uid change):
+   ``RLIMIT_AS = memory_mb`` per process, ``RLIMIT_CPU = cpu_s`` (``SIGXCPU``, ``SIGKILL`` a second later),
+   ``RLIMIT_FSIZE = max_file_mb`` per file (``EFBIG``), ``RLIMIT_NPROC = max_procs``, ``RLIMIT_NOFILE = 64``,
+   ``RLIMIT_CORE = 0``.
+7. **Nothing outlives the call.** The harness's PID 1 of the namespace forks the code, reaps orphans, and
+   exits as soon as the code's main process exits; the kernel then kills every process left in the namespace
+   (``setsid`` or double forks do not escape it). PID 1 also dies with the outer harness
+   (``PR_SET_PDEATHSIG``). The **wall-clock limit** (``timeout_s``) and the **output caps** (``max_output_bytes``
+   per stream, read as produced) SIGKILL the process group, which contains PID 1.
+8. **Audit guard** (``guard=True``): a ``sys.addaudithook`` hook refuses process creation, signals, sockets,
+   limit changes, ``ctypes`` and writes outside the working directory with a ``PermissionError`` naming the call
+   (``killed_reason="blocked"``). It turns common accidents into clear messages; it is **not** a boundary
+   (PEP 578 says so; three lines through ``gc`` switch it off), and nothing above relies on it.
 
-What it does **not** protect against:
+Guaranteed with ``isolation="full"``, for code that takes over its interpreter: it cannot write, create or
+delete anything outside its working directory; cannot read the caller's files outside the allow-list of
+item 4; cannot see, signal, trace or read the memory or environment of any process outside its PID namespace;
+has no network; cannot gain privileges; cannot use more than ``max_disk_mb`` of disk; leaves no process behind
+when the call returns (except for the race below); is killed at ``timeout_s``.
 
-- **Reading**: the code can read every file the caller's user can read (your checkpoints, keys in ``~``).
-- **Running as root**: the kernel ignores ``RLIMIT_NPROC`` for root, and root can undo the other limits
-  through any hole in the guard. With ``guard=False`` as root nothing bounds a fork bomb but the wall-clock
-  kill. Pass ``user=65534`` (nobody) together with a ``python=`` that user can execute to run as an
-  unprivileged user, which makes ``RLIMIT_NPROC`` and file permissions real.
-- **The guard is Python-level**: PEP 578 audit hooks are documented as not being a sandbox. Introspection
-  (``gc`` can reach the hook's closure) or a bug in the interpreter or a C extension bypasses it;
-  ``dir_fd``-relative file operations are refused rather than checked; symlink races (TOCTOU) are not.
-- **Escaping the group kill**: a process that calls ``setsid()`` (only possible with ``guard=False``) leaves
-  the process group and survives the call.
-- **Shared budgets**: ``RLIMIT_NPROC`` counts every process and thread of the user, including the caller's
-  and other sandboxes'; ``RLIMIT_AS`` is per process (with ``guard=False``, ``max_procs`` processes can each
-  use ``memory_mb``); CPU and wall time are not shared fairly between concurrent sandboxes.
-- **Network**: only the guard's socket block; no network namespace.
+Not guaranteed:
+
+- **Kernel bugs.** This is the kernel's attack surface (no seccomp filter: every system call is reachable).
+  For code from the internet, prefer a VM or gVisor / Firecracker in addition.
+- **Shared budgets.** ``RLIMIT_NPROC`` counts every process of the uid (all concurrent root-started sandboxes
+  share ``nobody``'s count; a non-root caller shares its own count with the sandbox). ``RLIMIT_AS`` is per
+  process, so ``max_procs`` processes can each use ``memory_mb`` (plus the tmpfs); there is no cgroup, so CPU,
+  memory bandwidth and wall time are not shared fairly. The code can read world-readable system files under
+  ``/usr`` and ``/etc`` and see the machine's CPU and memory counts in ``/proc``.
+- **The caller dying** before its kill: the code still stops at ``RLIMIT_CPU`` if it spins, but a sleeping
+  program lives until PID 1's parent dies (the outer harness, which waits for it). A kill that lands in the
+  few microseconds between PID 1's fork and its ``PR_SET_PDEATHSIG`` is not caught.
+- **Scoring honesty.** ``killed_reason`` values read from stderr (``memory_limit``, ``file_size_limit``,
+  ``disk_limit``, ``blocked``) can be faked by the code; they are for logging, not for scoring.
+
+``isolation="none"`` keeps items 1, 6 and 8 and the group kill of item 7, in a fresh working directory on the
+real filesystem: the code runs as the caller (or ``user=`` with a ``python=`` that user can execute), reads
+everything the caller can, and with the guard off can write anywhere the caller can, signal the caller, use the
+network and leave detached processes behind. Use it only for code you would run yourself.
+
+Measured cost of a trivial call (``print(1)``), median of 30 interleaved calls on the shared 2-core
+development machine (load average ~15, so read the ratio, not the absolute): the guard-only sandbox 82 ms,
+``isolation="full"`` 126 ms (1.54x), ``isolation="none"`` 92 ms. The added ~40 ms are ``import ctypes``, a
+second and third ``fork`` and the mounts; the interpreter's own start (~35 ms) dominates both.
 
 Errors: bad *code* never raises (syntax errors, crashes, limits all come back as a ``SandboxResult``). A
-sandbox that cannot start at all (interpreter not executable, no ``fork``) raises ``OSError``, so broken
-infrastructure is never mistaken for wrong answers.
+sandbox that cannot start at all (interpreter not executable, isolation unavailable) raises ``OSError``, so
+broken infrastructure is never mistaken for wrong answers. Only the harness writes the status pipe that can
+cause that ``OSError``, and only before the code starts, so model-written code cannot make the caller raise.
 
 ``CodeTestReward`` runs a completion's fenced Python block against ``metadata["tests"]`` and returns the pass
 fraction (formats in its docstring).
@@ -143,8 +174,9 @@ class SandboxResult:
         killed_reason: which limit stopped the program, or None: ``"timeout"``, ``"output_limit"``,
             ``"cpu_limit"`` (SIGXCPU), ``"signal:SIGSEGV"`` (any other signal), ``"memory_limit"`` (the last
             stderr line is a ``MemoryError``), ``"file_size_limit"`` (an ``OSError`` EFBIG: Python ignores
-            SIGXFSZ), ``"blocked"`` (the guard's ``PermissionError``). The last three are read from the last
-            stderr line, so the code can fake them; they are for logging, not for scoring.
+            SIGXFSZ), ``"disk_limit"`` (an ``OSError`` ENOSPC: the tmpfs working directory is full), ``"blocked"`` (the
+            guard's ``PermissionError``). The last four are read from the last stderr line, so the code can
+            fake them; they are for logging, not for scoring.
         wall_s: seconds from start to the end of cleanup.
     """
 
@@ -463,8 +495,10 @@ class CodeTestReward:
 
     Args:
         timeout_s, memory_mb: per-test limits passed to ``run_sandboxed``.
-        **sandbox_options: any other keyword of ``run_sandboxed`` (``max_output_bytes``, ``guard``, ``user``,
-            ``python``, ...), checked at construction.
+        **sandbox_options: any other keyword of ``run_sandboxed`` (``max_output_bytes``, ``max_disk_mb``,
+            ``guard``, ``isolation``, ``user``, ``python``, ...), checked at construction. The default is full
+            isolation; where the kernel cannot provide it, every call raises ``OSError`` (the run stops at the
+            first reward) rather than scoring untrusted code unisolated, unless ``isolation="none"`` is given.
     """
 
     name = "code_tests"
