@@ -2,6 +2,7 @@
 
     python bench/distill_divergences.py          # writes bench/results/distill_divergences.json (~3 min, 2 cores)
     python bench/distill_divergences.py --batch 1 --length 64 --rounds 1 --no-write                  # smoke run
+    python bench/distill_divergences.py --chunk-size 128 --out bench/results/distill_divergences_chunk128.json
 
 What one measurement is: forward + backward of ``divergence(student, teacher).sum()`` per position, from LM-head
 inputs, at SmolLM2's shapes — vocabulary V = 49,152, hidden width 576, batch 2 × length 512 = N = 1,024 positions
@@ -9,7 +10,8 @@ inputs, at SmolLM2's shapes — vocabulary V = 49,152, hidden width 576, batch 2
 states and its (V, H) head weight; the teacher is constant. Two paths per divergence:
 
 * ``chunked``: ``head_divergence(..., chunk_size=512)`` — the recipe's path: one chunk of both models' logits at a
-  time, recomputed in backward (custom autograd function; never an (N, V) tensor).
+  time, differentiated in the forward pass and scaled in backward (custom autograd function; never an (N, V)
+  tensor).
 * ``plain``: ``head_divergence_plain`` — full (N, V) logits of both models, then the divergence, plain autograd.
 
 Divergences: forward KL, reverse KL, generalized JSD (β = 0.5, GKD's default) and AKL (μ = 0.5), plus skew KL
@@ -54,7 +56,8 @@ DIVERGENCES = {  # name: hyperparameters
 }
 EXTRA = {"skew_kl": {"alpha": 0.1}, "total_variation": {}}
 PATHS = ("chunked", "plain")
-VOCAB, HIDDEN, CHUNK_SIZE, SEED = 49152, 576, 512, 0
+VOCAB, HIDDEN, SEED = 49152, 576, 0
+SETTINGS = {"chunk_size": 512}  # the recipes' default LM-head chunk (--chunk-size)
 
 
 def make_inputs(n: int, hidden: int, vocab: int, seed: int):
@@ -77,7 +80,7 @@ def run(path: str, name: str, h, w, th, tw) -> float:
 
     kw = dict(divergence=name, **{**DIVERGENCES, **EXTRA}[name])
     if path == "chunked":
-        out = head_divergence(h, w, th, tw, chunk_size=CHUNK_SIZE, **kw)
+        out = head_divergence(h, w, th, tw, chunk_size=SETTINGS["chunk_size"], **kw)
     else:
         out = head_divergence_plain(h, w, th, tw, **kw)
     total = out.sum()
@@ -138,7 +141,7 @@ def children(pairs: list[tuple[str, str]], n: int, threads: int) -> dict:
     out = {}
     for name, path in pairs:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, path, "--threads", str(threads),
-               "--n", str(n)]
+               "--n", str(n), "--chunk-size", str(SETTINGS["chunk_size"])]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"child {name}/{path} failed:\n{proc.stderr[-4000:]}")
@@ -186,6 +189,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds (after one warm-up round)")
     ap.add_argument("--divergences", default=",".join(DIVERGENCES), help="comma-separated, or 'all'")
+    ap.add_argument("--chunk-size", type=int, default=SETTINGS["chunk_size"], help="positions per chunk (chunked path)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(OUT_FILE))
     ap.add_argument("--no-write", action="store_true")
@@ -194,6 +198,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    SETTINGS["chunk_size"] = args.chunk_size
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -209,7 +214,8 @@ def main() -> None:
                         "cpu_count": os.cpu_count(), "torch_threads": threads},
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
             "setting": {"batch": args.batch, "length": args.length, "positions": n, "hidden": HIDDEN,
-                        "vocab": VOCAB, "chunk_size": CHUNK_SIZE, "dtype": "float32", "timed_rounds": args.rounds,
+                        "vocab": VOCAB, "chunk_size": SETTINGS["chunk_size"], "dtype": "float32",
+                        "timed_rounds": args.rounds,
                         "hyperparameters": {d: {**DIVERGENCES, **EXTRA}[d] for d in names}}}
     mem = children(pairs, n, threads)  # first, while this process is small
     inter = interleaved(pairs, n, args.rounds)
