@@ -398,7 +398,7 @@ def run(cfg: FrontierConfig, *, model=None, tokenizer=None, reward: Callable | N
               "curves": curves, "computed": computed, "cached": cached, "seconds": time.perf_counter() - t0}
     (out_dir / "frontier.json").write_text(json.dumps(report, indent=2))
     plot(points, curves, out_dir / "frontier.png")
-    if curves:
+    if curves and "draws_per_prompt" in curves:
         print(f"reference draws: {curves['draws_per_prompt']} per prompt, {curves['draws_cut_at_max_new_tokens']} cut "
               f"at {cfg.max_new_tokens} tokens, {curves['draws_without_reward_opinion']} without a reward opinion")
     print(f"{len(points)} points ({computed} computed, {cached} from the cache) on {len(rows)} prompts; "
