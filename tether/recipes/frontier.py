@@ -415,6 +415,16 @@ def _format_point(p: dict) -> str:
             f"[{k['ci95'][0]:.3f}, {k['ci95'][1]:.3f}] nats ({k['kind']})  token KL {t['mean']:.4f}")
 
 
+def _tag(point: dict) -> str:
+    """A point's short name on the plot (the legend names the method): N=4, β=0.1, β=0.1/8 steps, a directory."""
+    params = point["params"]
+    if point["method"] == "best_of_n":
+        return f"N={params['n']}"
+    if point["method"] == "model":
+        return point["label"]
+    return f"β={params['beta']:g}" + (f"/{params['steps']} steps" if "steps" in params else "")
+
+
 def plot(points: list[dict], curves: dict | None, path: Path) -> None:
     """Reward vs sequence-level KL with 95% error bars, one series per method, and the two curves."""
     import matplotlib
@@ -445,7 +455,7 @@ def plot(points: list[dict], curves: dict | None, path: Path) -> None:
         kinds = sorted({p["sequence_kl"]["kind"] for p in group})
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=f"{name} (KL: {', '.join(kinds)})")
         for p, xi, yi in zip(group, x, y):
-            ax.annotate(p["label"], (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(_tag(p), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("KL(π ‖ π_ref), nats per completion")
     ax.set_ylabel("held-out reward")
     ax.set_title("reward–KL frontier (95% CIs)")
