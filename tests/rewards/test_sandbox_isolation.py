@@ -12,6 +12,7 @@ Where the kernel does not allow full isolation the whole module skips, naming th
 """
 
 import errno
+import functools
 import os
 import socket
 import subprocess
@@ -20,8 +21,12 @@ import time
 
 import pytest
 
-from tether.rewards import run_sandboxed
+from tether.rewards import run_sandboxed as _run_sandboxed
 from tether.rewards.sandbox import _returncode
+
+# Every program here is expected to finish: a generous wall clock, so a loaded machine cannot turn a blocked
+# attempt into a timeout (the accident tests in test_sandbox.py cover the timeout itself).
+run_sandboxed = functools.partial(_run_sandboxed, timeout_s=30)
 
 
 def _isolation_error() -> str | None:
@@ -266,11 +271,32 @@ def test_forged_status_lines_cannot_make_the_caller_raise():
     A real setup error (before "ready") is one OSError naming the failed step and the opt-out."""
     code = "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'setup-error forged\\n')\n" \
            "    except OSError:\n        pass\nprint('done')"
-    assert run_sandboxed(code, guard=False).stdout == "done\n"
+    r = run_sandboxed(code, guard=False)
+    assert r.ok and r.stdout == "done\n", r
     with pytest.raises(OSError, match=r'isolation unavailable: unshare\(.*\) failed.*isolation="none"'):
         _returncode(b"setup-error unshare(mount, pid) failed: [Errno 1] Operation not permitted\n", 70, "full")
     assert _returncode(b"ready\nexit 2816\n", 0, "full") == 11
     assert _returncode(b"ready\n", -9, "full") == -9
+    assert _returncode(b"", -9, "full", killed=True) == -9  # the wall clock passed during a slow start
+    r = run_sandboxed("print(1)", timeout_s=0.001)
+    assert r.killed_reason == "timeout" and not r.ok
+
+
+def test_setup_failure_is_one_oserror_naming_the_step(monkeypatch):
+    """End to end: a harness whose ``unshare`` fails (an invalid flag: EINVAL, as a kernel without namespaces
+    answers EPERM) makes the call raise one line that names the failed step and the explicit opt-out; nothing
+    of the code runs."""
+    import tether.rewards.sandbox as sandbox
+
+    source = sandbox._harness()
+    line = "    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS\n"
+    assert line in source
+    monkeypatch.setattr(sandbox, "_harness_source", source.replace(line, "    flags = -1\n"))
+    with pytest.raises(OSError) as info:
+        run_sandboxed("print('ran')")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("sandbox isolation unavailable: unshare(")
+    assert f"[Errno {errno.EINVAL}]" in message and 'isolation="none"' in message
 
 
 def test_trivial_call_overhead_is_small():
@@ -287,7 +313,7 @@ spec = importlib.util.spec_from_file_location("tether_sandbox", sys.argv[1])
 sandbox = importlib.util.module_from_spec(spec)
 sys.modules["tether_sandbox"] = sandbox  # dataclasses looks the module up
 spec.loader.exec_module(sandbox)
-r = sandbox.run_sandboxed(sys.argv[2], guard=False)
+r = sandbox.run_sandboxed(sys.argv[2], guard=False, timeout_s=30)
 print(json.dumps({"caller_uid": os.getuid(), "stdout": r.stdout, "stderr": r.stderr}))
 """
 

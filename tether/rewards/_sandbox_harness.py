@@ -110,8 +110,8 @@ def _minimal(paths):
 def _landlock(ctypes, libc, workdir, read_dirs, devnull="/dev/null"):
     """Writes only inside ``workdir`` (and ``/dev/null``); reads only there, in ``read_dirs``, the system library
     directories, a few ``/dev`` files and the (fresh) ``/proc``; no TCP (ABI 4), no signals or abstract unix
-    sockets outside the sandbox (ABI 6). Every right the running kernel knows is handled, so nothing the kernel
-    can restrict is left open by omission."""
+    sockets outside the sandbox (ABI 6). Every filesystem right of the running ABI (up to ABI 7, the newest
+    this was written for) is handled, so none of them is left open by omission."""
     abi = _check(ctypes, libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1)),
                  "landlock_create_ruleset (Landlock ABI probe)")
     fs_all = (1 << LL_FS_BITS_BY_ABI.get(abi, 16)) - 1

@@ -24,7 +24,7 @@ caller never forks with a ``preexec_fn``, which CPython documents as unsafe in a
    ``PR_SET_NO_NEW_PRIVS`` (no setuid binary can raise privileges). Directories the target uid cannot traverse
    that hold the interpreter (a pyenv under ``/root``) are covered by an empty tmpfs with only the
    interpreter's tree bound back read-only, so the rest of that home directory is not even visible.
-4. **Landlock** (every access right the running kernel's ABI knows is handled, so nothing is left open by
+4. **Landlock** (every access right of the kernel's ABI, up to ABI 7, is handled, so none is left open by
    omission): **writes** only inside the working directory and to ``/dev/null``; **reads** only in the working
    directory, the interpreter's tree, ``/usr``, ``/lib*``, ``/bin``, ``/sbin``, ``/etc``, the fresh ``/proc``
    and ``/dev/{urandom,random,zero,null}`` (not ``/tmp``, ``/work``, ``/home``, ``/root``, ``/sys``); no TCP
@@ -355,7 +355,7 @@ def run_sandboxed(
         shutil.rmtree(workdir, ignore_errors=True)
         if os.path.exists(workdir):
             warnings.warn(f"sandbox working directory {workdir} could not be fully deleted", stacklevel=2)
-    returncode = _returncode(status, proc.returncode, isolation)
+    returncode = _returncode(status, proc.returncode, isolation, err, killed=reason is not None)
     stdout = out.decode("utf-8", errors="replace")
     stderr = err.decode("utf-8", errors="replace")
     if reason is None:
@@ -371,21 +371,30 @@ def run_sandboxed(
     )
 
 
-def _returncode(status: bytes, outer_returncode: int | None, isolation: str) -> int | None:
+def _returncode(
+    status: bytes, outer_returncode: int | None, isolation: str, stderr: bytes = b"", killed: bool = False
+) -> int | None:
     """The program's exit status from the harness's status lines; ``OSError`` if the sandbox never got ready.
 
     Only lines before ``ready`` can raise, and only the harness writes them, so model-written code cannot make
-    the caller raise. Without an ``exit`` line (killed by the wall clock or the output cap; or
-    ``isolation="none"``, where the program is the outer process itself) the outer process's status is it."""
+    the caller raise. A harness we killed (``killed``: the wall clock passed during a slow start) is a timeout,
+    not a setup failure, unless it had already reported one. Without an ``exit`` line (killed by the wall clock
+    or the output cap; or ``isolation="none"``, where the program is the outer process itself) the outer
+    process's status is the program's."""
     lines = status.decode("utf-8", errors="replace").splitlines()
     if "ready" not in lines:
         errors = [line.removeprefix("setup-error ") for line in lines if line.startswith("setup-error ")]
+        if killed and not errors:
+            return outer_returncode
+        if not errors:  # the harness itself crashed (no code had run yet): its last stderr line says why
+            last = stderr.decode("utf-8", errors="replace").strip().splitlines()[-1:]
+            errors = [f"the harness died before it was ready ({last[0] if last else f'exit {outer_returncode}'})"]
         if isolation == "full":
             raise OSError(
-                f"sandbox isolation unavailable: {errors[0] if errors else 'the harness died before it was ready'}; "
+                f"sandbox isolation unavailable: {errors[0]}; "
                 'run where namespaces and Landlock are allowed, or pass isolation="none" for trusted code only'
             )
-        raise OSError(f"sandbox did not start: {errors[0] if errors else f'exit status {outer_returncode}'}")
+        raise OSError(f"sandbox did not start: {errors[0]}")
     exits = [line for line in lines[lines.index("ready"):] if line.startswith("exit ")]
     if exits:
         return os.waitstatus_to_exitcode(int(exits[0].split()[1]))
