@@ -29,6 +29,7 @@ from tether.sampling.constraints import (
     Constraint,
     ConstraintProcessor,
     HFConstraintProcessor,
+    ban,
     ll_tokenizer,
     unpack_bitmask,
     unpack_bitmask_plain,
@@ -269,6 +270,17 @@ def test_bitmask_unpack_matches_plain_twin():
     word, bit = 3, 31
     assert bool(unpack_bitmask_plain(mask, 224)[0, 32 * word + bit]) == bool((int(mask[0, word]) >> bit) & 1)
     assert not unpack_bitmask(mask, 250)[:, 224:].any()
+
+
+def test_ban_equals_masked_fill():
+    """Bit for bit, with -inf and large scores already present, in float32, float16 and bfloat16."""
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randn(3, 101, generator=gen) * 1e4
+    scores[0, 5] = float("-inf")
+    allowed = torch.rand(3, 101, generator=gen) < 0.5
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        s = scores.to(dtype)
+        assert torch.equal(ban(s, allowed), s.masked_fill(~allowed, float("-inf"))), dtype
 
 
 @pytest.mark.parametrize("lean", [False, True])

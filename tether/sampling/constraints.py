@@ -47,15 +47,15 @@ Implementation
 The llguidance tokenizer is built once per tokenizer object (≈1 s for SmolLM2's 49k tokens) and cached; the
 grammar is compiled once per processor, and each row's matcher is a copy of that template. Each step the live
 constrained rows' matchers fill a packed int32 bitmask (one bit per token, ≈0.1 ms per row for SmolLM2), which is
-unpacked in plain torch (:func:`unpack_bitmask`, a byte lookup table; :func:`unpack_bitmask_plain` is its bit-shift
-twin) and applied with ``masked_fill`` — no compiled kernel, which on this CPU is faster than llguidance's
-``torch.compile``'d ``apply_token_bitmask_inplace``.
+unpacked in plain torch (:func:`unpack_bitmask`, one AND with the powers of two; :func:`unpack_bitmask_plain` is its
+bit-shift twin) and applied by :func:`ban` (exact and branch-free; ``masked_fill`` is its twin). No compiled kernel:
+llguidance's own ``apply_token_bitmask_inplace`` is ``torch.compile``'d, which needs a C++ compiler on CPU and
+compiles on first use; ``bench/constrained_sampling.py --kernel`` times the two.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,7 +63,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KINDS", "Constraint", "ConstraintProcessor", "HFConstraintProcessor", "check_constraint_fields",
+__all__ = ["KINDS", "Constraint", "ConstraintProcessor", "HFConstraintProcessor", "ban", "check_constraint_fields",
            "ll_tokenizer", "rollout_processors", "unpack_bitmask", "unpack_bitmask_plain"]
 
 KINDS = ("json_schema", "regex", "choice", "lark")
@@ -204,7 +204,7 @@ def ll_tokenizer(tokenizer):
     return made
 
 
-_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()  # _BYTE_BITS[b, j] = bit j of byte b
+_POWERS = (torch.ones(32, dtype=torch.int64) << torch.arange(32)).to(torch.int32)  # 1, 2, 4, …, −2³¹ (bit 31)
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -212,15 +212,22 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
     Shape: ``bitmask`` (R, W) int32, bit ``k`` of word ``w`` (least significant first) = token ``32w + k``
     (llguidance's layout); output (R, vocab_size) bool. Tokens past ``32W`` are not allowed; bits past
-    ``vocab_size`` are ignored. Reads the words as little-endian bytes and looks each byte up in a (256, 8) table.
+    ``vocab_size`` are ignored. One bitwise AND of each word with the 32 powers of two, in int32 (≈0.7 ms for
+    16 × 49152 on one core, vs ≈20 ms for the int64 shifts of :func:`unpack_bitmask_plain`).
     """
-    if sys.byteorder != "little":
-        return unpack_bitmask_plain(bitmask, vocab_size)
     rows, words = bitmask.shape
-    allowed = _BYTE_BITS[bitmask.contiguous().view(torch.uint8).long()].reshape(rows, 32 * words)
+    allowed = (bitmask.unsqueeze(-1) & _POWERS.to(bitmask.device)).ne(0).reshape(rows, 32 * words)
     if vocab_size > 32 * words:
         allowed = torch.cat([allowed, allowed.new_zeros(rows, vocab_size - 32 * words)], dim=1)
     return allowed[:, :vocab_size]
+
+
+def ban(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``scores`` where ``allowed``, ``-inf`` elsewhere, computed as ``scores − (¬allowed)·∞`` with the infinity
+    made by overflow (``1·3e38·3e38 = inf``, ``0·3e38·3e38 = 0``): exact (``x − 0 = x``) and branch-free. Its plain
+    twin is ``scores.masked_fill(~allowed, -inf)``, which on CPU is ≈4× slower on a dense, irregular mask
+    (16 × 49152, one thread: 1.8 vs 8.0 ms; mispredicted branches). Shape: (R, V) each; a new tensor."""
+    return scores - (~allowed).to(scores.dtype).mul_(3e38).mul_(3e38)
 
 
 def unpack_bitmask_plain(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -297,12 +304,12 @@ class ConstraintProcessor:
         buf = self._buffer[:len(active)]
         for k, j in enumerate(active):
             states[j].matcher.unsafe_compute_mask_ptr(buf[k].data_ptr(), 4 * self.words)
-        banned = ~unpack_bitmask(buf, scores.shape[-1]).to(scores.device)
+        allowed = unpack_bitmask(buf, scores.shape[-1]).to(scores.device)
         if len(active) == len(states):
-            return scores.masked_fill(banned, float("-inf"))
+            return ban(scores, allowed)
         idx = torch.tensor(active, device=scores.device)
         out = scores.clone()
-        out[idx] = scores[idx].masked_fill(banned, float("-inf"))
+        out[idx] = ban(scores[idx], allowed)
         return out
 
     def accept(self, tokens: torch.Tensor, rows: torch.Tensor) -> None:
