@@ -114,7 +114,7 @@ def run_arm(arm, model, tok, prompt, args, seed):
 def kernel_timing(rows: int, vocab: int, repeats: int = 20, rounds: int = 5) -> dict:
     """Mask application alone on (rows, vocab) fp32 logits and a random packed mask: tether's unpack + ``ban`` (a
     new tensor), the same with ``masked_fill``, and llguidance's compiled in-place kernel on a copy (``clone``
-    included, so all leave the logits intact). Best of ``rounds`` rounds of ``repeats`` calls each, the two alternating."""
+    included, so all leave the logits intact). Best of ``rounds`` rounds of ``repeats`` calls each, alternating."""
     import timeit
 
     from tether.sampling.constraints import ban, unpack_bitmask
