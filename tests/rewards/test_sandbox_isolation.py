@@ -282,6 +282,38 @@ def test_forged_status_lines_cannot_make_the_caller_raise():
     assert r.killed_reason == "timeout" and not r.ok
 
 
+PRIVILEGE_ESCAPES = """
+import ctypes, resource
+libc = ctypes.CDLL(None, use_errno=True)
+def c(ret):
+    if ret != 0:
+        raise OSError(ctypes.get_errno(), "libc")
+attempt("umount_home_cover", lambda: c(libc.umount2(HOME.encode(), 2)))
+attempt("mount_tmpfs", lambda: c(libc.mount(b"t", b".", b"tmpfs", 0, None)))
+attempt("setuid_0", lambda: os.setuid(0))
+attempt("raise_hard_nproc", lambda: resource.setrlimit(resource.RLIMIT_NPROC, (10**6, 10**6)))
+attempt("pid1_fds", lambda: os.listdir("/proc/1/fd"))
+attempt("link_out", lambda: os.link("main.py", DIR + "/stolen"))
+attempt("symlink_out", lambda: (os.symlink(DIR + "/evil", "lnk"), open("lnk", "w").close()))
+attempt("dev_shm", lambda: open("/dev/shm/tether-evil", "w").close())
+c(libc.unshare(0x10000000))  # a nested user namespace: "root" inside it, still inside Landlock and the uid
+attempt("userns_write", lambda: open(DIR + "/evil2", "w").close())
+attempt("userns_mount", lambda: c(libc.mount(b"t", b".", b"tmpfs", 0, None)))
+"""
+
+
+def test_privilege_and_mount_escapes(open_dir):
+    """With ctypes: unmounting the cover over the home directory, mounting, setuid(0), raising a hard limit,
+    reading PID 1's fds (the status pipe), links and symlinks out, /dev/shm, and a nested user namespace (whose
+    capabilities do not lift Landlock) all fail; nothing appears outside."""
+    home = os.path.expanduser("~")
+    r = run_sandboxed(f"{_PRELUDE}\nDIR, HOME = {open_dir!r}, {home!r}\n{PRIVILEGE_ESCAPES}", guard=False)
+    got = _attempts(r.stdout)
+    assert len(got) == 10 and all(v.startswith("ERR") for v in got.values()), (got, r.stderr)
+    assert got["mount_tmpfs"] == got["userns_mount"] == f"ERR {errno.EPERM}"
+    assert os.listdir(open_dir) == [] and not os.path.exists("/dev/shm/tether-evil")
+
+
 def test_setup_failure_is_one_oserror_naming_the_step(monkeypatch):
     """End to end: a harness whose ``unshare`` fails (an invalid flag: EINVAL, as a kernel without namespaces
     answers EPERM) makes the call raise one line that names the failed step and the explicit opt-out; nothing

@@ -56,7 +56,8 @@ when the call returns (except for the race below); is killed at ``timeout_s``.
 
 Not guaranteed:
 
-- **Kernel bugs.** This is the kernel's attack surface (no seccomp filter: every system call is reachable).
+- **Kernel bugs.** This is the kernel's attack surface (no seccomp filter: every system call is reachable,
+  and the code may create nested user namespaces, whose capabilities lift neither Landlock nor the uid).
   For code from the internet, prefer a VM or gVisor / Firecracker in addition.
 - **Shared budgets.** ``RLIMIT_NPROC`` counts every process of the uid (all concurrent root-started sandboxes
   share ``nobody``'s count; a non-root caller shares its own count with the sandbox). ``RLIMIT_AS`` is per
