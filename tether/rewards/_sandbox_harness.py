@@ -189,8 +189,8 @@ def _isolate_init(ctypes, libc, lim, workdir):
     _mount(ctypes, libc, None, "/", None, MS_REC | MS_PRIVATE, None)
     _mount(ctypes, libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     read_dirs = _minimal([sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix, *sys.path])
-    if uid != os.getuid():
-        _reveal(ctypes, libc, read_dirs)
+    if uid != os.getuid():  # the working directory too: the caller's TMPDIR may be under /root
+        _reveal(ctypes, libc, _minimal([*read_dirs, workdir]))
     with open("main.py", "rb") as f:
         src = f.read()
     _mount(ctypes, libc, "tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
