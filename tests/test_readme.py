@@ -106,10 +106,12 @@ def test_readme_merge_and_diagnose_commands_run_at_tiny_scale(tmp_path):
 def test_readme_multiprocess_commands_run_at_tiny_scale(tmp_path):
     """The torchrun commands of the README's multi-process section, 2 gloo processes on the CPU, each with its
     config's tiny overrides (``tests/test_cli_configs.py``). The Accelerate commands need GPUs: their config files
-    must load with Accelerate and launch the same tether command as a torchrun line."""
+    must load with Accelerate and launch the same tether command as a torchrun line. ``--standalone`` is replaced by
+    a rendezvous at 127.0.0.1 (``tether.distributed.local_launch_args``): this machine's host name does not resolve."""
     from accelerate.commands.config.config_args import load_config_from_file
     from test_cli_configs import as_flags, tiny_overrides
 
+    from tether.distributed import local_launch_args
     from tether.testing import make_tiny_model_dir
 
     text = (ROOT / "README.md").read_text()
@@ -124,8 +126,9 @@ def test_readme_multiprocess_commands_run_at_tiny_scale(tmp_path):
     for k, argv in enumerate(runs):
         command = argv[argv.index("tether") + 1]
         tiny = as_flags(tiny_overrides(command, model, tmp_path / f"run{k}"))
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *argv[1:], *tiny], capture_output=True,
-                              text=True, timeout=600, env=env, cwd=ROOT)
+        assert argv[1:4] == ["--standalone", "--nproc_per_node", "2"], argv
+        launch = [sys.executable, "-m", "torch.distributed.run", *local_launch_args(2), *argv[4:], *tiny]
+        proc = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert (tmp_path / f"run{k}" / "final" / "model.safetensors").is_file()
     for argv in launches:

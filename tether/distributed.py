@@ -48,8 +48,9 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-__all__ = ["MODES", "Dist", "init", "current", "shutdown", "LossModule", "Trainable", "shard_rows", "all_sum",
-           "all_sum_", "gather_objects", "broadcast_object", "barrier", "wrapped_training", "is_sharded"]
+__all__ = ["MODES", "Dist", "init", "current", "shutdown", "local_launch_args", "LossModule", "Trainable",
+           "shard_rows", "all_sum", "all_sum_", "gather_objects", "broadcast_object", "barrier", "wrapped_training",
+           "is_sharded"]
 
 MODES = ("none", "ddp", "fsdp2")
 
@@ -109,6 +110,20 @@ def init(mode: str, device: str = "cpu") -> Dist:
         tdist.init_process_group("nccl" if cuda else "gloo")
     _CURRENT = Dist(mode, tdist.get_rank(), tdist.get_world_size(), local_rank)
     return _CURRENT
+
+
+def local_launch_args(nproc: int) -> list[str]:
+    """torchrun arguments for ``nproc`` processes on this machine, meeting at 127.0.0.1 on a free port.
+
+    ``--standalone`` advertises the machine's host name to the workers; where that name does not resolve (a
+    sandbox whose ``hostname`` is missing from /etc/hosts) they never connect. The tests and benches launch with
+    these instead."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ["--nnodes", "1", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port)]
 
 
 def shutdown() -> None:

@@ -1,4 +1,4 @@
-"""Two gloo processes on the CPU (``torchrun --standalone --nproc_per_node 2``) against one process.
+"""Two gloo processes on the CPU (``torchrun --nproc_per_node 2``, meeting at 127.0.0.1) against one process.
 
 DPO and GRPO (one on-policy update per rollout, and off-policy: 2 PPO epochs × 2 mini-batches) are trained with
 ``distributed: ddp`` and ``distributed: fsdp2`` on two processes and, in this process, with ``distributed: none``.
@@ -28,6 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tether.distributed import local_launch_args
 from tether.training import latest_checkpoint, read_metrics
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -49,8 +50,8 @@ def torchrun(specs: list[dict], path: Path, *, check: bool = True) -> subprocess
     """Run ``specs`` (see worker.py) in 2 gloo processes; the output is shown when ``check`` fails."""
     path.write_text(json.dumps(specs))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(WORKER), str(path)], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", *local_launch_args(2), str(WORKER),
+                           str(path)], capture_output=True, text=True, env=env, timeout=600)
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done
