@@ -7,6 +7,7 @@ that need a real KV cache run on the tiny random Llama of ``tether.testing``. Ro
 (end-of-sequence, or ``FinishAt`` which ends row r after a row-dependent number of tokens) in every batched test.
 """
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -430,3 +431,16 @@ def test_sampling_inside_steer_is_the_steer_processor():
     with pytest.raises(ValueError, match="no forward hooks"):
         with steer(model, 1, v, 1.5):
             sample(model, testing.tiny_tokenizer(), prompts, lean_decode=True, **kw)
+
+
+def test_completions_select_takes_every_field():
+    from tether.sampling import Completions
+
+    done = Completions(prompt_index=[0, 0, 1], prompt_ids=[[9], [9], [8]], completion_ids=[[1], [2], [3]],
+                       logprobs=[[-1.0], [-2.0], [-3.0]], texts=["a", "b", "c"], finished=[True, False, True],
+                       kl_cost=torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+    sub = done.select([2, 0])
+    assert sub.prompt_index == [1, 0] and sub.completion_ids == [[3], [1]] and sub.texts == ["c", "a"]
+    assert torch.equal(sub.kl_cost, torch.tensor([0.3, 0.1], dtype=torch.float64))
+    assert sub.finished == [True, True] and sub.logprobs == [[-3.0], [-1.0]]
+    assert dataclasses.replace(done, kl_cost=None).select([1]).kl_cost is None

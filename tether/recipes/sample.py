@@ -106,8 +106,7 @@ def qprobe_values(cfg: SampleConfig, model, tokenizer, reward, cands: Candidates
                   "one: all candidates scored the same)")
         probe.save(out_dir / "qprobe.pt")
     columns = [cands.flat(i, j) for i in range(cands.prompts) for j in range(n_max)]
-    sub = dataclasses.replace(cands.done, **{f.name: [getattr(cands.done, f.name)[k] for k in columns]
-                                             for f in dataclasses.fields(cands.done)})
+    sub = cands.done.select(columns)
     with torch.no_grad():
         return probe(completion_features(model, sub, pad, batch_size=cfg.batch_size)).view(cands.prompts, n_max)
 

@@ -28,6 +28,7 @@ completion, the exact next-token KL between the distribution after the caller's 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,14 @@ class Completions:
     model P at temperature T, both up to ``max_new_tokens``. A processor that changes nothing costs exactly 0; a
     banned set B costs −log P_t(B^c) per step; a processor that replaces the logits by another model's
     (``tether.sampling.steering.Steer``: the steered model) costs that model's KL to the sampled one."""
+
+    def select(self, indices: Sequence[int]) -> Completions:
+        """The completions at ``indices`` (in that order), every per-completion field taken along (``kl_cost``
+        included when present)."""
+        idx = list(indices)
+        return Completions(**{f.name: (None if v is None else v[idx] if isinstance(v, torch.Tensor)
+                                       else [v[k] for k in idx])
+                              for f in dataclasses.fields(self) for v in [getattr(self, f.name)]})
 
 
 def kl_cost_summary(done: Completions, prefix: str = "intervention_kl") -> dict[str, float]:
