@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = ["RANGES", "ConfigError", "LoRAConfig", "ModelConfig", "OptimConfig", "RunConfig", "build_config",
-           "check_paths", "check_range", "check_value", "parse_flags", "read_yaml"]
+           "check_output_dir", "check_paths", "check_range", "check_value", "parse_flags", "read_yaml"]
 
 
 def check_range(name: str, value, ok: bool, command: str = "tether <command>", allowed: str | None = None) -> None:
@@ -55,7 +55,10 @@ class RunConfig(_Part):
     save_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
     resume: bool = False
-    """Continue from the newest checkpoint in output_dir (the same trajectory as an uninterrupted run)."""
+    """Continue from the newest intact checkpoint in output_dir (the same trajectory as an uninterrupted run); an
+    error when there is none, or when a field other than the run's length, cadence and reporting changed."""
+    overwrite: bool = False
+    """Allow a fresh run (resume false) to delete the checkpoints an earlier run left in output_dir."""
     stop_after: int | None = None
     """Stop (as if interrupted) after this step, after checkpointing; continue with resume."""
     tensorboard: bool = True
@@ -507,6 +510,37 @@ def _output_problem(path: Path, *, is_dir: bool) -> str | None:
     return None
 
 
+#: What a training run writes or deletes under its output_dir: an input model there would be overwritten.
+RUN_OUTPUTS = ("final", "checkpoints")
+
+
+def check_output_dir(cfg) -> None:
+    """Refuse an ``output_dir`` that is an input model's directory or lies inside one (checkpoints, logs and
+    tether's files would land among the model's files), or that holds an input model where a run writes or
+    deletes (:data:`RUN_OUTPUTS`); a one-line :class:`ConfigError` naming both fields."""
+    from dataclasses import fields
+
+    out = getattr(cfg, "output_dir", None)
+    if not isinstance(out, str) or not out:
+        return
+    out_path = Path(out).resolve()
+    for f in fields(cfg):
+        if f.name not in MODEL_FIELDS:
+            continue
+        value = getattr(cfg, f.name)
+        for p in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+            if not isinstance(p, str) or not p or not Path(p).is_dir():
+                continue
+            model = Path(p).resolve()
+            if model == out_path or model in out_path.parents:
+                where = "is" if model == out_path else "lies inside"
+                raise ConfigError(f"output_dir: {out} {where} the input model directory {p} ({f.name}); the run "
+                                  "would write its files there — choose another output_dir")
+            if out_path in model.parents and model.relative_to(out_path).parts[0] in RUN_OUTPUTS:
+                raise ConfigError(f"output_dir: {out} holds the input model {p} ({f.name}) where a run writes and "
+                                  "deletes; copy the model elsewhere or choose another output_dir")
+
+
 def check_paths(cfg, *, model_names: frozenset[str] = frozenset(), command: str = "tether <command>") -> None:
     """Before any work: every input path exists and every output location can be written, by field name —
     fields ending in ``_file`` or ``_config`` (and :data:`INPUT_FIELDS`) name existing files or dataset
@@ -533,3 +567,4 @@ def check_paths(cfg, *, model_names: frozenset[str] = frozenset(), command: str 
                                                         and f.name.endswith(("_dir", "_file", "_path"))):
                 if problem := _output_problem(path, is_dir=f.name.endswith("_dir")):
                     raise ConfigError(f"{f.name}: {problem}; choose another {f.name}")
+    check_output_dir(cfg)
