@@ -2,7 +2,7 @@
 
 Small functions and one small class, no base class: a recipe calls what it needs. A training loop reads::
 
-    out_dir = start_run(cfg)                                    # directory, config.json, seeds
+    out_dir = start_run(cfg)                                    # directory, lock, checks, config, seeds
     state = resume_or_fresh(out_dir, resume=cfg.resume, model=policy, optimizer=opt, scheduler=sched, lora=...)
     log = RunLog(out_dir, total=steps, start=step, ...)         # progress bar, metrics.jsonl, TensorBoard, cadence
     while step < steps:
@@ -19,7 +19,13 @@ Checkpoints are directories ``<output_dir>/checkpoints/step-<k>/`` holding the m
 ``trainer_state.pt`` (optimizer, scheduler and RNG states — tensors and plain Python values only, read back with
 ``torch.load(weights_only=True)``). Each is written to a temporary directory and renamed into place, so a
 checkpoint directory either exists complete or not at all; a run killed mid-write leaves only a temporary
-directory, which is ignored and cleaned up on the next save.
+directory, which is ignored and cleaned up on the next save. Each also holds ``run.json`` (the run's config and the
+sha256 of its data files: a resume with changed values is refused) and, written last, ``manifest.json`` (every
+file's size and sha256: a truncated or corrupt checkpoint is skipped for the previous intact one).
+
+Output directory safety (``start_run``): one run per directory (``tether.lock``), a fresh run does not delete an
+earlier run's checkpoints without ``overwrite``, ``resume`` without a checkpoint is an error, the config is saved as
+``tether_config.yaml``, and every file that is rewritten is replaced atomically (``atomic_write``).
 
 Rank-aware (``tether.distributed``): in a run of several processes only rank 0 writes the config, logs, progress
 bar, checkpoints and final model; the others take part in the collectives. A checkpoint holds the full model (under
@@ -32,12 +38,15 @@ from __future__ import annotations
 import copy
 import ctypes
 import dataclasses
+import errno
 import functools
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -52,7 +61,9 @@ from tether import distributed
 __all__ = ["set_seed", "make_optimizer", "contiguous_adam_state", "release_freed_memory", "make_scheduler",
            "save_checkpoint", "latest_checkpoint", "load_trainer_state", "load_module_state", "load_weights",
            "save_pretrained_atomic", "MetricsLogger", "read_metrics", "NonFiniteError", "start_run",
-           "resume_or_fresh", "optimizer_step", "RunLog", "save_final", "merged_copy"]
+           "resume_or_fresh", "optimizer_step", "RunLog", "save_final", "merged_copy", "atomic_write",
+           "verify_checkpoint", "remove_checkpoints", "acquire_lock", "release_lock", "run_fingerprint",
+           "is_write_failure", "MAY_CHANGE_ON_RESUME", "CONFIG_FILE"]
 
 
 def set_seed(seed: int) -> None:
@@ -179,41 +190,91 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenize
 
     ``modules`` (name → ``nn.Module``) are saved alongside as ``<name>.safetensors`` (e.g. a reference model that
     changes during training); read them back with :func:`load_module_state`. In a distributed run every rank calls
-    this (FSDP2 gathers the shards; each rank's RNG state is kept); rank 0 writes."""
+    this (FSDP2 gathers the shards; each rank's RNG state is kept); rank 0 writes.
+
+    Durability: the files are written into a temporary directory, the run's fingerprint (``run.json``, see
+    :func:`start_run`) added, every file fsynced and listed with its size and sha256 in ``manifest.json`` (written
+    last), and only then is the directory renamed to ``step-<step>``; a checkpoint without an intact manifest is
+    never resumed from (:func:`latest_checkpoint`). Older checkpoints are pruned by renaming them to hidden
+    ``.trash-*`` directories first and deleting those afterwards, so a kill mid-prune leaves no half-deleted
+    ``step-*``. A write that fails for lack of space (or any OS error) removes the temporary directory and raises
+    a one-line ``OSError`` saying the previous checkpoint is intact."""
     dist = distributed.current()
     root = Path(output_dir) / "checkpoints"
     model_state, optim_state = _full_states(model, optimizer)  # collective under FSDP2
     _refuse_non_finite_weights(model if model_state is None else model_state, f"checkpoint step-{step}")
-    tmp = None
+    tmp = failure = None
     if dist.main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _clean_leftovers(root)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
     tmp = Path(distributed.broadcast_object(tmp))
     if not dist.main:
         torch.save(_rng_state(), tmp / f"rng-rank{dist.rank}.pt")
     final = root / f"step-{step}"
     if dist.main:
-        model.save_pretrained(tmp, safe_serialization=True, **({} if model_state is None else
-                                                                {"state_dict": model_state}))
-        tokenizer.save_pretrained(tmp)
-        state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                 "rng": _rng_state(), "extra": extra or {}, "optimizer_by_name": model_state is not None}
-        torch.save(state, tmp / "trainer_state.pt")
-        for name, module in (modules or {}).items():
-            from safetensors.torch import save_model
+        try:
+            model.save_pretrained(tmp, safe_serialization=True, **({} if model_state is None else
+                                                                    {"state_dict": model_state}))
+            tokenizer.save_pretrained(tmp)
+            state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                     "rng": _rng_state(), "extra": extra or {}, "optimizer_by_name": model_state is not None}
+            torch.save(state, tmp / "trainer_state.pt")
+            for name, module in (modules or {}).items():
+                from safetensors.torch import save_model
 
-            save_model(module, str(tmp / f"{name}.safetensors"))  # tied weights are stored once
+                save_model(module, str(tmp / f"{name}.safetensors"))  # tied weights are stored once
+            if (run := _RUNS.get(_run_key(output_dir))) is not None:
+                (tmp / RUN_FILE).write_text(json.dumps(run["fingerprint"], indent=1, default=str))
+        except Exception as err:
+            failure = _write_failure_message(err, tmp, root, step)
     distributed.barrier()  # every rank's RNG file is in place
+    if dist.main and failure is None:
+        try:
+            _write_manifest(tmp)
+            _fault("checkpoint-rename")
+            if final.exists():
+                _remove_dir(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+        except Exception as err:
+            failure = _write_failure_message(err, tmp, root, step)
+    failure = distributed.broadcast_object(failure)
+    if failure is not None:
+        raise OSError(errno.ENOSPC, failure)
     if dist.main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         for old in sorted(_complete(root), key=_step_of)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_dir(old)
     distributed.barrier()
     return final
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """True for an error a failed write raises: an ``OSError`` (disk full, quota, read-only, I/O), or what torch's
+    zip writer and safetensors raise instead when a write fails part-way (a ``RuntimeError`` "unexpected pos 17024
+    vs 16916" / "PytorchStreamWriter failed writing file", a ``SafetensorError`` "... StorageFull ...")."""
+    if isinstance(err, OSError):
+        return True
+    return (isinstance(err, RuntimeError) or type(err).__name__ == "SafetensorError") and any(
+        s in str(err) for s in _WRITE_FAILURES)
+
+
+_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed", "No space left on device",
+                   "StorageFull", "os error 28", "Disk quota exceeded")
+
+
+def _write_failure_message(err: Exception, tmp: Path, root: Path, step: int) -> str:
+    if not is_write_failure(err):
+        raise err
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(err, OSError) and err.strerror:
+        why = err.strerror
+    else:
+        why = " ".join(str(err).split())[:200]
+    previous = latest_checkpoint(root.parent)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return (f"checkpoint step-{step} could not be written in {root} ({why}); nothing of it was kept and {kept} — "
+            "free disk space (or choose another output_dir) and continue with resume: true")
 
 
 def _full_states(model, optimizer) -> tuple[dict | None, dict]:
@@ -237,29 +298,102 @@ def _step_of(path: Path) -> int:
     return int(path.name.split("-", 1)[1])
 
 
+MANIFEST = "manifest.json"
+RUN_FILE = "run.json"
+
+
+def _is_step_dir(path: Path) -> bool:
+    name = path.name
+    return name.startswith("step-") and name[5:].isdigit() and path.is_dir()
+
+
 def _complete(root: Path) -> list[Path]:
-    return [p for p in root.glob("step-*") if (p / "trainer_state.pt").is_file()]
+    """The ``step-*`` directories whose manifest is in place (written last) — without reading their files."""
+    return [p for p in root.glob("step-*") if _is_step_dir(p) and (p / MANIFEST).is_file()]
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+def _sha256_and_sync(path: Path) -> str:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        os.fsync(f.fileno())
+    return digest
+
+
+def _write_manifest(directory: Path) -> None:
+    """fsync every file of ``directory`` and record its size and sha256 in ``manifest.json``, written last."""
+    files = {}
+    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+        files[f.relative_to(directory).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256_and_sync(f)}
+    atomic_write(directory / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(ckpt: Path, *, hashes: bool = True) -> str | None:
+    """None when every file listed in ``ckpt``'s manifest is there with its size (and, with ``hashes``, its
+    sha256); otherwise what is wrong, in words."""
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+        items = [(str(name), int(meta["size"]), str(meta["sha256"])) for name, meta in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is missing or unreadable"
+    for name, size, digest in items:
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes where the manifest says {size}"
+        if hashes and _sha256_and_sync(f) != digest:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def latest_checkpoint(output_dir: str | os.PathLike, *, verify: bool = False) -> Path | None:
+    """The newest checkpoint of ``output_dir`` whose manifest is in place and whose files have their recorded
+    sizes; with ``verify``, also their sha256. A damaged checkpoint is skipped (saying why, on rank 0), so a
+    truncated or corrupt latest checkpoint falls back to the previous intact one."""
     root = Path(output_dir) / "checkpoints"
-    found = _complete(root) if root.is_dir() else []
-    return max(found, key=_step_of) if found else None
+    found = sorted(_complete(root), key=_step_of, reverse=True) if root.is_dir() else []
+    for ckpt in found:
+        problem = verify_checkpoint(ckpt, hashes=verify)
+        if problem is None:
+            return ckpt
+        if distributed.current().main:
+            print(f"checkpoint {ckpt} is damaged ({problem}); skipping it for an older one")
+    return None
 
 
 def remove_checkpoints(output_dir: str | os.PathLike) -> list[str]:
-    """Delete ``<output_dir>/checkpoints/step-*`` (and unfinished ``.tmp-*`` writes); return the removed names.
+    """Delete ``<output_dir>/checkpoints/step-*`` (and unfinished ``.tmp-*`` writes, ``.trash-*`` leftovers of an
+    interrupted prune); return the removed names. Each directory is renamed to a hidden ``.trash-*`` name before it
+    is deleted, so an interruption never leaves a half-deleted ``step-*``.
 
-    A fresh run calls this before its first step: otherwise checkpoints left by an earlier, longer run in the same
-    directory would outrank the new run's in ``save_checkpoint``'s pruning (the new ones would be deleted) and in
-    ``latest_checkpoint`` (a later ``resume`` would continue the old run)."""
+    A fresh run with ``overwrite`` calls this before its first step: otherwise checkpoints left by an earlier,
+    longer run in the same directory would outrank the new run's in ``save_checkpoint``'s pruning (the new ones
+    would be deleted) and in ``latest_checkpoint`` (a later ``resume`` would continue the old run)."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
     removed = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: (len(p.name), p.name))
-    for path in removed + list(root.glob(".tmp-*")):
-        shutil.rmtree(path, ignore_errors=True)
+    for path in removed:
+        _remove_dir(path)
+    _clean_leftovers(root)
     return [p.name for p in removed]
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename ``path`` to a hidden ``.trash-*`` sibling, then delete that: a kill mid-delete leaves only a
+    ``.trash-*`` directory (removed by the next save or start), never a half-deleted directory under its name."""
+    trash = path.parent / f".trash-{path.name}-{os.urandom(4).hex()}"  # os.urandom: the run's RNGs stay untouched
+    os.replace(path, trash)
+    _fault("prune")
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _clean_leftovers(root: Path) -> list[str]:
+    """Remove what an interrupted write (``.tmp-*``) or prune (``.trash-*``) left in ``root``; return the names."""
+    gone = sorted(p.name for p in list(root.glob(".tmp-*")) + list(root.glob(".trash-*")))
+    for name in gone:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return gone
 
 
 def load_module_state(module, checkpoint: Path, name: str) -> None:
@@ -290,23 +424,85 @@ def load_trainer_state(checkpoint: Path, *, optimizer, scheduler, model=None) ->
     return state
 
 
+def _fault(point: str) -> None:
+    """Test hook: with ``TETHER_TEST_KILL_AT=<point>`` in the environment this process kills itself with SIGKILL at
+    ``point`` ('prune', 'checkpoint-rename', 'rewrite:<file name>'), so the kill-and-resume tests interrupt a
+    write at a chosen moment. Does nothing otherwise."""
+    if os.environ.get("TETHER_TEST_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Replace ``path`` by ``data`` atomically: a temporary sibling (``.<name>.*.tmp``) is written, fsynced and
+    renamed over it, then the directory is fsynced — a kill or a full disk leaves the old file or the new one,
+    never a mix (the temporary file is removed on an error; a killed one is cleaned by ``start_run``)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        _fault(f"rewrite:{path.name}")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _metric_lines(path: Path) -> tuple[list[str], bool]:
+    """(the intact lines of ``metrics.jsonl``, whether a torn last line was dropped). Lines are only ever
+    appended, so an unparsable LAST line is an append cut short (a kill, a full disk) and is dropped; an
+    unparsable line elsewhere is damage, a ``ValueError`` naming the line."""
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        try:
+            ok = isinstance(json.loads(ln), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            if i == len(lines) - 1:
+                return lines[:-1], True
+            raise ValueError(f"{path}: line {i + 1} is not a JSON object ({ln[:40]!r}); the file is damaged — "
+                             "delete that line and run again")
+    return lines, False
+
+
 class MetricsLogger:
     """Appends one JSON object per step to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
 
-    On resume, lines after the resumed step are removed first, so the file always reads as one uninterrupted run.
+    On resume, lines after the resumed step (and a torn last line) are removed first, so the file always reads as
+    one uninterrupted run; that rewrite is atomic (:func:`atomic_write`): a kill during it leaves the old file.
     """
 
     def __init__(self, output_dir: str | os.PathLike, *, resume_step: int = 0, tensorboard: bool = True):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
         if resume_step > 0 and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            lines, torn = _metric_lines(self.path)
+            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
+            if torn or len(kept) < len(lines) or not self.path.read_bytes().endswith(b"\n"):
+                atomic_write(self.path, "".join(ln + "\n" for ln in kept))
+                dropped = len(lines) - len(kept)
+                if dropped or torn:
+                    print(f"{self.path}: removed {dropped} line(s) logged after step {resume_step} (the checkpoint "
+                          "resumed from)" + (" and a torn last line" if torn else ""))
         elif resume_step == 0 and self.path.exists():
             self.path.unlink()
-        if kept:
-            self.path.write_text("\n".join(kept) + "\n")
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
@@ -329,8 +525,9 @@ class MetricsLogger:
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
+    """The rows of ``metrics.jsonl`` (a torn last line left out)."""
     path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    return [json.loads(ln) for ln in _metric_lines(path)[0]] if path.exists() else []
 
 
 def load_weights(policy, ckpt: Path, *, lora: bool) -> None:
@@ -364,7 +561,7 @@ def save_pretrained_atomic(model, tokenizer, target: Path, *, state_dict: dict |
     model.save_pretrained(tmp, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(tmp)
     if target.exists():
-        shutil.rmtree(target)
+        _remove_dir(target)  # renamed away first: a kill here leaves the new copy in tmp, never half a model
     os.replace(tmp, target)
 
 
@@ -393,27 +590,198 @@ def _refuse_non_finite_weights(source, what: str) -> None:
                              "(the previous checkpoint holds finite weights) — lower lr or max_grad_norm")
 
 
+#: Config fields that may differ between a checkpoint and the run resuming from it: the length of the run, its
+#: cadence, where and how it reports, where it runs. Every other field (lr, batch sizes, loss, β, model, data, …)
+#: shapes the trajectory, so a resume with a changed value is refused (:func:`start_run`).
+MAY_CHANGE_ON_RESUME = frozenset({"resume", "overwrite", "stop_after", "steps", "max_steps", "save_every",
+                                  "eval_every", "log_every", "tensorboard", "progress", "output_dir", "device",
+                                  "distributed"})
+CONFIG_FILE = "tether_config.yaml"  # not config.json: a Hugging Face model directory's config has that name
+LOCK_FILE = "tether.lock"
+_RUNS: dict[str, dict] = {}  # output_dir (resolved) → this process's run there: fingerprint, checkpoint to resume
+_LOCKS: dict[str, int] = {}  # output_dir (resolved) → the open, flock'ed lock file of this process
+
+
+def _run_key(output_dir) -> str:
+    return str(Path(output_dir).resolve())
+
+
+def _data_hash(path: Path) -> str:
+    """sha256 of a data file, or of a dataset directory's files (names and contents)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() if f != path else b"")
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def run_fingerprint(cfg) -> dict:
+    """What a checkpoint records of the run that wrote it: every config field's value and the sha256 of every
+    input data file (fields named ``*_file``, which may be dataset directories)."""
+    config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    data = {}
+    for name, value in config.items():
+        if name.endswith("_file") and isinstance(value, str) and value and Path(value).exists():
+            data[name] = _data_hash(Path(value))
+    return {"config": config, "data": data}
+
+
+def _fingerprint_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """(changes that refuse a resume, changes that may happen), each as 'field: old → new' in words."""
+    refused, allowed = [], []
+    old_cfg, new_cfg = saved.get("config", {}), now["config"]
+    for name in sorted(set(old_cfg) | set(new_cfg)):
+        a, b = old_cfg.get(name, "<absent>"), new_cfg.get(name, "<absent>")
+        if a != b:
+            (allowed if name in MAY_CHANGE_ON_RESUME else refused).append(f"{name}: {a!r} → {b!r}")
+    old_data, new_data = saved.get("data", {}), now["data"]
+    for name in sorted(set(old_data) | set(new_data)):
+        if old_data.get(name) != new_data.get(name) and old_cfg.get(name) == new_cfg.get(name):
+            refused.append(f"the contents of {name} ({new_cfg.get(name)})")
+    return refused, allowed
+
+
+def _pid_start(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22, starttime
+    except (OSError, IndexError):
+        return None
+
+
+def acquire_lock(output_dir: str | os.PathLike) -> None:
+    """Hold ``<output_dir>/tether.lock`` (``flock``, exclusive) for the rest of this process: a second run in the
+    same directory is refused with a one-line error naming the holder's pid. The kernel releases the lock when its
+    process ends, however it ends, so the lock of a killed run is stale and is taken over. (Local file systems:
+    flock over NFS depends on the mount.) Taking it again in the same process is a no-op."""
+    import fcntl
+
+    key = _run_key(output_dir)
+    if key in _LOCKS:
+        return
+    path = Path(output_dir) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+        os.close(fd)
+        who = f"pid {holder[0]}" if holder and holder[0].isdigit() else "another process"
+        raise ValueError(f"output_dir {output_dir} is in use by another tether run ({who} holds {path}); wait for "
+                         "it to finish or choose another output_dir") from None
+    except OSError:
+        os.close(fd)
+        raise
+    stale = os.pread(fd, 200, 0).decode(errors="replace").split()
+    if stale and stale[0].isdigit() and int(stale[0]) != os.getpid():
+        print(f"{path}: taking over the lock of pid {stale[0]}, which no longer runs")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {_pid_start(os.getpid()) or ''}\n".encode(), 0)
+    _LOCKS[key] = fd
+
+
+def release_lock(output_dir: str | os.PathLike) -> None:
+    """Give up this process's lock on ``output_dir`` (the lock file stays, unlocked)."""
+    fd = _LOCKS.pop(_run_key(output_dir), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _check_start(cfg, out_dir: Path) -> tuple[str | None, Path | None]:
+    """Rank 0's checks before a run starts: (a one-line problem or None, the checkpoint to resume from)."""
+    resume, overwrite = bool(getattr(cfg, "resume", False)), bool(getattr(cfg, "overwrite", False))
+    root = out_dir / "checkpoints"
+    if root.is_dir() and (gone := _clean_leftovers(root)):
+        print(f"{root}: removed {len(gone)} leftover(s) of an interrupted checkpoint write or prune: "
+              f"{', '.join(gone)}")
+    for stale in out_dir.glob(".*.tmp"):  # an atomic_write killed before its rename
+        stale.unlink(missing_ok=True)
+    earlier = sorted((p.name for p in root.glob("step-*") if p.is_dir()), key=lambda n: (len(n), n)) \
+        if root.is_dir() else []
+    if not resume:
+        if earlier and not overwrite:
+            return (f"output_dir {out_dir} holds the checkpoints of an earlier run ({', '.join(earlier)}): set "
+                    "resume: true to continue that run, or overwrite: true to delete them and start over "
+                    "(or choose another output_dir)"), None
+        return None, None
+    ckpt = latest_checkpoint(out_dir, verify=True)
+    if ckpt is None:
+        what = f"none of {', '.join(earlier)} is intact" if earlier else "there is none"
+        return (f"resume: no checkpoint to resume from in {root} ({what}); run without resume to start "
+                "fresh"), None
+    saved_path = ckpt / RUN_FILE
+    if saved_path.is_file():
+        refused, allowed = _fingerprint_changes(json.loads(saved_path.read_text()), run_fingerprint(cfg))
+        if refused:
+            return (f"resume refused: since checkpoint {ckpt.name} the run's config or data changed — "
+                    f"{'; '.join(refused)}; only {', '.join(sorted(MAY_CHANGE_ON_RESUME))} may change on resume. "
+                    "Resume with the original values, or start over with overwrite: true"), None
+        if allowed:
+            print(f"resuming {ckpt.name} with changed {'; '.join(allowed)}")
+    else:
+        print(f"{ckpt} records no config fingerprint (an older tether wrote it); resuming without that check")
+    return None, ckpt
+
+
 def start_run(cfg) -> Path:
-    """Join the run's processes (``cfg.distributed``: ``tether.distributed.init``), create ``cfg.output_dir``, write
-    the config there as ``config.json`` (rank 0), and seed every RNG with ``cfg.seed`` (the same on every rank)."""
+    """Join the run's processes (``cfg.distributed``: ``tether.distributed.init``), create ``cfg.output_dir``, lock
+    it (:func:`acquire_lock`), check the start, write the config there as ``tether_config.yaml`` (rank 0), and seed
+    every RNG with ``cfg.seed`` (the same on every rank).
+
+    The checks, before any model is loaded: ``output_dir`` is not (inside) an input model directory
+    (``tether.config.check_output_dir``); leftovers of an interrupted checkpoint write or prune are removed; a
+    fresh run in a directory holding an earlier run's checkpoints needs ``overwrite: true``; ``resume: true`` needs
+    an intact checkpoint (the newest one that passes its manifest's sha256 check) whose recorded config and data
+    (:func:`run_fingerprint`) match this run's except in :data:`MAY_CHANGE_ON_RESUME`. Each failure is a one-line
+    ``ValueError``."""
+    from tether.config import check_output_dir
+
     dist = distributed.init(getattr(cfg, "distributed", "none"), getattr(cfg, "device", "cpu"))
     out_dir = Path(cfg.output_dir)
+    problem = ckpt = None
     if dist.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    distributed.barrier()
+        try:
+            check_output_dir(cfg)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            acquire_lock(out_dir)
+            problem, ckpt = _check_start(cfg, out_dir)
+        except ValueError as err:
+            problem = str(err)
+        if problem is None:
+            _RUNS[_run_key(out_dir)] = {"fingerprint": run_fingerprint(cfg), "resume_from": ckpt}
+            atomic_write(out_dir / CONFIG_FILE, _yaml_dump(dataclasses.asdict(cfg)))
+    problem = distributed.broadcast_object(problem)
+    if problem is not None:
+        raise ValueError(problem)
     set_seed(cfg.seed)
     return out_dir
 
 
+def _yaml_dump(values: dict) -> str:
+    import yaml
+
+    return "# the config of this run (tether); pass it back with --config\n" + yaml.safe_dump(
+        json.loads(json.dumps(values, default=str)), sort_keys=False)
+
+
 def resume_or_fresh(out_dir: Path, *, resume: bool, model, optimizer, scheduler, lora: bool,
                     modules: dict | None = None, total: int | None = None) -> dict | None:
-    """With ``resume``, restore the newest checkpoint — weights (the adapter only with LoRA), optimizer, scheduler,
-    RNG states and the named ``modules`` (e.g. a reference that moves) — and return its state (``step``, ``extra``).
-    Otherwise, or when there is none, return None after removing an earlier run's checkpoints (which would outrank
-    this run's in pruning and in a later resume), saying which."""
+    """With ``resume``, restore the newest intact checkpoint (the one :func:`start_run` checked, else
+    ``latest_checkpoint(verify=True)``) — weights (the adapter only with LoRA), optimizer, scheduler, RNG states and
+    the named ``modules`` (e.g. a reference that moves) — and return its state (``step``, ``extra``). Otherwise
+    return None after removing an earlier run's checkpoints (which would outrank this run's in pruning and in a
+    later resume; :func:`start_run` refuses that without ``overwrite``), saying which."""
     dist = distributed.current()
-    if resume and (ckpt := distributed.broadcast_object(latest_checkpoint(out_dir))) is not None:
+    if resume:
+        ckpt = None
+        if dist.main:
+            run = _RUNS.get(_run_key(out_dir))
+            ckpt = run["resume_from"] if run and run["resume_from"] else latest_checkpoint(out_dir, verify=True)
+        ckpt = distributed.broadcast_object(ckpt)
+        if ckpt is None:
+            raise ValueError(f"resume: no intact checkpoint in {Path(out_dir) / 'checkpoints'}; run without resume "
+                             "to start fresh")
         load_weights(model, ckpt, lora=lora)
         state = load_trainer_state(ckpt, optimizer=optimizer, scheduler=scheduler, model=model)
         for name, module in (modules or {}).items():
@@ -422,8 +790,8 @@ def resume_or_fresh(out_dir: Path, *, resume: bool, model, optimizer, scheduler,
             print(f"resumed from {ckpt} at step {state['step']}" + (f"/{total}" if total else ""))
         return state
     if dist.main and (removed := remove_checkpoints(out_dir)):
-        print(f"fresh run: removed the checkpoints of an earlier run in {Path(out_dir) / 'checkpoints'} "
-              f"({', '.join(removed)}); resume=True continues a run instead")
+        print(f"fresh run (overwrite): removed the checkpoints of an earlier run in "
+              f"{Path(out_dir) / 'checkpoints'} ({', '.join(removed)})")
     distributed.barrier()
     return None
 

@@ -1,6 +1,7 @@
 """Two gloo processes on the CPU (``torchrun --nproc_per_node 2``, meeting at 127.0.0.1) against one process.
 
-DPO and GRPO (one on-policy update per rollout, and off-policy: 2 PPO epochs × 2 mini-batches) are trained with
+DPO, GRPO (one on-policy update per rollout, and off-policy: 2 PPO epochs × 2 mini-batches) and distillation
+(off-policy forward KL; on-policy GKD) are trained with
 ``distributed: ddp`` and ``distributed: fsdp2`` on two processes and, in this process, with ``distributed: none``.
 The two-process runs deal each micro-batch's pairs / groups to the ranks; the one-process run holds them all in
 one micro-batch (DPO: ``batch_size`` 2 per micro-batch; two processes get 1 pair each) — the equivalent gradient
@@ -43,6 +44,9 @@ DPO = dict(max_length=256, max_prompt_length=128, lr=1e-3, max_steps=3, batch_si
 RL = dict(steps=3, prompts_per_step=4, group_size=4, max_new_tokens=10, train_prompts=8, eval_prompts=0, lr=3e-3,
           micro_batch_size=8, sample_batch_size=8, **QUIET)
 RL_OFF = dict(RL, ppo_epochs=2, mini_batches=2)
+DISTILL = dict(steps=3, batch_size=4, micro_batch_size=2, max_new_tokens=6, eval_prompts_file=None, eval_prompts=0,
+               lr=1e-3, chunk_size=7, **QUIET)
+DISTILL_MODES = {"distill": dict(mode="off_policy"), "distill-gkd": dict(mode="on_policy", lmbda=1.0)}
 MODES = ("ddp", "fsdp2")
 
 
@@ -83,12 +87,19 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     pairs = root / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return {"root": root, "model": str(make_tiny_model_dir(root / "m0", seed=0)), "pairs": str(pairs)}
+    return {"root": root, "model": str(make_tiny_model_dir(root / "m0", seed=0)), "pairs": str(pairs),
+            "student": str(make_tiny_model_dir(root / "m1", seed=1))}
 
 
 def _dpo(assets, name: str, **extra) -> dict:
     return dict(model=assets["model"], train_file=assets["pairs"], output_dir=str(assets["root"] / name), **DPO,
                 **extra)
+
+
+def _distill(assets, kind: str, suffix: str, **extra) -> dict:
+    """Distillation ``kind`` (a key of DISTILL_MODES): teacher m0, an independent tiny student m1."""
+    return dict(teacher_model=assets["model"], model=assets["student"], train_file=assets["pairs"],
+                output_dir=str(assets["root"] / f"{kind}-{suffix}"), **DISTILL, **DISTILL_MODES[kind], **extra)
 
 
 def _rl(assets, name: str, base: dict, **extra) -> dict:
@@ -99,7 +110,8 @@ def _rl(assets, name: str, base: dict, **extra) -> dict:
 def runs(assets):
     """One process (here) and the two-process runs (one torchrun launch): DPO and GRPO on- and off-policy under
     DDP and FSDP2, and DPO with the loss computed outside the wrapper."""
-    from tether.recipes.configs import PreferenceConfig, RLConfig
+    from tether.recipes.configs import DistillConfig, PreferenceConfig, RLConfig
+    from tether.recipes.distill import train as distill_train
     from tether.recipes.online_rl import train as rl_train
     from tether.recipes.preference import train as dpo_train
 
@@ -109,11 +121,15 @@ def runs(assets):
     dpo_train(PreferenceConfig(**_dpo(assets, "dpo-one")))
     rl_train(RLConfig(**_rl(assets, "rl-one", RL)), reward=vowel_share)
     rl_train(RLConfig(**_rl(assets, "rl-off-one", RL_OFF)), reward=vowel_share)
+    for kind in DISTILL_MODES:
+        distill_train(DistillConfig(**_distill(assets, kind, "one")))
     specs = []
     for mode in MODES:
         specs += [{"recipe": "dpo", "config": _dpo(assets, f"dpo-{mode}", distributed=mode)},
                   {"recipe": "rl", "config": _rl(assets, f"rl-{mode}", RL, distributed=mode)},
                   {"recipe": "rl", "config": _rl(assets, f"rl-off-{mode}", RL_OFF, distributed=mode)}]
+        specs += [{"recipe": "distill", "config": _distill(assets, kind, mode, distributed=mode)}
+                  for kind in DISTILL_MODES]
     specs.append({"recipe": "dpo", "config": _dpo(assets, "dpo-bypass", distributed="ddp"), "bypass": True})
     torchrun(specs, assets["root"] / "specs.json")
     return assets["root"]
@@ -138,6 +154,15 @@ def test_grpo_two_processes_equal_one(runs, run, mode):
                                                                   "entropy"))
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", list(DISTILL_MODES))
+def test_distill_two_processes_equal_one(runs, kind, mode):
+    """Distillation, forward KL on the dataset's responses (off-policy) and on the student's own samples (GKD,
+    lmbda 1; every rank draws the step's samples with the same seed): per step loss, divergence and gradient norm,
+    and the final weights."""
+    assert_same_run(runs / f"{kind}-{mode}", runs / f"{kind}-one", ("loss", "grad_norm", "divergence"))
+
+
 def test_loss_outside_the_wrapper_is_caught(runs):
     """The backbone called directly (not through the DDP wrapper's forward): DDP never reduces the gradients, each
     rank steps on its own pair — the comparison with one process fails on the gradient norm at step 1."""
@@ -151,7 +176,7 @@ def test_rank_zero_alone_writes(runs):
     from tether.models import load_model
 
     run = runs / "dpo-fsdp2"
-    assert len(read_metrics(run)) == 3 and (run / "config.json").is_file()
+    assert len(read_metrics(run)) == 3 and (run / "tether_config.yaml").is_file()
     model = load_model(str(run / "final"))
     assert model.lm_head.weight is model.get_input_embeddings().weight
 

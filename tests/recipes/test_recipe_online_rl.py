@@ -304,13 +304,17 @@ def test_gradient_checkpointing_does_not_change_rl_updates(model_dir, tmp_path):
 
 
 def test_fresh_run_replaces_an_earlier_runs_checkpoints(model_dir, tmp_path, capsys):
-    """A 4-step run leaves step-3 and step-4 in the directory; a fresh 2-step run there must keep its own step-1
+    """A 4-step run leaves step-3 and step-4 in the directory; a fresh run there is refused unless it says
+    overwrite; a fresh 2-step run with overwrite must keep its own step-1
     and step-2 (not be pruned in favour of the old higher steps), say what it removed, and a resume must continue
     the new run (its final weights), not the old one."""
     out = tmp_path / "run"
     train(tiny(model_dir, out, steps=4, save_every=1), reward=vowel_share)
     assert latest_checkpoint(out).name == "step-4"
-    train(tiny(model_dir, out, steps=2, save_every=1, lr=1e-3), reward=vowel_share)
+    with pytest.raises(ValueError, match="holds the checkpoints of an earlier run .*overwrite: true"):
+        train(tiny(model_dir, out, steps=2, save_every=1, lr=1e-3), reward=vowel_share)  # not deleted unasked
+    assert latest_checkpoint(out).name == "step-4"
+    train(tiny(model_dir, out, steps=2, save_every=1, lr=1e-3, overwrite=True), reward=vowel_share)
     assert "removed the checkpoints of an earlier run" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
     resumed = train(tiny(model_dir, out, steps=2, save_every=1, lr=1e-3, resume=True), reward=vowel_share)

@@ -58,7 +58,8 @@ CACHE_VERSION = 1
 INFERENCE_KL_ORDER = {"best_of_n": ("reward_level_plugin", "beirami_estimate"),
                       "tilted": ("reward_level_plugin", "selection_bound")}
 """Which of a method's KL figures is its point's sequence-level KL: the first that applies to every prompt."""
-RUN_FIELDS_NOT_IN_FINGERPRINT = {"output_dir", "progress", "tensorboard", "resume", "stop_after", "save_every"}
+RUN_FIELDS_NOT_IN_FINGERPRINT = {"output_dir", "progress", "tensorboard", "resume", "stop_after", "save_every",
+                                 "overwrite"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -308,7 +309,10 @@ def _train(spec: PointSpec) -> Path:
     if (final / "config.json").is_file():
         print(f"{spec.label}: the finished run in {spec.run_config.output_dir} is reused")
         return final
-    train(spec.run_config)
+    from tether.training import latest_checkpoint
+
+    # An interrupted run of this point (same fingerprint, so the same config) continues from its checkpoint.
+    train(dataclasses.replace(spec.run_config, resume=latest_checkpoint(spec.run_config.output_dir) is not None))
     if not (final / "config.json").is_file():
         raise ValueError(f"{spec.label}: the run in {spec.run_config.output_dir} ended without a final model")
     return final

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from tether import distributed
@@ -60,6 +60,7 @@ from tether.reference import ReferenceSync, frozen_copy, reference_context, soup
 from tether.sampling import render_prompts
 from tether.training import (
     RunLog,
+    atomic_write,
     make_optimizer,
     make_scheduler,
     optimizer_step,
@@ -151,10 +152,17 @@ def _cached_reference(cfg: PreferenceConfig, examples, ref, tokenizer, out_dir: 
     ref_name = "soup:" + "|".join(cfg.ref_soup) if cfg.ref_strategy == "soup" else str(cfg.ref_model or cfg.model)
     fingerprint = _examples_fingerprint(examples, ref_name)
     if path.exists():
-        cached = load_file(path)
-        if cached["fingerprint"].tolist() == list(bytes.fromhex(fingerprint)):
+        try:
+            cached = load_file(path)
+            same = cached["fingerprint"].tolist() == list(bytes.fromhex(fingerprint))
+        except Exception as err:  # truncated or corrupt (a kill, a full disk): recompute, never a traceback
+            cached, same = None, False
+            print(f"{path} is unreadable ({type(err).__name__}: {' '.join(str(err).split())[:120]}); recomputing")
+        if same and "logps" in cached and cached["logps"].shape == (len(examples), 2) \
+                and (not need_kl_pairs or "kl_logps" in cached):
             return cached["logps"], cached.get("kl_logps")
-        log.warning("tether: %s was computed for other data or another reference; recomputing", path)
+        if cached is not None:
+            log.warning("tether: %s was computed for other data or another reference; recomputing", path)
     kwargs = dict(pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size,
                   progress=cfg.progress)
     with reference_context(ref):
@@ -165,9 +173,7 @@ def _cached_reference(cfg: PreferenceConfig, examples, ref, tokenizer, out_dir: 
         tensors["kl_logps"] = kl_logps
     if distributed.current().main:  # every rank computed the same values; one writes them
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, tmp)
-        tmp.replace(path)
+        atomic_write(path, save(tensors))  # fsynced, renamed into place: a kill leaves the old file or the new
     return logps, kl_logps
 
 

@@ -100,7 +100,7 @@ def run(cfg: QuickstartConfig) -> dict:
         train_file=str(out / "pairs.jsonl"), output_dir=str(out / "dpo"), model=cfg.model, loss="dpo",
         beta=cfg.beta, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, max_length=512,
         max_prompt_length=256, warmup_ratio=0.1, schedule="cosine", seed=cfg.seed, progress=cfg.progress,
-        tensorboard=True)
+        tensorboard=True, overwrite=True)  # the quickstart's own sub-run: a rerun replaces it with its new pairs
     result = train(dpo_cfg)
     trained = load_model(result.output_dir / "final")
 
