@@ -78,7 +78,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from tether import distributed
 from tether.data import load_preference_dataset, load_prompt_rows
+from tether.distributed import Trainable, shard_rows
 from tether.group_filter import prompt_schedule
 from tether.head_divergence import head_divergence
 from tether.logprobs import lm_head, token_stats
@@ -113,6 +115,7 @@ from tether.training import (
     RunLog,
     make_optimizer,
     make_scheduler,
+    merged_copy,
     optimizer_step,
     read_metrics,
     release_freed_memory,
@@ -148,6 +151,8 @@ class DistillRun:
     teacher_topk: dict[str, list[TopK]] | None = None
     """dckd with dckd_teacher_top_k: the teacher's stored top-k per position of every row's 'chosen' (and
     'rejected') response, one TopK of (len(response), K) per row; None otherwise."""
+    trainable: Trainable | None = None
+    """The student as the loop trains it (DDP / FSDP2 under torchrun: ``tether.distributed``)."""
 
 
 @dataclass(frozen=True)
@@ -196,12 +201,17 @@ def setup(cfg: DistillConfig) -> DistillRun:
                         for side, resp in sides.items() if resp is not None}
     elif responses is not None and cfg.cache_teacher and cfg.mode not in ("seqkd", "minillm", "adpa"):
         teacher_states = _cached_teacher_states(cfg, teacher, prompt_ids, responses, pad)
-    optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.distributed == "fsdp2" and (cfg.lora or cfg.mode in ("minillm", "adpa")):
+        raise ValueError(f"distributed: fsdp2 does not support lora or mode {cfg.mode} (its no-grad passes call the "
+                         "student directly); use distributed: ddp")
+    trainable = Trainable(student)  # each step's rows dealt to the ranks, the loss inside the wrapper's forward
+    optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               contiguous_state=not distributed.is_sharded(student))
     updates = cfg.steps * cfg.ppo_epochs  # the schedule counts optimizer updates
     scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=int(cfg.warmup_ratio * updates),
                                total_steps=updates)
     return DistillRun(cfg, student, teacher, tokenizer, pad, prompt_ids, responses, rejected, teacher_states,
-                      _eval_rows(cfg), optimizer, scheduler, reference, teacher_topk)
+                      _eval_rows(cfg), optimizer, scheduler, reference, teacher_topk, trainable)
 
 
 def _training_data(cfg: DistillConfig, tokenizer) -> tuple[list[list[int]], list[list[int]] | None,
@@ -267,10 +277,11 @@ def _cached_teacher_states(cfg: DistillConfig, teacher, prompt_ids, responses, p
         sl = slice(start, start + cfg.micro_batch_size)
         rollout = collate(_as_completions(prompt_ids[sl], responses[sl]), pad, cfg.device)
         states += _teacher_states(teacher, rollout)
-    tmp = path.with_suffix(".tmp")
-    save_file({"states": torch.cat(states).cpu().contiguous(), "lengths": torch.tensor([len(s) for s in states]),
-               "fingerprint": fingerprint}, tmp)
-    tmp.replace(path)
+    if distributed.current().main:  # every rank computed the same states; one writes them
+        tmp = path.with_suffix(".tmp")
+        save_file({"states": torch.cat(states).cpu().contiguous(), "lengths": torch.tensor([len(s) for s in states]),
+                   "fingerprint": fingerprint}, tmp)
+        tmp.replace(path)
     return states
 
 
@@ -303,10 +314,11 @@ def _teacher_topk_store(cfg: DistillConfig, teacher, prompt_ids, responses, pad:
             chunks = [teacher_topk(F.linear(states[c:c + cfg.chunk_size], t_weight, t_bias).float(), k)
                       for c in range(0, max(len(states), 1), cfg.chunk_size)]
             rows.append(TopK(*(torch.cat(f) for f in zip(*chunks))))
-    tmp = path.with_suffix(".tmp")
-    save_file({**{f: torch.cat([getattr(r, f) for r in rows]).cpu().contiguous() for f in TopK._fields},
-               "fingerprint": fingerprint}, tmp)
-    tmp.replace(path)
+    if distributed.current().main:  # every rank computed the same store; one writes it
+        tmp = path.with_suffix(".tmp")
+        save_file({**{f: torch.cat([getattr(r, f) for r in rows]).cpu().contiguous() for f in TopK._fields},
+                   "fingerprint": fingerprint}, tmp)
+        tmp.replace(path)
     return rows
 
 
@@ -375,12 +387,12 @@ def distill_step(run: DistillRun, step: int) -> dict[str, float]:
     if source == "dataset":
         done = _as_completions(prompts, [run.responses[i] for i in rows], run.tokenizer)
     else:
-        writer = run.teacher if source == "teacher" else run.student
         mixing = [TeacherMixture(run.teacher, prompts, alpha=cfg.teacher_mixed_alpha, temperature=cfg.temperature,
                                  max_new_tokens=cfg.max_new_tokens)] if cfg.teacher_mixed_alpha > 0 else []
-        done = sample(writer, run.tokenizer, prompts, n=1, max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.temperature, seed=cfg.seed * 100_003 + step, batch_size=cfg.batch_size,
-                      processors=mixing)
+        with run.trainable.gathered() as student:  # every rank draws the same batch (same seed)
+            done = sample(run.teacher if source == "teacher" else student, run.tokenizer, prompts, n=1,
+                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                          seed=cfg.seed * 100_003 + step, batch_size=cfg.batch_size, processors=mixing)
     rollout = collate(done, run.pad, cfg.device)
     t_gen = time.perf_counter() - t0
     batch = StepBatch(rows, rollout, source, max(int(rollout.mask.sum()), 1),
@@ -389,13 +401,19 @@ def distill_step(run: DistillRun, step: int) -> dict[str, float]:
     first: dict[str, float] = {}
     for _ in range(cfg.ppo_epochs):  # 1 except minillm: updates over the same responses
         sums: dict[str, float] = {}
-        for start in range(0, rollout.size, cfg.micro_batch_size):
-            idx = torch.arange(start, min(rollout.size, start + cfg.micro_batch_size))
-            loss, metrics = MICRO_LOSS.get(cfg.mode, divergence_loss)(run, batch, idx)
-            release_freed_memory()
-            loss.backward()
+        starts = range(0, rollout.size, cfg.micro_batch_size)
+        world = run.trainable.dist.world
+        for k_micro, start in enumerate(starts):
+            # Under torchrun each micro-batch's rows are dealt to the ranks; the losses are already shares of the
+            # step's token mean, so W × this rank's share averages (DDP / FSDP2) to the step's loss.
+            idx, weight = shard_rows(torch.arange(start, min(rollout.size, start + cfg.micro_batch_size)))
+            with run.trainable.sync(k_micro == len(starts) - 1):
+                loss, metrics = run.trainable(_micro_loss_of, run, batch, idx)
+                release_freed_memory()
+                (loss * (weight * world)).backward()
             for k, v in {"loss": float(loss.detach()), **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + v
+                sums[k] = sums.get(k, 0.0) + v * weight
+        sums = distributed.all_sum(sums)
         sums["grad_norm"] = optimizer_step(run.student, run.optimizer, run.scheduler, max_grad_norm=cfg.max_grad_norm,
                                            step=step + 1)
         first = first or sums
@@ -404,6 +422,11 @@ def distill_step(run: DistillRun, step: int) -> dict[str, float]:
     return {**first, "source_student": float(source == "student"),
             "source_teacher": float(source == "teacher"), "response_len": batch.n_tokens / rollout.size,
             "lr": run.scheduler.get_last_lr()[0], "gen_s": t_gen, "step_s": time.perf_counter() - t0}
+
+
+def _micro_loss_of(student, run: DistillRun, batch: StepBatch, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """The mode's micro-batch loss as the wrapper's forward calls it (``student`` is ``run.student``)."""
+    return MICRO_LOSS.get(run.cfg.mode, divergence_loss)(run, batch, idx)
 
 
 # Each mode's loss on micro-batch ``idx`` of the step: (its share of the step's loss, a differentiable 0-dim tensor;
@@ -680,14 +703,21 @@ def _summary(name: str, h: dict) -> str:
     return line
 
 
+def _on_main(run: DistillRun, fn):
+    """``fn(student)`` on rank 0 (None elsewhere), with the student's full weights (``Trainable.gathered``)."""
+    with run.trainable.gathered() as student:
+        out = fn(student) if run.trainable.dist.main else None
+    distributed.barrier()
+    return out
+
+
 def train(cfg: DistillConfig) -> DistillResult:
     out_dir = start_run(cfg)
     run = setup(cfg)
     state = resume_or_fresh(out_dir, resume=cfg.resume, model=run.student, optimizer=run.optimizer,
                             scheduler=run.scheduler, lora=cfg.lora, total=cfg.steps)
     step = 0 if state is None else state["step"]
-    if step == 0 and run.eval_rows:
-        before = held_out(run, run.student)
+    if step == 0 and run.eval_rows and (before := _on_main(run, lambda student: held_out(run, student))):
         (out_dir / "held_out_before.json").write_text(json.dumps(before))
         print(_summary("before", before))
     log = RunLog(out_dir, total=cfg.steps, start=step, desc=f"distill {cfg.divergence}",
@@ -710,12 +740,13 @@ def train(cfg: DistillConfig) -> DistillResult:
         return result
     save_final(run.student, run.tokenizer, out_dir / "final", lora=cfg.lora)
     report: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps": step}
+    after = _on_main(run, lambda student: held_out(run, merged_copy(student) if cfg.lora else student)) \
+        if run.eval_rows else None
+    if not run.trainable.dist.main:
+        return result
     if run.eval_rows:
-        from tether.training import merged_copy
-
-        student = merged_copy(run.student) if cfg.lora else run.student
         report["before"] = json.loads((out_dir / "held_out_before.json").read_text())
-        report["after"] = held_out(run, student)
+        report["after"] = after
         print(_summary("after", report["after"]))
     report["train_metrics_last"] = result.metrics[-1] if result.metrics else {}
     (out_dir / "distill_report.json").write_text(json.dumps(report, indent=2))
