@@ -232,7 +232,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenize
     if dist.main and failure is None:
         try:
             _write_manifest(tmp)
-            _fault("checkpoint-rename")
+            _fault(f"checkpoint-rename:{final.name}")
             if final.exists():
                 _remove_dir(final)
             os.replace(tmp, final)
@@ -426,7 +426,7 @@ def load_trainer_state(checkpoint: Path, *, optimizer, scheduler, model=None) ->
 
 def _fault(point: str) -> None:
     """Test hook: with ``TETHER_TEST_KILL_AT=<point>`` in the environment this process kills itself with SIGKILL at
-    ``point`` ('prune', 'checkpoint-rename', 'rewrite:<file name>'), so the kill-and-resume tests interrupt a
+    ``point`` ('prune', 'checkpoint-rename:step-<k>', 'rewrite:<file name>'), so the kill-and-resume tests interrupt a
     write at a chosen moment. Does nothing otherwise."""
     if os.environ.get("TETHER_TEST_KILL_AT") == point:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -635,7 +635,8 @@ def _fingerprint_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     for name in sorted(set(old_cfg) | set(new_cfg)):
         a, b = old_cfg.get(name, "<absent>"), new_cfg.get(name, "<absent>")
         if a != b:
-            (allowed if name in MAY_CHANGE_ON_RESUME else refused).append(f"{name}: {a!r} → {b!r}")
+            if name not in ("resume", "stop_after", "overwrite", "progress", "tensorboard"):  # expected: not said
+                (allowed if name in MAY_CHANGE_ON_RESUME else refused).append(f"{name}: {a!r} → {b!r}")
     old_data, new_data = saved.get("data", {}), now["data"]
     for name in sorted(set(old_data) | set(new_data)):
         if old_data.get(name) != new_data.get(name) and old_cfg.get(name) == new_cfg.get(name):
@@ -654,7 +655,9 @@ def acquire_lock(output_dir: str | os.PathLike) -> None:
     """Hold ``<output_dir>/tether.lock`` (``flock``, exclusive) for the rest of this process: a second run in the
     same directory is refused with a one-line error naming the holder's pid. The kernel releases the lock when its
     process ends, however it ends, so the lock of a killed run is stale and is taken over. (Local file systems:
-    flock over NFS depends on the mount.) Taking it again in the same process is a no-op."""
+    flock over NFS depends on the mount.) Taking it again in the same process is a no-op. A training run gives it
+    up when its final model is saved or it stops at ``stop_after`` (:func:`release_lock`); otherwise (an error,
+    ``tether sample``) it is held until the process ends."""
     import fcntl
 
     key = _run_key(output_dir)
@@ -822,7 +825,7 @@ class RunLog:
     def __init__(self, out_dir: Path, *, total: int, start: int, desc: str, show: tuple[str, ...],
                  finite: tuple[str, ...] = ("loss",), save_every: int = 0, stop_after: int | None = None,
                  tensorboard: bool = True, progress: bool = True):
-        self.total, self.show, self.finite = total, show, finite
+        self.total, self.show, self.finite, self.out_dir, self.step = total, show, finite, out_dir, start
         self.save_every, self.stop_after = save_every, stop_after
         main = distributed.current().main  # other ranks write nothing but still checkpoint (a collective) and stop
         self.metrics = MetricsLogger(out_dir, resume_step=start, tensorboard=tensorboard) if main else None
@@ -841,6 +844,7 @@ class RunLog:
             raise NonFiniteError(f"step {step}: {', '.join(f'{k}={row[k]}' for k in bad)} is not finite; stopping "
                                  "(the last checkpoint holds the weights before this step)")
         self.log(step, row)
+        self.step = step
         self.bar.set_postfix({k: f"{row[k]:.3g}" for k in self.show if k in row})
         self.bar.update(1)
         if (self.save_every and step % self.save_every == 0) or step == self.total or step == self.stop_after:
@@ -852,9 +856,13 @@ class RunLog:
         return False
 
     def close(self) -> None:
+        """Close the bar and the logs; a run stopped before its last step (``stop_after``) gives up its lock on the
+        output directory here (a finished one in :func:`save_final`)."""
         self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.step < self.total:
+            release_lock(self.out_dir)
 
 
 def merged_copy(model):
@@ -872,5 +880,6 @@ def save_final(model, tokenizer, target: Path, *, lora: bool) -> Path:
     _refuse_non_finite_weights(model if state is None else state, f"the final model {target}")
     if distributed.current().main:
         save_pretrained_atomic(merged_copy(model) if lora else model, tokenizer, target, state_dict=state)
+        release_lock(target.parent)  # the run's output is complete: another run may use the directory
     distributed.barrier()
     return target
