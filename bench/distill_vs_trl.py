@@ -83,7 +83,7 @@ MAX_GRAD_NORM = 1.0
 GKD_BETA = 0.5
 SEED = 0
 SCHEDULE_STEPS = 100
-SETTINGS = {"max_new_tokens": 64, "tether_micro_batch_size": BATCH_SIZE, "tether_gc": False}
+SETTINGS = {"max_new_tokens": 64, "tether_micro_batch_size": BATCH_SIZE, "tether_gc": False, "tether_chunk_size": 512}
 
 
 def load_rows() -> list[dict]:
@@ -110,7 +110,8 @@ class TetherImpl:
         self.name, self.distill_step = name, distill_step
         common = dict(train_file=str(DATA_FILE), output_dir=str(workdir / name), batch_size=BATCH_SIZE,
                       micro_batch_size=SETTINGS["tether_micro_batch_size"],
-                      gradient_checkpointing=SETTINGS["tether_gc"], max_length=MAX_LENGTH,
+                      gradient_checkpointing=SETTINGS["tether_gc"], chunk_size=SETTINGS["tether_chunk_size"],
+                      max_length=MAX_LENGTH,
                       max_prompt_length=MAX_PROMPT_LENGTH, max_new_tokens=SETTINGS["max_new_tokens"],
                       temperature=1.0, lr=LR, schedule="linear", warmup_ratio=0.0, weight_decay=0.0,
                       max_grad_norm=MAX_GRAD_NORM, steps=SCHEDULE_STEPS, eval_prompts_file=None, eval_prompts=0,
@@ -387,6 +388,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=SETTINGS["max_new_tokens"])
     ap.add_argument("--tether-micro-batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--tether-gc", action="store_true", help="tether with gradient checkpointing of the student")
+    ap.add_argument("--tether-chunk-size", type=int, default=512, help="tether's LM-head chunk (positions)")
     ap.add_argument("--no-extra", action="store_true", help="skip tether_off_policy_nocache")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(OUT_FILE))
@@ -395,9 +397,10 @@ def main() -> None:
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     SETTINGS.update(max_new_tokens=args.max_new_tokens, tether_micro_batch_size=args.tether_micro_batch_size,
-                    tether_gc=args.tether_gc)
+                    tether_gc=args.tether_gc, tether_chunk_size=args.tether_chunk_size)
     flags = ["--max-new-tokens", str(args.max_new_tokens), "--tether-micro-batch-size",
-             str(args.tether_micro_batch_size)] + (["--tether-gc"] if args.tether_gc else [])
+             str(args.tether_micro_batch_size), "--tether-chunk-size", str(args.tether_chunk_size)] + (
+        ["--tether-gc"] if args.tether_gc else [])
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
