@@ -3,6 +3,7 @@
     python bench/distill_vs_trl.py          # writes bench/results/distill_vs_trl.json (~6 min on 2 cores)
     python bench/distill_vs_trl.py --steps 1 --rss-steps 0 --max-new-tokens 8 --no-write          # smoke run
     python bench/distill_vs_trl.py --compare off_policy                                            # one of the two
+    python bench/distill_vs_trl.py --tether-chunk-size 128 --tether-micro-batch-size 4   # tether's memory knobs
 
 Two comparisons, each between two implementations that get the same teacher (the embedded SmolLM2-135M-Instruct),
 the same student (``tether.models.derive_student``: the teacher's layers 0, 2, …, 28, saved as a plain Hugging Face
