@@ -76,9 +76,10 @@ everything the caller can, and with the guard off can write anywhere the caller 
 network and leave detached processes behind. Use it only for code you would run yourself.
 
 Measured cost of a trivial call (``print(1)``), median of 30 interleaved calls on the shared 2-core
-development machine (load average ~15, so read the ratio, not the absolute): the guard-only sandbox 82 ms,
-``isolation="full"`` 126 ms (1.54x), ``isolation="none"`` 92 ms. The added ~40 ms are ``import ctypes``, a
-second and third ``fork`` and the mounts; the interpreter's own start (~35 ms) dominates both.
+development machine (loaded, so read the ratio, not the absolute): the guard-only sandbox this replaced
+82 / 60 ms at load average 15 / 8, ``isolation="full"`` 126 / 96 ms (1.54x / 1.60x), ``isolation="none"``
+92 / 70 ms. The added ~35-45 ms are ``import ctypes``, a second and third ``fork``, the mounts and the
+namespace teardown; the interpreter's own start (~35 ms) is the largest part of both.
 
 Errors: bad *code* never raises (syntax errors, crashes, limits all come back as a ``SandboxResult``). A
 sandbox that cannot start at all (interpreter not executable, isolation unavailable) raises ``OSError``, so
