@@ -242,6 +242,9 @@ def test_invalid_limits_raise():
         run_sandboxed("pass", max_disk_mb=0)
     with pytest.raises(ValueError, match='isolation must be "full" or "none"'):
         _run_sandboxed("pass", isolation="partial")
+    if os.geteuid() == 0:
+        with pytest.raises(ValueError, match="user=0 would run the code as root"):
+            _run_sandboxed("pass", user=0)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -304,6 +304,8 @@ def run_sandboxed(
         if not root and user not in (None, os.geteuid()):
             raise ValueError(f"user={user} needs a root caller; a non-root caller's sandbox runs as its own uid")
         uid = (NOBODY if user is None else user) if root else os.geteuid()
+        if uid == 0:
+            raise ValueError('user=0 would run the code as root with every capability; give an unprivileged uid')
         gid = uid if root else os.getegid()
     python = python or sys.executable
     status_r, status_w = os.pipe()
