@@ -87,9 +87,12 @@ def test_trdpo_hard_sync_every_step_is_dpo_against_the_previous_policy(assets, t
             assert_close(trained[name], value, name, atol=1e-6)
 
 
-def test_ema_rate_zero_is_the_fixed_reference_through_the_live_path(assets, tmp_path):
-    fixed = _run(assets, tmp_path / "fixed")
-    ema0 = _run(assets, tmp_path / "ema0", ref_strategy="ema", ref_rate=0.0)
+@pytest.mark.parametrize("loss", ["dpo", "kto", "tdpo2"])
+def test_ema_rate_zero_is_the_fixed_reference_through_the_live_path(assets, tmp_path, loss):
+    """DPO (summed log-probs), KTO (also its mismatched pairs' reference log-probs) and TDPO2 (the reference's full
+    distribution, online in both runs)."""
+    fixed = _run(assets, tmp_path / "fixed", loss=loss)
+    ema0 = _run(assets, tmp_path / "ema0", ref_strategy="ema", ref_rate=0.0, loss=loss)
     assert [m["ref/version"] for m in ema0.metrics] == [0.0, 1.0, 2.0]  # it "moves" every step, to itself
     for a, b in zip(fixed.metrics, ema0.metrics):
         for key, tol in (("loss", 5e-6), ("margin", 1e-5), ("logratio", 1e-5), ("grad_norm", 1e-4)):
