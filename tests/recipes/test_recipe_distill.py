@@ -433,7 +433,7 @@ def test_teacher_cache_is_fingerprinted(teacher_dir, pairs, tmp_path, capsys):
     (and says so), and logs what a fresh run with that teacher logs."""
     other = str(make_tiny_model_dir(tmp_path / "other_teacher", seed=2))
     train(tiny(teacher_dir, pairs, tmp_path / "shared", steps=1))
-    again = train(tiny(other, pairs, tmp_path / "shared", steps=1)).metrics[0]
+    again = train(tiny(other, pairs, tmp_path / "shared", steps=1, overwrite=True)).metrics[0]
     assert "was computed for another teacher or other data; recomputing" in capsys.readouterr().out
     fresh = train(tiny(other, pairs, tmp_path / "fresh", steps=1)).metrics[0]
     assert again["divergence"] == fresh["divergence"] and again["loss"] == fresh["loss"]
