@@ -273,12 +273,13 @@ def test_bitmask_unpack_matches_plain_twin():
 
 
 def test_ban_equals_masked_fill():
-    """Bit for bit, with -inf and large scores already present, in float32, float16 and bfloat16."""
+    """Bit for bit, with -inf and large scores already present, in float32, float16, bfloat16 and float64 (where
+    3e38·3e38 = 9e76 is finite: the "infinity" must come from the dtype's own largest value)."""
     gen = torch.Generator().manual_seed(1)
     scores = torch.randn(3, 101, generator=gen) * 1e4
     scores[0, 5] = float("-inf")
     allowed = torch.rand(3, 101, generator=gen) < 0.5
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         s = scores.to(dtype)
         assert torch.equal(ban(s, allowed), s.masked_fill(~allowed, float("-inf"))), dtype
 

@@ -224,10 +224,12 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def ban(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """``scores`` where ``allowed``, ``-inf`` elsewhere, computed as ``scores − (¬allowed)·∞`` with the infinity
-    made by overflow (``1·3e38·3e38 = inf``, ``0·3e38·3e38 = 0``): exact (``x − 0 = x``) and branch-free. Its plain
+    made by overflow (``1·M·M = inf``, ``0·M·M = 0``, M the dtype's largest finite value — a fixed constant such as
+    3e38 would not overflow in float64): exact (``x − 0 = x``) and branch-free. Its plain
     twin is ``scores.masked_fill(~allowed, -inf)``, which on CPU is ≈4× slower on a dense, irregular mask
     (16 × 49152, one thread: 1.8 vs 8.0 ms; mispredicted branches). Shape: (R, V) each; a new tensor."""
-    return scores - (~allowed).to(scores.dtype).mul_(3e38).mul_(3e38)
+    big = torch.finfo(scores.dtype).max
+    return scores - (~allowed).to(scores.dtype).mul_(big).mul_(big)
 
 
 def unpack_bitmask_plain(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
