@@ -91,6 +91,11 @@ def test_spectral_drift_and_subspace_angles_of_a_planted_change():
     assert d["max_left_angle_deg"] == pytest.approx(30.0, abs=1e-9)
     assert d["max_right_angle_deg"] < 1e-5 and d["spectral_drift"] == pytest.approx(0.0, abs=1e-12)
     assert principal_angles(uk, uk).abs().max().item() < 1e-7
+    # ascending, as documented: a 2-D span against one sharing its first direction and tilted 60° in the second
+    e = torch.eye(4, dtype=torch.float64)
+    tilted = torch.stack([e[0], math.cos(math.pi / 3) * e[1] + math.sin(math.pi / 3) * e[2]], dim=1)
+    angles = principal_angles(e[:, :2], tilted)
+    assert angles.tolist() == pytest.approx([0.0, math.pi / 3], abs=1e-7)
 
 
 def test_sparsity_counts_exactly_unchanged_and_below_tolerance_entries():

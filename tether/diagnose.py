@@ -55,7 +55,7 @@ def principal_angles(a: Tensor, b: Tensor) -> Tensor:
     """(k,) principal angles (radians, ascending) between the column spans of the orthonormal (n, k) bases ``a``
     and ``b``: arccos of the singular values of aᵀb (clamped to [0, 1] against rounding)."""
     cos = torch.linalg.svdvals(a.T @ b).clamp(0.0, 1.0)
-    return torch.arccos(cos).flip(0)
+    return torch.arccos(cos)  # svdvals are descending, so the angles ascend
 
 
 def off_principal_share(delta: Tensor, u_k: Tensor, v_k: Tensor) -> float | None:
