@@ -151,8 +151,8 @@ def _rl(assets, out: Path, **kw):
     from tether.recipes.online_rl import train as train_rl
 
     cfg = RLConfig(output_dir=str(out), model=assets["model"], steps=2, prompts_per_step=2, group_size=4,
-                   max_new_tokens=8, train_prompts=8, eval_prompts=0, progress=False, tensorboard=False, lr=3e-3,
-                   micro_batch_size=8, kl_coef=0.1, **kw)
+                   max_new_tokens=8, train_prompts=8, progress=False, tensorboard=False, lr=3e-3,
+                   micro_batch_size=8, kl_coef=0.1, **{"eval_prompts": 0, **kw})
     return train_rl(cfg, reward=_vowel_share).metrics
 
 
@@ -167,3 +167,12 @@ def test_rl_soup_of_identical_models_is_the_fixed_reference_and_trdpo_hard_zeroe
     hard = _rl(assets, tmp_path / "hard", ref_strategy="trdpo_hard", ref_every=1)
     assert [m["ref/version"] for m in hard] == [0.0, 1.0] and [m["token_kl"] for m in hard] == [0.0, 0.0]
     assert fixed[1]["token_kl"] > 0, "with a fixed reference the policy of step 2 has moved away from it"
+
+
+def test_rl_report_kl_of_a_moving_reference_is_to_the_start(assets, tmp_path):
+    """rl_report.json's KL(trained ‖ π_ref) is to the starting model also when the reference moved: with TR-DPO's
+    hard sync after every step the reference in force at the end *is* the final policy, so a KL to it would read 0
+    for a policy that did move (the preference recipe measures to the starting model too)."""
+    _rl(assets, tmp_path / "hard", ref_strategy="trdpo_hard", ref_every=1, eval_prompts=2, kl_samples_per_prompt=2)
+    report = json.loads((tmp_path / "hard" / "rl_report.json").read_text())
+    assert report["kl"]["token_kl"]["mean"] > 0
