@@ -261,3 +261,12 @@ def test_gradient_checkpointing_does_not_change_training(assets, tmp_path):
     assert max((finals[0][k] - start[k]).abs().max().item() for k in start) > 1e-4
     for k in finals[0]:
         torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_kto_under_torchrun_is_refused_at_config_time(tmp_path, mode):
+    """KTO's reference point z₀ = mean over the micro-batch of KL(π‖π_ref) estimates: under DDP each rank would
+    average only its own rows, a different loss than one process's. Refused before anything loads; DPO is not."""
+    with pytest.raises(ValueError, match=r"^loss: 'kto' with distributed: .* use distributed: none"):
+        PreferenceConfig(output_dir=str(tmp_path), loss="kto", distributed=mode)
+    PreferenceConfig(output_dir=str(tmp_path), loss="dpo", distributed=mode)

@@ -365,6 +365,11 @@ class PreferenceConfig(ReferenceConfig, LoRAConfig, OptimConfig, ModelConfig, Ru
         if moving and self.distributed == "fsdp2":
             raise ValueError(f"ref_strategy {self.ref_strategy} reads the policy's full weights after every step; "
                              "with distributed: fsdp2 it is not supported — use distributed: ddp")
+        if "kl_reference" in spec.needs and self.distributed != "none":
+            # KTO's reference point z₀ is a mean over the whole micro-batch: each rank would average its own rows
+            # only and train on a different loss than one process.
+            raise ValueError(f"loss: {self.loss!r} with distributed: {self.distributed} is not supported (its "
+                             "reference point is a batch mean not synchronized across ranks); use distributed: none")
 
 
 @dataclass
