@@ -255,3 +255,22 @@ def test_corrupt_reference_cache_is_recomputed(assets, tmp_path, capsys):
     capsys.readouterr()
     train(cfg(assets, out, max_steps=1, overwrite=True))
     assert "is unreadable" in capsys.readouterr().out and cache.read_bytes() == good
+
+
+def test_damaged_teacher_cache_is_recomputed(assets, tmp_path, capsys):
+    """distill's teacher-state cache (the same loader as its top-k store): a truncated file is recomputed and the
+    run logs what a run with an intact cache logs."""
+    from tether.recipes.configs import DistillConfig
+    from tether.recipes.distill import train as distill
+
+    base = dict(teacher_model=assets["base"]["model"], model=str(make_tiny_model_dir(tmp_path / "student", seed=1)),
+                train_file=assets["base"]["train_file"], steps=1, batch_size=2, micro_batch_size=2,
+                max_new_tokens=4, eval_prompts=0, tensorboard=False, progress=False)
+    out = tmp_path / "run"
+    first = distill(DistillConfig(output_dir=str(out), **base)).metrics[0]
+    cache = out / "teacher_states.safetensors"
+    cache.write_bytes(cache.read_bytes()[:100])
+    capsys.readouterr()
+    again = distill(DistillConfig(output_dir=str(out), overwrite=True, **base)).metrics[0]
+    assert "teacher_states.safetensors is unreadable" in capsys.readouterr().out
+    assert again["loss"] == first["loss"]

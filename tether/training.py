@@ -63,7 +63,7 @@ __all__ = ["set_seed", "make_optimizer", "contiguous_adam_state", "release_freed
            "save_pretrained_atomic", "MetricsLogger", "read_metrics", "NonFiniteError", "start_run",
            "resume_or_fresh", "optimizer_step", "RunLog", "save_final", "merged_copy", "atomic_write",
            "verify_checkpoint", "remove_checkpoints", "acquire_lock", "release_lock", "run_fingerprint",
-           "is_write_failure", "MAY_CHANGE_ON_RESUME", "CONFIG_FILE"]
+           "is_write_failure", "load_cache", "MAY_CHANGE_ON_RESUME", "CONFIG_FILE"]
 
 
 def set_seed(seed: int) -> None:
@@ -462,6 +462,16 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def load_cache(path: str | os.PathLike) -> dict | None:
+    """The tensors of a safetensors cache file, or None when it cannot be read (truncated or corrupt by a kill or
+    a full disk: the caller recomputes it; said on stdout)."""
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error type for a damaged file
+        print(f"{path} is unreadable ({type(err).__name__}: {' '.join(str(err).split())[:120]}); recomputing")
+        return None
 
 
 def _metric_lines(path: Path) -> tuple[list[str], bool]:

@@ -75,7 +75,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from tether import distributed
@@ -113,6 +113,7 @@ from tether.sampling import Completions, render_prompts, sample
 from tether.sampling.mixing import TeacherMixture
 from tether.training import (
     RunLog,
+    load_cache,
     make_optimizer,
     make_scheduler,
     merged_copy,
@@ -266,8 +267,7 @@ def _cached_teacher_states(cfg: DistillConfig, teacher, prompt_ids, responses, p
         h.update(json.dumps([p, r]).encode())
     fingerprint = torch.tensor(list(h.digest()), dtype=torch.uint8)
     path = Path(cfg.output_dir) / "teacher_states.safetensors"
-    if path.exists():
-        cached = load_file(path)
+    if path.exists() and (cached := load_cache(path)) is not None:  # a damaged cache is recomputed
         if torch.equal(cached["fingerprint"], fingerprint):
             lengths = cached["lengths"].tolist()
             return [s.to(cfg.device) for s in cached["states"].split(lengths)]
@@ -299,8 +299,7 @@ def _teacher_topk_store(cfg: DistillConfig, teacher, prompt_ids, responses, pad:
     fingerprint = torch.tensor(list(h.digest()), dtype=torch.uint8)
     path = Path(cfg.output_dir) / f"teacher_top{k}_{side}.safetensors"
     lengths = [len(r) for r in responses]
-    if path.exists():
-        cached = load_file(path)
+    if path.exists() and (cached := load_cache(path)) is not None:  # a damaged cache is recomputed
         if torch.equal(cached["fingerprint"], fingerprint):
             parts = zip(*(cached[f].split(lengths) for f in TopK._fields))
             return [TopK(*(t.to(cfg.device) for t in part)) for part in parts]
