@@ -84,7 +84,7 @@ def test_incremental_teacher_matches_full_forward_as_rows_leave(lean):
     rec = Recorder(mix)
     out = sample(student, tok, prompts, n=2, max_new_tokens=5, temperature=0.7, seed=3, batch_size=4,
                  processors=[rec, Finisher()])
-    assert (mix.decoder is not None) == lean
+    assert (mix.stream.decoder is not None) == lean
     lengths = [len(c) for c in out.completion_ids]
     assert lengths == [r % 3 + 2 if r % 3 + 2 <= 5 else 5 for r in range(6)]
     step_of = {}  # completion → how many of its tokens were drawn before this call

@@ -30,21 +30,21 @@ authors' fork t1101675/transformers, branch ``minillm``, ``generation/utils.py``
 2. Greedy decoding (temperature 0) takes the arg-max of the mixture, as the official code does; the softmaxes are
    then at temperature 1.
 
-The plain twin of the incremental teacher is a full forward pass over prompt + tokens so far (the test compares the
-two at every step, with rows leaving the batch). Teachers that :func:`tether.sampling.decode.supports` run their
-one-token steps through :class:`~tether.sampling.decode.LlamaDecoder` when ``max_new_tokens`` is given.
+The teacher's incremental decode is a :class:`~tether.sampling.streams.KVStream` (shared with guidance and
+steering). Its plain twin is a full forward pass over prompt + tokens so far (the test compares the two at every
+step, with rows leaving the batch). Teachers that :func:`tether.sampling.decode.supports` run their one-token steps
+through :class:`~tether.sampling.decode.LlamaDecoder` when ``max_new_tokens`` is given.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from tether.sampling.decode import LlamaDecoder, supports
+from tether.sampling.streams import KVStream
 
 __all__ = ["TeacherMixture", "mixture_logprobs"]
 
@@ -97,80 +97,26 @@ class TeacherMixture:
         self.teacher, self.prompt_ids, self.n, self.alpha = teacher, [list(p) for p in prompt_ids], n, alpha
         self.temperature = temperature if temperature > 0 else 1.0
         self.max_new_tokens = max_new_tokens
-        params = inspect.signature(teacher.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.steps = 0
-        """Teacher forward passes run so far (prefill + one-token steps): a test counts them."""
+        self.stream = KVStream(teacher, lambda r: self.prompt_ids[r // self.n], max_new_tokens=max_new_tokens)
 
-    @torch.no_grad()
+    @property
+    def steps(self) -> int:
+        """Teacher forward passes run so far (prefill + one-token steps): a test counts them."""
+        return self.stream.forwards
+
     def start(self, rows: torch.Tensor) -> None:
         """Prefill the teacher on the prompt of every completion in ``rows`` (left-padded, like the sampler)."""
-        from transformers import DynamicCache
-
-        prompts = [self.prompt_ids[r // self.n] for r in rows.tolist()]
-        device = next(self.teacher.parameters()).device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), 0, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        self.logits = self.teacher(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                   logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1]
-        self.steps += 1
-        self.decoder = None
-        if self.max_new_tokens is not None and supports(self.teacher):
-            self.decoder = LlamaDecoder(self.teacher)
-            self.decoder.start(cache, mask, self.max_new_tokens)
-            cache = None
-        self.cache, self.mask, self.next_pos = cache, mask, positions[:, -1] + 1
-        self.rows = rows.tolist()
-        self.pending: torch.Tensor | None = None
+        self.stream.start(rows)
 
     def accept(self, tokens: torch.Tensor, rows: torch.Tensor) -> None:
         """Record the drawn tokens; the teacher steps on them lazily, once the finished rows have left."""
-        if rows.tolist() != self.rows:
-            raise ValueError("TeacherMixture: accept() saw other rows than the last call; one TeacherMixture per "
-                             "sample() call, used as the sampler calls it")
-        self.pending = tokens
+        self.stream.accept(tokens, rows)
         return None
-
-    @torch.no_grad()
-    def _advance(self, rows: list[int]) -> None:
-        if rows != self.rows:
-            where = {r: i for i, r in enumerate(self.rows)}
-            if any(r not in where for r in rows):
-                raise ValueError(f"TeacherMixture: rows {rows} are not a subset of the live rows {self.rows}")
-            idx = torch.tensor([where[r] for r in rows], device=self.mask.device)
-            if self.decoder is not None:
-                self.decoder.keep(idx)
-            else:
-                self.cache.batch_select_indices(idx)
-            self.mask, self.next_pos, self.logits = self.mask[idx], self.next_pos[idx], self.logits[idx]
-            if self.pending is not None:
-                self.pending = self.pending[idx]
-            self.rows = rows
-        if self.pending is None:
-            return
-        tokens = self.pending.to(self.mask.device)
-        if self.decoder is not None:
-            self.logits = self.decoder.step(tokens, self.next_pos)
-        else:
-            self.mask = torch.cat([self.mask, self.mask.new_ones(len(rows), 1)], dim=1)
-            self.logits = self.teacher(input_ids=tokens[:, None], attention_mask=self.mask,
-                                       position_ids=self.next_pos[:, None], use_cache=True,
-                                       **{self._cache_kw: self.cache}).logits[:, -1]
-        self.steps += 1
-        self.next_pos = self.next_pos + 1
-        self.pending = None
 
     def __call__(self, scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(R, V) scores → (R, V) ``log p̃`` of the live ``rows``."""
-        self._advance(rows.tolist())
-        if self.logits.shape[-1] != scores.shape[-1]:
-            raise ValueError(f"TeacherMixture: the teacher has {self.logits.shape[-1]} logits per token, the sampled "
+        logits = self.stream.logits(rows)
+        if logits.shape[-1] != scores.shape[-1]:
+            raise ValueError(f"TeacherMixture: the teacher has {logits.shape[-1]} logits per token, the sampled "
                              f"model {scores.shape[-1]}; mixing needs one shared vocabulary")
-        return mixture_logprobs(scores, self.logits.to(scores.device) / self.temperature, self.alpha).to(scores.dtype)
+        return mixture_logprobs(scores, logits.to(scores.device) / self.temperature, self.alpha).to(scores.dtype)
