@@ -24,6 +24,11 @@ from tether.sampling.decode import LlamaDecoder, supports
 __all__ = ["KVStream"]
 
 
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are read in fp32; float64 ones (the exact-enumeration tests) stay float64."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 class KVStream:
     """Next-token logits of ``model`` on ``prompts[r]`` + the tokens drawn so far, for every live sampler row r.
 
@@ -36,8 +41,8 @@ class KVStream:
             hook); None: no context.
 
     Protocol (what a processor forwards to it): ``start(rows)`` when a batch starts, ``accept(tokens, rows)`` after
-    each step, ``logits(rows)`` to read the (R, V) fp32 logits for the live ``rows`` (a subset, in order, of the
-    last rows seen).
+    each step, ``logits(rows)`` to read the (R, V) fp32 logits (float64 for a float64 model) for the live ``rows``
+    (a subset, in order, of the last rows seen).
     """
 
     def __init__(self, model, prompts: Callable[[int], Sequence[int]], *, max_new_tokens: int | None = None,
@@ -65,8 +70,9 @@ class KVStream:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         with self.context():
-            self._logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                      logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1].float()
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{self._cache_kw: cache})
+            self._logits = _at_least_fp32(out.logits[:, -1])
         self.forwards += 1
         self.decoder = None
         if self.max_new_tokens is not None and self.context is contextlib.nullcontext and supports(self.model):
@@ -102,13 +108,14 @@ class KVStream:
         if self.pending is not None:
             tokens = self.pending.to(self.mask.device)
             if self.decoder is not None:
-                self._logits = self.decoder.step(tokens, self.next_pos).float()
+                self._logits = _at_least_fp32(self.decoder.step(tokens, self.next_pos))
             else:
                 self.mask = torch.cat([self.mask, self.mask.new_ones(len(rows_l), 1)], dim=1)
                 with self.context():
-                    self._logits = self.model(input_ids=tokens[:, None], attention_mask=self.mask,
-                                              position_ids=self.next_pos[:, None], use_cache=True,
-                                              **{self._cache_kw: self.cache}).logits[:, -1].float()
+                    out = self.model(input_ids=tokens[:, None], attention_mask=self.mask,
+                                     position_ids=self.next_pos[:, None], use_cache=True,
+                                     **{self._cache_kw: self.cache})
+                    self._logits = _at_least_fp32(out.logits[:, -1])
             self.forwards += 1
             self.next_pos = self.next_pos + 1
             self.pending = None
