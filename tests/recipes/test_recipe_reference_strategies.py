@@ -151,8 +151,8 @@ def _rl(assets, out: Path, **kw):
     from tether.recipes.online_rl import train as train_rl
 
     cfg = RLConfig(output_dir=str(out), model=assets["model"], steps=2, prompts_per_step=2, group_size=4,
-                   max_new_tokens=8, train_prompts=8, progress=False, tensorboard=False, lr=3e-3,
-                   micro_batch_size=8, kl_coef=0.1, **{"eval_prompts": 0, **kw})
+                   max_new_tokens=8, train_prompts=8, progress=False, tensorboard=False,
+                   micro_batch_size=8, kl_coef=0.1, **{"eval_prompts": 0, "lr": 3e-3, **kw})
     return train_rl(cfg, reward=_vowel_share).metrics
 
 
@@ -176,3 +176,14 @@ def test_rl_report_kl_of_a_moving_reference_is_to_the_start(assets, tmp_path):
     _rl(assets, tmp_path / "hard", ref_strategy="trdpo_hard", ref_every=1, eval_prompts=2, kl_samples_per_prompt=2)
     report = json.loads((tmp_path / "hard" / "rl_report.json").read_text())
     assert report["kl"]["token_kl"]["mean"] > 0
+
+
+def test_rl_report_kl_of_a_soup_reference_is_to_the_start(assets, tmp_path):
+    """With ``ref_strategy: soup`` of the start and a different model the reference is not where the policy started;
+    the report's KL is still to the start (as tether dpo's). At lr = 1e-30 every AdamW update is below fp32's
+    resolution, so the policy stays the start bit for bit: the KL is exactly 0, where a KL to the soup would not be."""
+    other = make_tiny_model_dir(tmp_path / "m1", seed=1)
+    _rl(assets, tmp_path / "soup", ref_strategy="soup", ref_soup=[assets["model"], str(other)], lr=1e-30,
+        eval_prompts=2, kl_samples_per_prompt=2)
+    report = json.loads((tmp_path / "soup" / "rl_report.json").read_text())
+    assert report["kl"]["token_kl"]["mean"] == 0.0

@@ -300,7 +300,7 @@ def _on_main(run: RLRun, fn):
 
 def final_report(run: RLRun, out_dir: Path, metrics: list[dict], policy=None) -> dict:
     """Held-out reward before and after (paired, with the CI of the gain) and KL(trained ‖ reference) with CIs
-    (a moving reference: KL to the starting model); written to ``rl_report.json``."""
+    (with a moving or soup reference: KL to the starting model); written to ``rl_report.json``."""
     cfg = run.cfg
     report: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps": cfg.steps}
     if run.eval_rows:
@@ -312,8 +312,9 @@ def final_report(run: RLRun, out_dir: Path, metrics: list[dict], policy=None) ->
         policy = run.policy if policy is None else policy  # under FSDP2: the gathered plain copy
         report.update(reward_gain(before, held_out_reward(run, policy)))
         # A moving reference (ema, reset, trdpo_*) ends wherever its last update put it — after a hard sync, at the
-        # final policy itself — so the report's KL is to the starting model, as in tether dpo's report.
-        reference = load_model(cfg.model).to(cfg.device).eval() if run.sync.moving else run.reference
+        # final policy itself — and a soup is not where the policy started: the report's KL is to the starting
+        # model for both, as in tether dpo's report (how far training moved the model).
+        reference = load_model(cfg.model).to(cfg.device).eval() if cfg.ref_strategy != "fixed" else run.reference
         if cfg.lora:  # two plain models: adapters merged (policy) and removed (reference), the live model untouched
             policy, reference = merged_copy(run.policy), frozen_copy(run.policy).unload()
         report["kl"] = measure_kl(policy, reference, run.tokenizer, [r["prompt"] for r in run.eval_rows],
