@@ -17,6 +17,15 @@ __all__ = ["DiagnoseConfig", "DistillConfig", "FrontierConfig", "KLConfig", "Mer
            "QuickstartConfig", "RLConfig", "ReferenceConfig", "SampleConfig"]
 
 
+def _check_reward_names(rewards: dict[str, float] | None, alternative: str = "") -> None:
+    """Every key of a config's ``rewards`` must name a rule reward of ``tether.rewards``."""
+    from tether.rewards import REWARD_NAMES
+
+    for name in rewards or {}:
+        if name not in REWARD_NAMES:
+            raise ValueError(f"rewards: unknown reward {name!r}; choose from {sorted(REWARD_NAMES)}{alternative}")
+
+
 @dataclass
 class ReferenceConfig:
     """Which reference the KL terms are to, and how it moves (``tether.reference.ReferenceSync``): a field group of
@@ -201,12 +210,7 @@ class RLConfig(ReferenceConfig, LoRAConfig, OptimConfig, ModelConfig, RunConfig)
         if self.kl_placement == "reward" and self.kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"kl_estimator: {self.kl_estimator!r} cannot be placed in the reward; use k1, k2 or "
                              "k3 there (k1 gives the exact sequence-level reverse-KL gradient)")
-        from tether.rewards import REWARD_NAMES
-
-        for name in (self.rewards or {}):
-            if name not in REWARD_NAMES:
-                raise ValueError(f"rewards: unknown reward {name!r}; choose from {sorted(REWARD_NAMES)} "
-                                 "(or reward_model)")
+        _check_reward_names(self.rewards, " (or reward_model)")
         from tether.inference.transforms import check_reward_transform
 
         check_reward_transform(self.reward_transform, self.reward_transform_args)
@@ -644,11 +648,7 @@ class SampleConfig:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
-        from tether.rewards import REWARD_NAMES
-
-        for name in (self.rewards or {}):
-            if name not in REWARD_NAMES:
-                raise ValueError(f"rewards: unknown reward {name!r}; choose from {sorted(REWARD_NAMES)}")
+        _check_reward_names(self.rewards)
         if not self.methods or set(self.methods) - set(SAMPLE_METHODS):
             raise ValueError(f"methods: {self.methods!r}; give one or more of {list(SAMPLE_METHODS)}")
         if self.ensemble is None and len(self.reward_models) > 1:
@@ -730,11 +730,7 @@ class FrontierConfig:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
-        from tether.rewards import REWARD_NAMES
-
-        for name in (self.rewards or {}):
-            if name not in REWARD_NAMES:
-                raise ValueError(f"rewards: unknown reward {name!r}; choose from {sorted(REWARD_NAMES)}")
+        _check_reward_names(self.rewards)
         for beta_field, config_field in (("dpo_beta", "dpo_config"), ("rl_beta", "rl_config")):
             if getattr(self, beta_field) and not getattr(self, config_field):
                 raise ValueError(f"{beta_field}: the runs need a recipe config; set {config_field} (a YAML file)")
