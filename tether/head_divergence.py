@@ -150,13 +150,76 @@ class _ChunkedHeadDivergence(torch.autograd.Function):
 
 def _chunk_grad(h_c, weight, bias, th_c, tweight, tbias, fn, temperature, hyperparameters,
                 upstream: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One chunk: (∂(Σ_i upstream_i · values_i)/∂logits, values); ``upstream`` None means all ones."""
+    """One chunk: (∂(Σ_i upstream_i · values_i)/∂logits, values); ``upstream`` None means all ones.
+
+    The forward and reverse KL take their closed-form gradient (:data:`_CLOSED_FORM`) when every value of the chunk
+    is finite; any other divergence, or a chunk with an infinite KL, is differentiated by autograd."""
+    closed_form = _CLOSED_FORM.get(fn)
+    if closed_form is not None and not hyperparameters:
+        g, values = closed_form(F.linear(h_c, weight, bias), F.linear(th_c, tweight, tbias), temperature)
+        if bool(torch.isfinite(values).all()):
+            if upstream is not None:
+                g.mul_(upstream[:, None].to(g.dtype))
+            return g.to(h_c.dtype), values
+        del g, values
     z = F.linear(h_c, weight, bias).requires_grad_()
     teacher_z = F.linear(th_c, tweight, tbias)
     with torch.enable_grad():
         values = fn(z, teacher_z, temperature=temperature, **hyperparameters)
         (g,) = torch.autograd.grad(values, z, torch.ones_like(values) if upstream is None else upstream)
     return g, values.detach()
+
+
+def _log_softmax_(logits: Tensor, temperature: float) -> Tensor:
+    """log softmax(logits / T) over the last dimension, in fp32 (float64 stays), overwriting ``logits`` when it
+    already has that dtype."""
+    out = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature != 1.0:
+        out.div_(temperature)
+    return out.sub_(torch.logsumexp(out, dim=-1, keepdim=True))
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_v a[n, v]·b[n, v] per row, as a batched product (no (N, V) temporary)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _reverse_kl_and_grad(z: Tensor, teacher_z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """KL(q‖p) per row and its gradient with respect to the student logits ``z`` (both overwritten).
+
+    With q = softmax(z/T), p = softmax(t/T) and d = log q − log p, KL = Σ_v q_v d_v, and since
+    ∂log q_v/∂z_j = (δ_vj − q_j)/T,
+
+        ∂KL/∂z_j = (1/T)·Σ_v q_v (δ_vj − q_j)(d_v + 1) = (q_j/T)·(d_j − KL).
+
+    Three (N, V) buffers (log q turned into d in place, log p, q) instead of autograd's graph. A slot where q or p is
+    0 makes d or the product non-finite, and the caller then takes the autograd twin."""
+    log_q = _log_softmax_(z, temperature)
+    log_p = _log_softmax_(teacher_z, temperature)
+    q = log_q.exp()
+    d = log_q.sub_(log_p)
+    del log_p
+    kl = _rowdot(q, d)
+    grad = d.sub_(kl[:, None]).mul_(q)
+    return (grad.div_(temperature) if temperature != 1.0 else grad), kl
+
+
+def _forward_kl_and_grad(z: Tensor, teacher_z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """KL(p‖q) per row and its gradient with respect to the student logits ``z`` (both overwritten):
+    KL = Σ_v p_v (log p_v − log q_v), ∂KL/∂z_j = (q_j − p_j)/T (Σ_v p_v = 1). Three (N, V) buffers."""
+    log_q = _log_softmax_(z, temperature)
+    log_p = _log_softmax_(teacher_z, temperature)
+    p = log_p.exp()
+    kl = _rowdot(p, log_p.sub_(log_q))
+    del log_p
+    grad = log_q.exp_().sub_(p)
+    return (grad.div_(temperature) if temperature != 1.0 else grad), kl
+
+
+_CLOSED_FORM: dict[Callable[..., Tensor], Callable[[Tensor, Tensor, float], tuple[Tensor, Tensor]]] = {
+    _reverse_kl: _reverse_kl_and_grad, _forward_kl: _forward_kl_and_grad}
+"""Divergences whose chunk gradient :func:`_chunk_grad` computes in closed form (autograd is the twin:
+``tests/test_head_divergence.py``)."""
 
 
 def _accumulate(g: Tensor, h_c: Tensor, weight: Tensor, sl: slice, grad_h, grad_w, grad_b) -> None:
