@@ -13,8 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "tether"
 LAYERS = {
     "tether.kl": 0, "tether.stats": 0, "tether.config": 0, "tether.testing": 0, "tether.distributed": 0,
+    "tether.run_dir": 0,
     "tether.losses": 1, "tether.logprobs": 1, "tether.models": 1, "tether.reference": 1, "tether.data": 1,
-    "tether.rewards": 1,
+    "tether.rewards": 1, "tether.checkpoints": 1,
     "tether.tasks": 2, "tether.prefix": 2, "tether.sampling": 2, "tether.head_divergence": 2, "tether.diagnose": 2,
     "tether.rollout": 3,
     "tether.eval": 4, "tether.training": 4, "tether.inference": 4, "tether.group_filter": 4,

@@ -1,7 +1,7 @@
 """Output directory and resume safety (issue 15, item 4) on the preference recipe with a tiny model.
 
 Kill tests run ``tether dpo`` in a subprocess that SIGKILLs itself at a chosen point (``TETHER_TEST_KILL_AT``, a
-test hook in ``tether.training``): inside the atomic rewrite of ``metrics.jsonl``, in the middle of pruning an
+test hook in ``tether.checkpoints``): inside the atomic rewrite of ``metrics.jsonl``, in the middle of pruning an
 old checkpoint, right before a finished checkpoint is renamed into place. The run is then resumed here and must
 end exactly where an uninterrupted run ends (same metrics, bit-identical final weights). The subprocess runs one
 thread, as this test process does (conftest), so both compute the same floats.
@@ -22,10 +22,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tether.checkpoints import latest_checkpoint, verify_checkpoint
 from tether.cli import main
 from tether.recipes.preference import PreferenceConfig, train
 from tether.testing import make_tiny_model_dir
-from tether.training import latest_checkpoint, read_metrics, start_run, verify_checkpoint
+from tether.training import read_metrics, start_run
 
 ROWS = [{"prompt": f"Question {i}: name a {w}.", "chosen": f"A fine {w}, number {i}.", "rejected": "no " * (1 + i % 3)
          + w} for i, w in enumerate(["cat", "dog", "tree", "river", "cloud", "stone", "bird", "lamp"])]
@@ -223,16 +224,16 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous(assets
     """torch.save of step-4's trainer state raises ENOSPC (as a full disk does): the CLI prints one line naming the
     step, the cause and the intact previous checkpoint, exit 2; step-2 verifies (sizes and sha256), nothing of
     step-4 is left, no final model is written."""
-    import tether.training as training
+    import tether.checkpoints as checkpoints
 
-    real_save = training.torch.save
+    real_save = checkpoints.torch.save
 
     def full_disk(obj, path, *a, **k):
         if isinstance(obj, dict) and obj.get("step") == 4:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(training.torch, "save", full_disk)
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk)
     out = tmp_path / "run"
     flags = []
     for k, v in {**assets["base"], "save_every": 2}.items():

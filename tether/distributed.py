@@ -29,7 +29,7 @@ top of them, so that a run on W processes computes what one process computes:
   the global loss's gradient. A rank left without rows (a micro-batch smaller than W) runs a stand-in row with weight
   0. The learning-rate schedule counts optimizer steps, which are the same at any world size.
 * Metrics and the exact KL are sums over ranks (:func:`all_sum`, :func:`all_sum_`); rank 0 alone writes
-  (:attr:`Dist.main`; ``tether.training``'s helpers check it).
+  (:attr:`Dist.main`; ``tether.training`` and ``tether.checkpoints`` check it).
 
 Gradient sync per micro-batch is skipped until the step's last one (:meth:`Trainable.sync`: DDP's ``no_sync``,
 FSDP2's ``set_requires_gradient_sync``); the accumulated gradient is the same either way.

@@ -122,10 +122,10 @@ def merge_states(method: str, states: list[dict[str, Tensor]], names: list[str],
 
 def run(cfg) -> dict:
     """``tether merge``: load, merge, save, measure (``cfg`` is a ``tether.recipes.configs.MergeConfig``)."""
+    from tether.checkpoints import save_pretrained_atomic
     from tether.eval.kl import completions_kl, format_kl_report
     from tether.models import load_model, load_tokenizer
     from tether.sampling import render_prompts, sample
-    from tether.training import save_pretrained_atomic
 
     names = list(cfg.models)
     models = [load_model(m) for m in names]

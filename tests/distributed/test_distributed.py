@@ -29,8 +29,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tether.checkpoints import latest_checkpoint
 from tether.distributed import local_launch_args
-from tether.training import latest_checkpoint, read_metrics
+from tether.training import read_metrics
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 

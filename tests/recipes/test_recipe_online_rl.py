@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tether.checkpoints import latest_checkpoint
 from tether.cli import main
 from tether.logprobs import IGNORE_INDEX
 from tether.losses.policy.registry import ONLINE_OBJECTIVES
@@ -28,7 +29,6 @@ from tether.rollout import collate
 from tether.sampling import render_prompts, sample
 from tether.tasks import make_instruction_prompts
 from tether.testing import make_tiny_model_dir
-from tether.training import latest_checkpoint
 
 TIMING_KEYS = {"gen_s", "reward_s", "score_s", "update_s", "gen_tokens_per_s"}
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tether.checkpoints import load_module_state
 from tether.cli import main
 from tether.group_filter import prompt_schedule, round_seed
 from tether.losses.policy import grpo_care_bonus
@@ -25,7 +26,6 @@ from tether.rollout import answer_mask, collate, score_completions
 from tether.sampling import render_prompts, sample
 from tether.tasks import make_instruction_prompts
 from tether.testing import make_tiny_model_dir
-from tether.training import load_module_state
 
 TINY = dict(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=10, train_prompts=8, eval_prompts=0, lr=3e-3,
             micro_batch_size=8, seed=0)

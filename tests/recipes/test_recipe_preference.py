@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from tether.checkpoints import latest_checkpoint
 from tether.data import DataError, collate_preference, load_preference_dataset
 from tether.models import load_model
 from tether.recipes.preference import PreferenceConfig, preference_step, reference_logps, train
 from tether.testing import make_tiny_model_dir, tiny_tokenizer
-from tether.training import latest_checkpoint
 
 MAX_LEN, MAX_PROMPT = 256, 128
 # Completions of different lengths in each pair (so every batch is padded) and across pairs.

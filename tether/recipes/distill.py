@@ -79,6 +79,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from tether import distributed
+from tether.checkpoints import load_cache, save_checkpoint
 from tether.data import load_preference_dataset, load_prompt_rows
 from tether.distributed import Trainable, shard_rows
 from tether.group_filter import prompt_schedule
@@ -113,7 +114,6 @@ from tether.sampling import Completions, render_prompts, sample
 from tether.sampling.mixing import TeacherMixture
 from tether.training import (
     RunLog,
-    load_cache,
     make_optimizer,
     make_scheduler,
     merged_copy,
@@ -121,7 +121,6 @@ from tether.training import (
     read_metrics,
     release_freed_memory,
     resume_or_fresh,
-    save_checkpoint,
     save_final,
     start_run,
 )

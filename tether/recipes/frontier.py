@@ -309,7 +309,7 @@ def _train(spec: PointSpec) -> Path:
     if (final / "config.json").is_file():
         print(f"{spec.label}: the finished run in {spec.run_config.output_dir} is reused")
         return final
-    from tether.training import latest_checkpoint
+    from tether.checkpoints import latest_checkpoint
 
     # An interrupted run of this point (same fingerprint, so the same config) continues from its checkpoint.
     train(dataclasses.replace(spec.run_config, resume=latest_checkpoint(spec.run_config.output_dir) is not None))

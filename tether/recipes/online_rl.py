@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from tether import distributed
+from tether.checkpoints import save_checkpoint
 from tether.distributed import Trainable
 from tether.group_filter import prompt_schedule  # noqa: F401  (re-exported: the schedule of rl_step's prompts)
 from tether.losses.policy import (
@@ -79,7 +80,6 @@ from tether.training import (
     make_scheduler,
     read_metrics,
     resume_or_fresh,
-    save_checkpoint,
     save_final,
     start_run,
 )

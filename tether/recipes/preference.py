@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from tether import distributed
+from tether.checkpoints import atomic_write, save_checkpoint
 from tether.data import collate_preference, curriculum_order, load_preference_dataset
 from tether.distributed import Trainable, shard_rows
 from tether.logprobs import hidden_states, lm_head, sequence_sums, token_stats
@@ -60,14 +61,12 @@ from tether.reference import ReferenceSync, frozen_copy, reference_context, soup
 from tether.sampling import render_prompts
 from tether.training import (
     RunLog,
-    atomic_write,
     make_optimizer,
     make_scheduler,
     optimizer_step,
     read_metrics,
     release_freed_memory,
     resume_or_fresh,
-    save_checkpoint,
     save_final,
     start_run,
 )
