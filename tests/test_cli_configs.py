@@ -197,7 +197,7 @@ def test_every_config_runs_tiny_through_the_cli(config, tiny_dir, tmp_path, caps
                 assert report[when][direction]["completions"] == n_prompts
                 assert math.isfinite(report[when][direction]["token_kl"]["mean"])
     elif command == "sample":
-        from tether.recipes.configs import SampleConfig
+        from tether.recipes.analysis_configs import SampleConfig
         from tether.recipes.sample import settings
 
         report = json.loads((out / "sample_report.json").read_text())
@@ -212,7 +212,7 @@ def test_every_config_runs_tiny_through_the_cli(config, tiny_dir, tmp_path, caps
             if s["method"] == "best_of_n":
                 assert s["kl"]["bound"]["mean"] == pytest.approx(math.log(2) - 0.5, abs=1e-12)
     elif command == "frontier":
-        from tether.recipes.configs import FrontierConfig
+        from tether.recipes.analysis_configs import FrontierConfig
         from tether.recipes.frontier import declared_points
 
         report = json.loads((out / "frontier.json").read_text())

@@ -14,7 +14,8 @@ import pytest
 
 from tether.cli import main
 from tether.config import ConfigError, build_config, parse_flags, read_yaml
-from tether.recipes.configs import PreferenceConfig, RLConfig, SampleConfig
+from tether.recipes.analysis_configs import SampleConfig
+from tether.recipes.configs import PreferenceConfig, RLConfig
 
 
 def yaml_file(tmp_path, text: str):

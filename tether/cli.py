@@ -66,16 +66,18 @@ def _run_diagnose(cfg):
 
 
 def _commands():
-    from tether.recipes.configs import (
+    from tether.recipes.analysis_configs import (
         DiagnoseConfig,
-        DistillConfig,
         FrontierConfig,
         KLConfig,
         MergeConfig,
+        SampleConfig,
+    )
+    from tether.recipes.configs import (
+        DistillConfig,
         PreferenceConfig,
         QuickstartConfig,
         RLConfig,
-        SampleConfig,
     )
     from tether.recipes.online_rl import train as train_rl
     from tether.recipes.preference import train

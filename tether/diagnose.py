@@ -159,7 +159,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def run(cfg) -> dict:
-    """``tether diagnose`` (``cfg`` is a ``tether.recipes.configs.DiagnoseConfig``): report and plot."""
+    """``tether diagnose`` (``cfg`` is a ``tether.recipes.analysis_configs.DiagnoseConfig``): report and plot."""
     from tether.models import load_model
 
     report = diagnose_states(load_model(cfg.base).state_dict(), load_model(cfg.trained).state_dict(),

@@ -121,7 +121,7 @@ def merge_states(method: str, states: list[dict[str, Tensor]], names: list[str],
 
 
 def run(cfg) -> dict:
-    """``tether merge``: load, merge, save, measure (``cfg`` is a ``tether.recipes.configs.MergeConfig``)."""
+    """``tether merge``: load, merge, save, measure (``cfg`` is a ``tether.recipes.analysis_configs.MergeConfig``)."""
     from tether.checkpoints import save_pretrained_atomic
     from tether.eval.kl import completions_kl, format_kl_report
     from tether.models import load_model, load_tokenizer

@@ -24,7 +24,7 @@ import torch
 from inference_helpers import REF, CharTokenizer, TableLM, count_b_reward, rewards_of
 
 from tether.inference import laws
-from tether.recipes.configs import FrontierConfig
+from tether.recipes.analysis_configs import FrontierConfig
 from tether.recipes.frontier import run
 
 P, M = 60, 992

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tether.recipes import frontier
-from tether.recipes.configs import FrontierConfig
+from tether.recipes.analysis_configs import FrontierConfig
 from tether.testing import make_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from tether.inference import laws
-from tether.recipes.configs import SampleConfig
+from tether.recipes.analysis_configs import SampleConfig
 from tether.recipes.sample import run, settings
 from tether.tasks import make_instruction_prompts, write_jsonl
 from tether.testing import make_tiny_model_dir

@@ -49,7 +49,8 @@ import torch
 
 from tether.inference import METHODS, Candidates, MethodResult, draw_candidates, laws
 from tether.inference.accounting import summarize_values
-from tether.recipes.configs import FrontierConfig, PreferenceConfig, RLConfig
+from tether.recipes.analysis_configs import FrontierConfig
+from tether.recipes.configs import PreferenceConfig, RLConfig
 
 __all__ = ["INFERENCE_KL_ORDER", "PointCache", "best_of_n_curve", "declared_points", "evaluate_policy",
            "fingerprint", "inference_point", "run", "tilted_optimum_curve"]

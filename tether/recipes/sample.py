@@ -38,7 +38,7 @@ from tether.inference import METHODS, Candidates, MethodResult, draw_candidates
 from tether.inference.ensemble import EnsembleReward
 from tether.inference.qprobe import QProbe, completion_features, fit_qprobe_preferences, fit_qprobe_rewards
 from tether.models import load_model, load_tokenizer
-from tether.recipes.configs import SampleConfig
+from tether.recipes.analysis_configs import SampleConfig
 from tether.sampling.exclusion import Exclude
 from tether.sampling.sampler import kl_cost_summary
 from tether.training import start_run
