@@ -31,6 +31,7 @@ from tether.testing import make_tiny_model_dir
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nonfinite")
     model = make_tiny_model_dir(tmp / "model", seed=0)
+    teacher = make_tiny_model_dir(tmp / "teacher", seed=1)  # a distilled student must differ from its teacher
     nan_model = make_tiny_model_dir(tmp / "nan_model", seed=0)
     weights = load_file(nan_model / "model.safetensors")
     from safetensors.torch import save_file
@@ -41,7 +42,7 @@ def files(tmp_path_factory):
     pairs = tmp / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"Write about {i}.", "chosen": f"Good text {i}.",
                                          "rejected": f"Bad, {i}."}) + "\n" for i in range(8)))
-    return {"model": str(model), "nan_model": str(nan_model), "prompts": str(prompts), "pairs": str(pairs)}
+    return {"model": str(model), "teacher": str(teacher), "nan_model": str(nan_model), "prompts": str(prompts), "pairs": str(pairs)}
 
 
 def run(argv: list[str], capsys) -> tuple[int, str]:
@@ -105,7 +106,7 @@ def test_huge_learning_rate_stops_with_the_last_checkpoint_finite(command, files
         "dpo": ["dpo", "--model", files["model"], "--train_file", files["pairs"], "--batch_size", "2",
                 "--max_steps", "4", "--kl_samples_per_prompt", "1", "--kl_max_new_tokens", "4"],
         "rl": ["rl", "--model", files["model"], *TINY_RL],
-        "distill": ["distill", "--teacher_model", files["model"], "--model", files["model"], "--train_file",
+        "distill": ["distill", "--teacher_model", files["teacher"], "--model", files["model"], "--train_file",
                     files["pairs"], "--steps", "4", "--batch_size", "2", "--micro_batch_size", "2",
                     "--max_new_tokens", "4", "--eval_prompts_file", files["prompts"], "--kl_samples_per_prompt", "1",
                     "--eval_samples_per_prompt", "1"],
