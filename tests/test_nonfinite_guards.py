@@ -42,7 +42,8 @@ def files(tmp_path_factory):
     pairs = tmp / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"Write about {i}.", "chosen": f"Good text {i}.",
                                          "rejected": f"Bad, {i}."}) + "\n" for i in range(8)))
-    return {"model": str(model), "teacher": str(teacher), "nan_model": str(nan_model), "prompts": str(prompts), "pairs": str(pairs)}
+    return {"model": str(model), "teacher": str(teacher), "nan_model": str(nan_model), "prompts": str(prompts),
+            "pairs": str(pairs)}
 
 
 def run(argv: list[str], capsys) -> tuple[int, str]:

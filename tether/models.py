@@ -144,8 +144,14 @@ def apply_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each decoder layer's activations in the backward pass instead of storing them (non-reentrant
     ``torch.utils.checkpoint``): activation memory falls from O(layers × tokens × width) to one layer's worth, at the
-    price of a second forward pass through the backbone. Call before ``apply_lora``."""
+    price of a second forward pass through the backbone. Call before ``apply_lora``.
+
+    Transformers also hooks the input embeddings to mark their output as requiring a gradient, which only reentrant
+    checkpointing needs; the hook is removed so the model stays one that ``tether.sampling.decode`` decodes (it
+    declines models with forward hooks, which it would skip)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 def derive_student(teacher: str | os.PathLike | None = None, *, stride: int = 2) -> Path:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from tether.models import apply_lora
+from tether.models import apply_lora, enable_gradient_checkpointing
 from tether.sampling import render_prompts, sample
 from tether.sampling.decode import LlamaDecoder, supports
 from tether.testing import tiny_model, tiny_tokenizer
@@ -54,6 +54,9 @@ def test_supports():
     assert not supports(odd_llama(hidden_act="gelu"))
     assert not supports(odd_llama(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}))
     assert not supports(apply_lora(odd_llama(), r=2))
+    checkpointed = odd_llama()
+    enable_gradient_checkpointing(checkpointed)  # a recipe's gradient_checkpointing leaves no hook to skip
+    assert checkpointed.is_gradient_checkpointing and supports(checkpointed)
     with pytest.raises(ValueError, match="LlamaDecoder: .* not a plain LlamaForCausalLM"):
         LlamaDecoder(odd_llama(mlp_bias=True))
     tok = tiny_tokenizer()
