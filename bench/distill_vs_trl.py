@@ -19,6 +19,8 @@ chat template (prompt token ids are checked to be equal), AdamW at lr 1e-5 (line
     ``DistillConfig(mode="on_policy", lmbda=1, divergence="reverse_kl", batch_size=8, micro_batch_size=8)``: tether's
     KV-cache sampler, one teacher forward pass, the student's forward + backward with the divergence chunked over
     both LM heads (``tether.head_divergence``), clipping, AdamW, schedule.
+  - ``tether_on_policy_lean`` (an extra, ``--no-extra`` drops it): the same step with the recipe's two memory fields
+    set (``LEAN``: ``gradient_checkpointing=True`` as TRL's default, ``chunk_size=128``).
   - ``trl_distillation``: TRL's stable ``DistillationTrainer`` at its defaults except ``bf16=False`` and what the
     comparison fixes (``per_device_train_batch_size=8``, ``max_completion_length``, ``learning_rate``). Defaults
     that matter for cost: gradient checkpointing on, ``model.generate``, its chunked divergence
@@ -50,7 +52,13 @@ noise checks the JSON also holds the median of per-round ratios and the ratio of
 
 Peak RSS: each implementation runs alone in a fresh child process (``--only NAME``: set-up, one warm-up step and
 ``--rss-steps`` more) and reports VmHWM from /proc/self/status — the peak of its whole life, model loading
-included (``ru_maxrss`` would be inherited across fork + execve).
+included (``ru_maxrss`` would be inherited across fork + execve). TRL's children import ``datasets`` (TRL needs it);
+tether's do not (~90 MiB resident).
+
+Memory floor: one more child (``--floor``) measures what any fp32 AdamW implementation of the step holds whatever
+it does — the interpreter with torch and transformers imported, plus the teacher's weights and the student's
+weights, gradients and two AdamW moments counted from the loaded models — and the JSON sets each peak against it
+(``memory_floor_mb``, ``peak_above_floor_mb``): 0.7 × TRL's peak is only ~160 MiB above that floor here.
 """
 
 from __future__ import annotations
@@ -74,8 +82,12 @@ DATA_FILE = ROOT / "data" / "ifeval_pairs_smollm2.jsonl"
 OUT_FILE = ROOT / "bench" / "results" / "distill_vs_trl.json"
 COMPARISONS = {"on_policy": ("tether_on_policy", "trl_distillation"),
                "off_policy": ("tether_off_policy", "trl_gkd")}
-EXTRA_IMPLS = {"off_policy": ("tether_off_policy_nocache",)}
-IMPLS = ("tether_on_policy", "trl_distillation", "tether_off_policy", "trl_gkd", "tether_off_policy_nocache")
+EXTRA_IMPLS = {"on_policy": ("tether_on_policy_lean",), "off_policy": ("tether_off_policy_nocache",)}
+IMPLS = ("tether_on_policy", "trl_distillation", "tether_off_policy", "trl_gkd", "tether_off_policy_nocache",
+         "tether_on_policy_lean")
+LEAN = {"gradient_checkpointing": True, "chunk_size": 128}
+"""``tether_on_policy_lean``: the on-policy step with the recipe's two memory fields set as TRL's defaults hold
+memory (activation checkpointing) and a 128-position head chunk."""
 BATCH_SIZE = 8
 MAX_LENGTH = 512
 MAX_PROMPT_LENGTH = 256
@@ -117,10 +129,10 @@ class TetherImpl:
                       temperature=1.0, lr=LR, schedule="linear", warmup_ratio=0.0, weight_decay=0.0,
                       max_grad_norm=MAX_GRAD_NORM, steps=SCHEDULE_STEPS, eval_prompts_file=None, eval_prompts=0,
                       seed=SEED, progress=False, tensorboard=False)
-        if name == "tether_on_policy":
+        if name.startswith("tether_on_policy"):
             # λ = 1: every step trains on student samples, so there are no dataset responses to cache teacher states for
             self.cfg = DistillConfig(mode="on_policy", lmbda=1.0, divergence="reverse_kl", cache_teacher=False,
-                                     **common)
+                                     **{**common, **(LEAN if name == "tether_on_policy_lean" else {})})
         else:
             self.cfg = DistillConfig(mode="off_policy", divergence="generalized_jsd",
                                      divergence_args={"beta": GKD_BETA},
@@ -293,6 +305,41 @@ def run_only(name: str, steps: int, workdir: Path) -> dict:
             rss_after_setup, "step_seconds": times, "setup": setup}
 
 
+def _quiet_transformers() -> None:
+    """``_quiet_libraries`` without importing ``datasets``, which only TRL uses (tether's peak-RSS child)."""
+    import logging
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def memory_floor() -> dict:
+    """What any fp32 AdamW implementation of this step must hold, measured in a fresh process: the resident memory
+    of the interpreter with torch and transformers imported (VmHWM before any model exists), plus the state bytes
+    counted from the loaded models — the teacher's weights and the student's weights, gradients and two AdamW
+    moments (fp32, 4 bytes each). Activations, logits and sampling caches come on top of this floor."""
+    import torch
+    import transformers  # noqa: F401
+
+    runtime = _maxrss_bytes()
+    from transformers import AutoModelForCausalLM
+
+    from tether.models import derive_student, embedded_model_dir
+
+    def param_bytes(path) -> int:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    teacher, student = param_bytes(embedded_model_dir()), param_bytes(derive_student(None, stride=2))
+    return {"runtime_bytes": runtime, "teacher_weight_bytes": teacher, "student_weight_bytes": student,
+            "state_bytes": teacher + 4 * student, "floor_bytes": runtime + teacher + 4 * student}
+
+
 def run_interleaved(names: list[str], steps: int, workdir: Path) -> dict:
     import gc
 
@@ -329,11 +376,12 @@ def _children(jobs: dict[str, list[str]], threads: int) -> dict[str, dict]:
         if proc.returncode != 0:
             raise RuntimeError(f"child {args} failed:\n{proc.stderr[-4000:]}")
         results[key] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"[child] {key}: peak RSS {results[key]['peak_rss_bytes'] / 2**20:.0f} MB", flush=True)
+        mb = results[key].get("peak_rss_bytes", results[key].get("floor_bytes", 0)) / 2**20
+        print(f"[child] {key}: {'peak RSS' if 'peak_rss_bytes' in results[key] else 'floor'} {mb:.0f} MB", flush=True)
     return results
 
 
-def summarize(comparison: str, names: list[str], inter: dict, rss: dict) -> dict:
+def summarize(comparison: str, names: list[str], inter: dict, rss: dict, floor: dict | None = None) -> dict:
     med = statistics.median
     recs = inter["records"]
     per = {}
@@ -378,6 +426,15 @@ def summarize(comparison: str, names: list[str], inter: dict, rss: dict) -> dict
                 "meets_speed_target_ge_1.5x": per[tether]["tokens_per_second"] >= 1.5 * per[trl]["tokens_per_second"],
                 "meets_memory_target_le_0.7x": rss[tether]["peak_rss_bytes"] <= 0.7 * rss[trl]["peak_rss_bytes"],
             }
+            if floor:  # the memory target against what neither side can go below
+                f, mb = floor["floor_bytes"], 2**20
+                ratios[f"{tether}_vs_{trl}"].update({
+                    "memory_floor_mb": round(f / mb, 1),
+                    "memory_target_mb": round(0.7 * rss[trl]["peak_rss_bytes"] / mb, 1),
+                    "memory_target_above_floor_mb": round((0.7 * rss[trl]["peak_rss_bytes"] - f) / mb, 1),
+                    "peak_above_floor_mb": {n: round((rss[n]["peak_rss_bytes"] - f) / mb, 1) for n in (tether, trl)},
+                    "peak_above_floor_ratio": round((rss[tether]["peak_rss_bytes"] - f)
+                                                    / (rss[trl]["peak_rss_bytes"] - f), 3)})
     return {"ratios_tether_over_trl": ratios, "checks": checks, "implementations": per}
 
 
@@ -396,6 +453,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--only", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     SETTINGS.update(max_new_tokens=args.max_new_tokens, tether_micro_batch_size=args.tether_micro_batch_size,
                     tether_gc=args.tether_gc, tether_chunk_size=args.tether_chunk_size)
@@ -404,9 +462,15 @@ def main() -> None:
         ["--tether-gc"] if args.tether_gc else [])
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.floor:  # before the libraries the children import for the comparison (datasets): the floor's runtime
+        print(json.dumps(memory_floor()))  # is the interpreter with torch and transformers only
+        return
     import torch
 
-    _quiet_libraries()
+    if args.only and args.only.startswith("tether"):  # tether's child: no `datasets` import (~90 MiB resident)
+        _quiet_transformers()
+    else:
+        _quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -435,6 +499,8 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="tether-distill-bench-")
     workdir = Path(tmp.name)
     result: dict = {"meta": meta, "targets": {"tokens_per_second_ratio": ">= 1.5", "peak_rss_ratio": "<= 0.7"}}
+    floor = _children({"memory_floor": ["--floor"]}, threads)["memory_floor"]
+    result["memory_floor_mb"] = {k.removesuffix("_bytes"): round(v / 2**20, 1) for k, v in floor.items()}
     for comparison in comparisons:
         names = list(COMPARISONS[comparison]) + ([] if args.no_extra else list(EXTRA_IMPLS.get(comparison, ())))
         t0 = time.perf_counter()
@@ -442,7 +508,7 @@ def main() -> None:
                          for n in names}, threads)
         t1 = time.perf_counter()
         inter = run_interleaved(names, args.steps, workdir)
-        result[comparison] = summarize(comparison, names, inter, rss)
+        result[comparison] = summarize(comparison, names, inter, rss, floor)
         result[comparison]["wall_seconds"] = {"rss_children": round(t1 - t0, 1),
                                               "interleaved": round(time.perf_counter() - t1, 1)}
         print(json.dumps({comparison: {"ratios": result[comparison]["ratios_tether_over_trl"],
