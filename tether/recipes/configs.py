@@ -460,11 +460,13 @@ class DistillConfig(LoRAConfig, OptimConfig, ModelConfig, RunConfig):
     """Weight of the student's negative log-likelihood of the dataset response, added to the divergence (only on
     steps that score dataset responses); dckd's w_sft and DPKD's (1 − kd_ratio) NLL term."""
     dckd_chosen_weight: float = 1.0
-    """dckd: weight w_c of the token-mean forward KL on the chosen responses. UNVERIFIED recipe value: the authors'
-    DCKD weights (student_dckd.yaml) were not accessible (tether.losses.distill.dckd)."""
+    """dckd: weight w_c of the token-mean forward KL on the chosen responses. The authors' DCKD recipe
+    (gaoshiping/ADPA@a95c32f, recipes/llama3.2-1b-deita-dpomix/student_dckd.yaml) uses w_c = w_r = 0.1 with
+    NLL weight 1 (nll_weight); tether's 1.0 keeps their w_c = w_r ratio and, at nll_weight 0, only rescales the
+    step (tether.losses.distill.dckd)."""
     dckd_rejected_weight: float = 1.0
-    """dckd: weight w_r of the token-mean forward KL on the rejected responses (0 skips them). UNVERIFIED recipe
-    value, as dckd_chosen_weight."""
+    """dckd: weight w_r of the token-mean forward KL on the rejected responses (0 skips them); the authors' recipe:
+    0.1, equal to w_c (see dckd_chosen_weight)."""
     dckd_teacher_top_k: int = 0
     """dckd: 0 — the exact forward KL over the full vocabulary; k (official 50) — the teacher stored once per
     position of the chosen and rejected responses as its top-k probabilities + the remaining mass (fingerprinted file
