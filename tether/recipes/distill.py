@@ -19,7 +19,8 @@ One step (:func:`distill_step`), in order:
    * ``dckd`` (DCKD, Gao et al. 2025, arXiv:2502.17927; ``tether.losses.distill.dckd``): the exact forward
      KL(teacher ‖ student) per position on the dataset's chosen AND rejected responses, each side a token mean over
      its own tokens, plus ``nll_weight`` × the NLL of chosen; weights ``dckd_chosen_weight`` / ``dckd_rejected_weight``
-     (UNVERIFIED: the authors' values were not accessible). The KL is exact over the full vocabulary
+     (the authors' recipe, gaoshiping/ADPA@a95c32f ``student_dckd.yaml``: w_c = w_r = 0.1 with NLL weight 1, lr
+     5e-7, 3 epochs, cosine, warmup 0.1). The KL is exact over the full vocabulary
      (``dckd_teacher_top_k`` 0; the rejected side's teacher states are then computed every step, only chosen is
      cached), or — as the authors' pipeline stores it — over the teacher's top-k + remaining-mass bins
      (``dckd_teacher_top_k`` k, official 50), read from a store computed once for both sides (fingerprinted) and
@@ -52,7 +53,9 @@ One step (:func:`distill_step`), in order:
      teacher's advantage ``A = log π_dpo − log π_ref`` on its top ``adpa_top_k`` tokens, token mean, plus
      ``nll_weight`` × the NLL of the dataset's chosen responses. Departures: online (the official pipeline stores
      both teachers' top-k offline, the reference known only on its own top-k: here exact), ADPA weight 1 (fold it
-     into lr), ``prob_stabilize`` off; the authors' recipe weights were not accessible (UNVERIFIED).
+     into lr), ``prob_stabilize`` off. The authors' recipe (gaoshiping/ADPA@a95c32f ``student_adpa.yaml``): ADPA
+     weight 1.6 with NLL weight 1 (so ``nll_weight`` 0.625 here), lr 5e-7, 3 epochs, started from the DCKD student
+     (ADPA+).
 3. **Update.** Micro-batches of ``micro_batch_size`` sequences accumulate one AdamW step (clipping, schedule).
 4. **Record.** Metrics, checkpoints (exact resume), the final model, and ``distill_report.json``: the held-out
    teacher–student KL in both directions — KL(student ‖ teacher) on student samples and KL(teacher ‖ student) on

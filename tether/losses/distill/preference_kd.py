@@ -31,7 +31,11 @@ Sources read (public snapshots) and what was confirmed:
   ``scripts/run_distill_dpo.py`` (``get_kl_loss``, ``get_reverse_ce``, ``get_batch_loss_metrics``),
   ``utils/compress_logits.py`` (``compress_probs``, ``load_input_and_target_probs_fast``),
   ``utils/merge_logits_adpa_dataset.py`` (``get_margin_logp_token``). The paper's equations were NOT read: the
-  formulas below are the fork's code; the paper's recipe weights are unverified.
+  formulas below are the fork's code. The recipe weights were later read in the first author's public copy of the
+  code, gaoshiping/ADPA @ a95c32f (same ``run_distill_dpo.py`` loss; ``recipes/llama3.2-1b-deita-dpomix``):
+  DCKD ``student_dckd.yaml`` — ``sft_on_chosen 1``, ``chosen_distil_weight 0.1``, ``rejected_distil_weight 0.1``,
+  ``distillation_weight 1``; ADPA ``student_adpa.yaml`` — ``sft_on_chosen 1``, ``adpa_weight 1.6`` from the DCKD
+  student (ADPA+); both lr 5e-7, 3 epochs, cosine, warmup 0.1.
 """
 
 from __future__ import annotations
@@ -188,9 +192,9 @@ def dckd(
     (the two sides may differ in shape). 0-dim loss.
 
     Args:
-        sft_weight, chosen_weight, rejected_weight: no defaults on purpose — the authors' DCKD recipe values
-            (``student_dckd.yaml``) were not accessible; the fork's chosen-only KD recipe uses ``sft_on_chosen 0,
-            chosen_distil_weight 0.1``.
+        sft_weight, chosen_weight, rejected_weight: no defaults on purpose. The authors' DCKD recipe
+            (gaoshiping/ADPA@a95c32f ``student_dckd.yaml``): ``sft_weight=1, chosen_weight=0.1,
+            rejected_weight=0.1``; the fork's chosen-only KD recipe: ``sft_on_chosen 0, chosen_distil_weight 0.1``.
         chosen_logps: log q_θ of the chosen tokens, (B, T) differentiable; needed when ``sft_weight > 0``.
 
     Metrics: ``nll``, ``kl_chosen``, ``kl_rejected`` (those computed). Stop-gradient: the teacher (inside the KLs).
@@ -318,7 +322,8 @@ def adpa(
     :func:`adpa_advantages`; ``mask`` (B, T); ``chosen_logps``, ``chosen_mask`` (B', T') when ``sft_weight > 0``.
 
     Args:
-        adpa_weight, sft_weight: w_adpa and w_sft. The authors' values (``student_adpa.yaml``) were not accessible.
+        adpa_weight, sft_weight: w_adpa and w_sft; the authors' recipe (gaoshiping/ADPA@a95c32f
+            ``student_adpa.yaml``): 1.6 and 1.
         prob_stabilize: reproduce the fork's default ``prob_stabilize=True`` in ``load_input_and_target_probs_fast``,
             which clamps the student's (k+1)-bin probabilities AND the advantages to [1e-8, 1 − 1e-8] — every
             negative advantage becomes 1e-8 and every advantage above 1 becomes 1 − 1e-8 (the remaining-mass bin
