@@ -74,7 +74,8 @@ def orpo(
 
     Paper: Hong, Lee & Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference Model",
     Eq. 4 (odds), Eq. 6 (L_SFT + λ·L_OR) and Eq. 7 (L_OR) — TRL cites "Eqs. (4) and (7)" for the odds-ratio
-    term; the number of the combined objective is [UNVERIFIED].
+    term; the paper's §4.1 text numbers the combined objective Eq. 6 (read as quoted at
+    deepnlp.org/equation/odds-ratio-preference-optimization-orpo, not in the PDF itself).
 
     Checked against TRL's ``ORPOTrainer`` (via the code index): ``log odds`` with ``log1p(−exp(m))``, mean
     per-token log-probs (``average_log_prob=True``), loss ``nll − mean(β·logσ(·))`` with ``beta=0.1`` playing
