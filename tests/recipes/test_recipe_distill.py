@@ -479,6 +479,17 @@ def test_report_measures_both_directions_and_the_reward(teacher_dir, pairs, held
                 lo, hi = kl[level]["ci95"]
                 assert lo <= kl[level]["mean"] <= hi, level
         assert report[when]["reward"]["n"] == 2 and "reward_ci95_halfwidth" in report[when]["reward"]
+    assert report["before"]["teacher_reward"]["n"] == 2 and "teacher_reward" not in report["after"]
+
+
+def test_teacher_reward_is_the_students_when_the_student_is_the_teacher(teacher_dir, pairs, heldout, tmp_path):
+    """The teacher's reward is sampled with the student's settings and seed: a student that IS the teacher (its own
+    directory as ``model``) scores exactly the teacher's reward before training, and the KL is 0 both ways."""
+    before = train(tiny(teacher_dir, pairs, tmp_path / "same", model=teacher_dir, eval_prompts_file=heldout,
+                        kl_samples_per_prompt=1, eval_samples_per_prompt=2, steps=1)).report["before"]
+    assert before["teacher_reward"] == before["reward"]
+    assert before["kl_student_teacher"]["token_kl"]["mean"] == 0.0
+    assert before["kl_teacher_student"]["token_kl"]["mean"] == 0.0
 
 
 def test_vocabulary_mismatch_is_one_line(teacher_dir, pairs, tmp_path, capsys):

@@ -60,7 +60,7 @@ One step (:func:`distill_step`), in order:
 4. **Record.** Metrics, checkpoints (exact resume), the final model, and ``distill_report.json``: the held-out
    teacher–student KL in both directions — KL(student ‖ teacher) on student samples and KL(teacher ‖ student) on
    teacher samples, each exact per token and per sequence with 95% CIs (``tether.eval.kl``) — and the student's rule
-   reward, before and after.
+   reward, before and after (and the teacher's, sampled alike, once before).
 
 The student is ``derived`` by default: the teacher with every ``student_stride``-th layer (``tether.models``). Teacher
 and student must share one vocabulary (checked; a mismatch is a one-line error).
@@ -69,6 +69,7 @@ and student must share one vocabulary (checked; a mismatch is a one-line error).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -672,8 +673,10 @@ MICRO_LOSS = {"dckd": dckd_loss, "dpkd": dpkd_loss, "minillm": minillm_loss, "ad
 # ------------------------------------------------------------------------------------------------------------
 
 
-def held_out(run: DistillRun, student) -> dict:
-    """The student's rule reward and the teacher–student KL in both directions on the held-out prompts."""
+def held_out(run: DistillRun, student, *, with_teacher: bool = False) -> dict:
+    """The student's rule reward and the teacher–student KL in both directions on the held-out prompts;
+    ``with_teacher``: also the teacher's rule reward (``teacher_reward``), sampled with the same settings and seed —
+    what the student is moving toward (the run measures it once, before training)."""
     from tether.eval.kl import measure_kl
     from tether.rewards import InstructionFollowingReward
 
@@ -684,10 +687,12 @@ def held_out(run: DistillRun, student) -> dict:
     out = {"kl_student_teacher": measure_kl(student, run.teacher, run.tokenizer, prompts, **kw),
            "kl_teacher_student": measure_kl(run.teacher, student, run.tokenizer, prompts, **kw)}
     if all("constraints" in r for r in run.eval_rows):
-        reward = evaluate_reward(student, run.tokenizer, run.eval_rows, InstructionFollowingReward(),
-                                 samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, seed=cfg.seed + 7919, batch_size=64)
-        out["reward"] = reward
+        for key, model in (("reward", student), ("teacher_reward", run.teacher if with_teacher else None)):
+            if model is not None:
+                out[key] = evaluate_reward(model, run.tokenizer, run.eval_rows, InstructionFollowingReward(),
+                                           samples_per_prompt=cfg.eval_samples_per_prompt,
+                                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                           seed=cfg.seed + 7919, batch_size=64)
     return out
 
 
@@ -701,6 +706,9 @@ def _summary(name: str, h: dict) -> str:
             f"{fwd['sequence_kl_rao_blackwell']['mean'] - fwd['sequence_kl_rao_blackwell']['ci95'][0]:.2f}/seq")
     if "reward" in h:
         line += f"; rule reward {h['reward']['reward_mean']:.3f} ± {h['reward']['reward_ci95_halfwidth']:.3f}"
+    if "teacher_reward" in h:
+        line += (f" (teacher {h['teacher_reward']['reward_mean']:.3f} ± "
+                 f"{h['teacher_reward']['reward_ci95_halfwidth']:.3f})")
     return line
 
 
@@ -718,7 +726,7 @@ def train(cfg: DistillConfig) -> DistillResult:
     state = resume_or_fresh(out_dir, resume=cfg.resume, model=run.student, optimizer=run.optimizer,
                             scheduler=run.scheduler, lora=cfg.lora, total=cfg.steps)
     step = 0 if state is None else state["step"]
-    if step == 0 and run.eval_rows and (before := _on_main(run, lambda student: held_out(run, student))):
+    if step == 0 and run.eval_rows and (before := _on_main(run, functools.partial(held_out, run, with_teacher=True))):
         (out_dir / "held_out_before.json").write_text(json.dumps(before))
         print(_summary("before", before))
     log = RunLog(out_dir, total=cfg.steps, start=step, desc=f"distill {cfg.divergence}",
