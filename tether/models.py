@@ -149,7 +149,11 @@ def enable_gradient_checkpointing(model) -> None:
     Transformers also hooks the input embeddings to mark their output as requiring a gradient, which only reentrant
     checkpointing needs; the hook is removed so the model stays one that ``tether.sampling.decode`` decodes (it
     declines models with forward hooks, which it would skip)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5 (the older name is deprecated there)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "disable_input_require_grads"):
         model.disable_input_require_grads()
 
