@@ -5,11 +5,12 @@ N = 8 × 512 positions at SmolLM2's V = 49,152 that is 200M floats per model (80
 divergence keeps several such tensors for the backward pass. :func:`head_divergence` takes the final hidden states
 instead and walks over the positions ``chunk_size`` rows at a time: ``_ChunkedHeadDivergence`` (a custom autograd
 function) computes one chunk of student and teacher logits at a time, differentiates the divergence with respect to
-that chunk's logits right away (each position's value depends on its own logits only) and accumulates the gradients
-of the hidden states, the (V, H) head weight and the bias for an upstream gradient of ones. Backward scales them:
-the hidden-state rows by their own upstream gradient, the weight and bias by the common factor when the upstream
-gradient is the same at every position (a sum or token mean of the divergence, as the recipes take); for any other
-upstream gradient it recomputes the logits chunk by chunk for the weight and bias gradients. Peak extra memory is
+that chunk's logits right away (each position's value depends on its own logits only; the forward and reverse KL in
+closed form, the others by autograd on the chunk) and accumulates the gradients of the hidden states, the (V, H)
+head weight and the bias for an upstream gradient of ones. Backward scales them: the hidden-state rows by their own
+upstream gradient, the weight and bias by the common factor when the upstream gradient is the same at every
+position (a sum or token mean of the divergence, as the recipes take); for any other upstream gradient it
+recomputes the logits chunk by chunk for the weight and bias gradients. Peak extra memory is
 O(chunk_size · V) — one chunk's logits and the divergence's intermediates on them — plus one (V, H) weight gradient
 held from forward to backward, independent of N. The common case costs what the plain path costs: two head
 products in forward (student, teacher) and two for the gradients; the gradient work is done even if backward never
