@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+from sandbox_helpers import live_in_pid_namespace
 
 from tether.rewards import CodeTestReward, extract_code
 from tether.rewards import run_sandboxed as _run_sandboxed
@@ -192,29 +193,13 @@ def test_fork_bomb_bounded_by_nproc():
     assert r.stdout.count("child") <= 15
     if ISOLATION == "full":
         assert pid == "2" and ns != os.readlink("/proc/self/ns/pid")
-        live = functools.partial(_live_in_ns, ns)
+        live = functools.partial(live_in_pid_namespace, ns)
     else:
         live = functools.partial(_live_members, int(pid))
     deadline = time.monotonic() + SLACK
     while live() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not live(), f"processes of {ns if ISOLATION == 'full' else 'group ' + pid} survived the sandbox"
-
-
-def _live_in_ns(ns: str) -> list[int]:
-    """Non-zombie pids whose PID namespace link reads ``ns``."""
-    live = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.readlink(f"/proc/{entry}/ns/pid") != ns:
-                    continue
-                with open(f"/proc/{entry}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[0] not in "ZX":
-                        live.append(int(entry))
-            except OSError:
-                continue
-    return live
 
 
 def _live_members(pgid: int) -> list[int]:

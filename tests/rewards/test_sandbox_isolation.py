@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import pytest
+from sandbox_helpers import live_in_pid_namespace
 
 from tether.rewards import run_sandboxed as _run_sandboxed
 from tether.rewards.sandbox import _returncode
@@ -194,23 +195,6 @@ print("FORKED", {n}, flush=True)
 """
 
 
-def _alive_in_ns(ns: str) -> list[int]:
-    """Non-zombie processes whose PID namespace is ``ns`` (e.g. ``pid:[4026532xyz]``)."""
-    live = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.readlink(f"/proc/{entry}/ns/pid") != ns:
-                    continue
-                with open(f"/proc/{entry}/stat") as f:
-                    state = f.read().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if state not in "ZX":
-                live.append(int(entry))
-    return live
-
-
 def test_guard_disabled_through_gc_then_200_detached_sleepers_die_with_the_call():
     """Three lines through ``gc`` switch the audit guard off (shown: ``import ctypes`` then succeeds), after which
     the old sandbox let setsid()-detached processes outlive the call. Now the program is in its own PID
@@ -221,7 +205,7 @@ def test_guard_disabled_through_gc_then_200_detached_sleepers_die_with_the_call(
     assert r.ok and f"FORKED {n}" in r.stdout, r
     ns = r.stdout.split()[1]
     assert ns.startswith("pid:[") and ns != os.readlink("/proc/self/ns/pid")
-    assert _alive_in_ns(ns) == []
+    assert live_in_pid_namespace(ns) == []
 
 
 def test_detached_sleepers_outlive_the_call_without_isolation():
